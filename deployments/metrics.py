@@ -1,0 +1,46 @@
+"""Prometheus metrics of the video graph, through `ray.serve.metrics`.
+
+Ray exports them on each node's metrics port with a `ray_` prefix (e.g.
+`ray_dit_step_duration_seconds_bucket`); Serve adds deployment/replica tags.
+Created inside replicas only (Ray metrics need a running Ray worker).
+"""
+
+from __future__ import annotations
+
+from ray.serve import metrics
+
+_SECONDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600]
+_COUNTS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+_TOKENS = [64, 256, 1024, 4096, 16384, 65536, 262144, 1048576]
+
+
+class ServeMetrics:
+    def __init__(self) -> None:
+        self.queue_length = metrics.Gauge(
+            "dit_queue_length", description="Requests admitted to the pool that have not run a step yet.")
+        self.active_requests = metrics.Gauge(
+            "dit_active_requests", description="Requests in the step scheduler's pool (waiting + running).")
+        self.batch_size = metrics.Histogram(
+            "dit_batch_size", description="Requests in one denoising step.", boundaries=_COUNTS)
+        self.batch_tokens = metrics.Histogram(
+            "dit_batch_tokens", description="Transformer tokens in one denoising step (CFG rows counted).",
+            boundaries=_TOKENS)
+        self.step_duration = metrics.Histogram(
+            "dit_step_duration_seconds", description="Wall time of one step: schedule + execute + postprocess.",
+            boundaries=_SECONDS)
+        self.time_to_first_step = metrics.Histogram(
+            "dit_time_to_first_step_seconds", description="Admission to first denoising step.",
+            boundaries=_SECONDS, tag_keys=("model",))
+        self.requests_finished = metrics.Counter(
+            "dit_requests_finished", description="Requests that left the pool, by final status.",
+            tag_keys=("model", "status"))
+        self.worker_busy_seconds = metrics.Counter(
+            "dit_worker_busy_seconds", description="Seconds the DiT worker spent executing steps.")
+        self.request_latency = metrics.Histogram(
+            "dit_request_latency_seconds", description="Pool admission to last denoising step.",
+            boundaries=_SECONDS, tag_keys=("model", "resolution"))
+        self.job_completion_time = metrics.Histogram(
+            "dit_job_completion_seconds", description="HTTP submission to finished media (encode+denoise+decode).",
+            boundaries=_SECONDS, tag_keys=("model", "resolution"))
+        self.jobs = metrics.Counter(
+            "dit_jobs", description="Jobs by final status.", tag_keys=("model", "status"))

@@ -1,0 +1,238 @@
+"""Model adapters: the one place that knows how a diffusers family runs.
+
+The engine never calls a diffusers pipeline's `__call__` (that loop denoises one
+batch of same-shaped requests from start to end). Instead an adapter exposes the
+pieces of that loop one at a time, so the step scheduler can interleave requests:
+
+    encode()          prompt -> Condition                (TextEncoder)
+    new_sampler()     a fresh diffusers scheduler per request (StepScheduler)
+    initial_latents() seeded noise                       (StepScheduler)
+    predict()         one transformer forward + CFG      (DiTWorker)
+    sampler_step()    x_t -> x_{t-1} for one request     (StepScheduler)
+    decode()          latents -> uint8 frames            (VaeDecoder)
+
+Each deployment loads only the parts it needs (`parts=`), so a replica of the
+text encoder never holds the transformer's weights. The tiny variant builds every
+component from a small config with seeded random weights; the real one uses
+`DiffusionPipeline.from_pretrained` with the unneeded components set to None.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterable, Literal
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils.torch_utils import randn_tensor
+from diffusers.video_processor import VideoProcessor
+
+from serve_graph.config import ModelSpec
+
+Part = Literal["text", "transformer", "vae"]
+Condition = dict[str, torch.Tensor]
+"""Text conditioning of one forward row: tensors with a leading batch dim of 1."""
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How pixels map to latents and transformer tokens for one model."""
+
+    spatial_factor: int
+    temporal_factor: int  # 1 for image models
+    patch_size: int
+    patch_size_t: int
+    text_tokens: int
+    is_video: bool
+    frame_step: int = 0
+    """Allowed frame counts are 1 + frame_step * k; 0 means temporal_factor."""
+
+    @property
+    def pixel_multiple(self) -> int:
+        """Width and height must be multiples of this."""
+        return self.spatial_factor * self.patch_size
+
+    def latent_frames(self, num_frames: int) -> int:
+        return (num_frames - 1) // self.temporal_factor + 1 if self.is_video else 1
+
+    @property
+    def frame_multiple(self) -> int:
+        return self.frame_step or self.temporal_factor
+
+    def frames_allowed(self, num_frames: int) -> bool:
+        return not self.is_video or (num_frames - 1) % self.frame_multiple == 0
+
+    def seq_len(self, height: int, width: int, num_frames: int) -> int:
+        """Transformer tokens of one forward row: latent patches plus text tokens."""
+        patches = (height // self.pixel_multiple) * (width // self.pixel_multiple)
+        frames = math.ceil(self.latent_frames(num_frames) / self.patch_size_t)
+        return patches * frames + self.text_tokens
+
+
+@dataclass
+class EncodedPrompt:
+    """Conditioning for one request: the positive row and, with CFG, the negative row."""
+
+    cond: Condition
+    uncond: Condition | None
+
+
+class DiffusionAdapter(ABC):
+    """Abstract base of a model family; subclasses register in `deployments.models`."""
+
+    family: ClassVar[str]
+    pipeline_cls: ClassVar[type[DiffusionPipeline]]
+    transformer_cls: ClassVar[type]
+    vae_cls: ClassVar[type]
+    text_components: ClassVar[tuple[str, ...]]
+    """Pipeline components needed to encode prompts (text encoders and tokenizers)."""
+
+    def __init__(self, spec: ModelSpec, parts: Iterable[Part] = ("text", "transformer", "vae")) -> None:
+        self.spec = spec
+        self.parts = frozenset(parts)
+        self.dtype = _DTYPES[spec.dtype]
+        self.device = torch.device("cpu")
+        if spec.source == "tiny":
+            configs = self.tiny_configs(spec)
+            self.transformer_config: dict[str, Any] = configs["transformer"]
+            self.vae_config: dict[str, Any] = configs["vae"]
+            self.pipeline = self._build_tiny(spec, configs)
+        else:
+            self.pipeline = self._load_pretrained(spec)
+            self.transformer_config = dict(self.transformer_cls.load_config(spec.source, subfolder="transformer"))
+            self.vae_config = dict(self.vae_cls.load_config(spec.source, subfolder="vae"))
+        self.scheduler_config = self.pipeline.scheduler.config
+        self.geometry = self.make_geometry()
+
+    # ---- construction -------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def tiny_configs(cls, spec: ModelSpec) -> dict[str, Any]:
+        """Configs of the tiny variant: 'transformer', 'vae' dicts and anything else the builder needs."""
+
+    @abstractmethod
+    def build_tiny_components(self, configs: dict[str, Any], part: Part) -> dict[str, Any]:
+        """Instantiate the tiny pipeline components of one part; weights come from the global seed."""
+
+    @abstractmethod
+    def make_geometry(self) -> Geometry: ...
+
+    def _build_tiny(self, spec: ModelSpec, configs: dict[str, Any]) -> DiffusionPipeline:
+        # One seed per component, so a process that builds only the transformer gets the
+        # same transformer weights as one that builds everything.
+        components: dict[str, Any] = {name: None for name in self.optional_component_names()}
+        components["scheduler"] = configs["scheduler"]
+        for offset, part in enumerate(("text", "transformer", "vae")):
+            if part in self.parts:
+                torch.manual_seed(spec.weights_seed * 1000 + offset)
+                components.update(self.build_tiny_components(configs, part))
+        pipeline = self.pipeline_cls(**components)
+        return pipeline.to(dtype=self.dtype) if self.dtype != torch.float32 else pipeline
+
+    def _load_pretrained(self, spec: ModelSpec) -> DiffusionPipeline:
+        import inspect
+
+        names = [p for p in inspect.signature(self.pipeline_cls.__init__).parameters if p != "self"]
+        skipped = {}
+        for name in names:
+            keep = name == "scheduler" or (
+                ("text" in self.parts and name in self.text_components)
+                or ("transformer" in self.parts and name == "transformer")
+                or ("vae" in self.parts and name == "vae")
+            )
+            if not keep and name in self.optional_component_names():
+                skipped[name] = None
+        return self.pipeline_cls.from_pretrained(spec.source, torch_dtype=self.dtype, **skipped)
+
+    def optional_component_names(self) -> set[str]:
+        return {"transformer", "vae", *self.text_components}
+
+    def to(self, device: str) -> "DiffusionAdapter":
+        self.device = torch.device(device)
+        self.pipeline.to(self.device)
+        return self
+
+    # ---- text ---------------------------------------------------------
+    @abstractmethod
+    def encode(self, prompts: list[str], negative_prompts: list[str | None]) -> list[EncodedPrompt]:
+        """Encode a batch of prompts; a None negative prompt means the request uses no CFG."""
+
+    # ---- sampling -----------------------------------------------------
+    def new_sampler(self, num_steps: int, latent_shape: tuple[int, ...]) -> Any:
+        """A fresh diffusers scheduler with its timesteps set: each request owns one (they are stateful)."""
+        sampler = type(self.pipeline.scheduler).from_config(self.scheduler_config)
+        self.set_timesteps(sampler, num_steps, latent_shape)
+        if hasattr(sampler, "set_begin_index"):
+            sampler.set_begin_index(0)
+        return sampler
+
+    def set_timesteps(self, sampler: Any, num_steps: int, latent_shape: tuple[int, ...]) -> None:
+        sampler.set_timesteps(num_steps, device="cpu")
+
+    @abstractmethod
+    def latent_shape(self, height: int, width: int, num_frames: int) -> tuple[int, ...]:
+        """Shape of one request's latents, without the batch dim, in the transformer's layout."""
+
+    def initial_latents(self, shape: tuple[int, ...], seed: int, sampler: Any) -> torch.Tensor:
+        generator = torch.Generator("cpu").manual_seed(seed)
+        noise = randn_tensor((1, *shape), generator=generator, device=torch.device("cpu"), dtype=torch.float32)
+        # Flow-matching schedulers start from unit noise and define no init_noise_sigma.
+        return noise * getattr(sampler, "init_noise_sigma", 1.0)
+
+    def sampler_step(self, sampler: Any, noise_pred: torch.Tensor, t: torch.Tensor, latents: torch.Tensor,
+                     extra: dict[str, Any]) -> torch.Tensor:
+        """Advance one request by one step; `extra` is per-request sampler state the family may keep."""
+        return sampler.step(noise_pred, t, latents, return_dict=False)[0]
+
+    # ---- transformer ----------------------------------------------------
+    @abstractmethod
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Condition) -> torch.Tensor:
+        """One transformer forward over same-shaped rows at (possibly) different timesteps."""
+
+    @torch.no_grad()
+    def predict(self, latents: list[torch.Tensor], timesteps: list[torch.Tensor],
+                prompts: list[EncodedPrompt], guidance_scales: list[float]) -> list[torch.Tensor]:
+        """Guided noise predictions for same-shaped requests in one forward.
+
+        Rows are laid out request by request: [uncond, cond] with CFG, [cond] without.
+        Returns one float32 prediction per request, shaped like its latents.
+        """
+        rows_x, rows_t, rows_c = [], [], []
+        for x, t, prompt in zip(latents, timesteps, prompts):
+            for c in ([prompt.uncond] if prompt.uncond is not None else []) + [prompt.cond]:
+                rows_x.append(x)
+                rows_t.append(t.reshape(1))
+                rows_c.append(c)
+        cond = {k: torch.cat([c[k] for c in rows_c]).to(self.device) for k in rows_c[0]}
+        x = torch.cat(rows_x).to(self.device, self.dtype)
+        t = torch.cat(rows_t).to(self.device)
+        out = self.forward(x, t, cond).float().cpu()
+        preds, row = [], 0
+        for prompt, scale in zip(prompts, guidance_scales):
+            if prompt.uncond is not None:
+                uncond, text = out[row : row + 1], out[row + 1 : row + 2]
+                preds.append(uncond + scale * (text - uncond))
+                row += 2
+            else:
+                preds.append(out[row : row + 1])
+                row += 1
+        return preds
+
+    # ---- vae ------------------------------------------------------------
+    @abstractmethod
+    def decode_to_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE decode of a batch: video (B, C, F, H, W) or image (B, C, H, W) in [-1, 1]."""
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Final latents (B, ...) -> uint8 frames (B, F, H, W, 3); images have F == 1."""
+        pixels = self.decode_to_pixels(latents.to(self.device, self.dtype)).float().cpu()
+        if pixels.ndim == 4:
+            pixels = pixels.unsqueeze(2)
+        frames = VideoProcessor().postprocess_video(pixels, output_type="np")
+        return (np.asarray(frames) * 255).round().astype(np.uint8)

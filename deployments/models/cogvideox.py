@@ -1,0 +1,124 @@
+"""CogVideoX (THUDM/CogVideoX-2b/-5b) through diffusers' CogVideoX pipeline pieces."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKLCogVideoX,
+    CogVideoXDDIMScheduler,
+    CogVideoXDPMScheduler,
+    CogVideoXPipeline,
+    CogVideoXTransformer3DModel,
+)
+from transformers import T5Config, T5EncoderModel
+
+from deployments.models.base import Condition, DiffusionAdapter, EncodedPrompt, Geometry, Part
+from deployments.models.tokenizer import TINY_VOCAB_SIZE, build_tiny_tokenizer
+from serve_graph.config import ModelSpec
+
+
+def tiny_t5_config() -> T5Config:
+    return T5Config(vocab_size=TINY_VOCAB_SIZE, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                    relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+
+
+class CogVideoXAdapter(DiffusionAdapter):
+    """Latents are (F, C, H, W) per request, as CogVideoX's transformer takes them."""
+
+    family = "cogvideox"
+    pipeline_cls = CogVideoXPipeline
+    transformer_cls = CogVideoXTransformer3DModel
+    vae_cls = AutoencoderKLCogVideoX
+    text_components = ("tokenizer", "text_encoder")
+
+    @classmethod
+    def tiny_configs(cls, spec: ModelSpec) -> dict[str, Any]:
+        return {
+            "transformer": dict(
+                num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=32,
+                text_embed_dim=32, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+                temporal_compression_ratio=4, max_text_seq_length=spec.max_sequence_length,
+                use_rotary_positional_embeddings=True,
+            ),
+            "vae": dict(
+                in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+                up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+                layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
+            ),
+            "scheduler": CogVideoXDDIMScheduler(
+                beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True,
+                timestep_spacing="trailing",
+            ),
+        }
+
+    def build_tiny_components(self, configs: dict[str, Any], part: Part) -> dict[str, Any]:
+        if part == "text":
+            return {"tokenizer": build_tiny_tokenizer(), "text_encoder": T5EncoderModel(tiny_t5_config()).eval()}
+        if part == "transformer":
+            return {"transformer": CogVideoXTransformer3DModel(**configs["transformer"]).eval()}
+        return {"vae": AutoencoderKLCogVideoX(**configs["vae"]).eval()}
+
+    def make_geometry(self) -> Geometry:
+        t = self.transformer_config
+        if t.get("patch_size_t"):
+            raise ValueError(f"{self.spec.source}: CogVideoX 1.5 (temporal patches) is not supported yet")
+        temporal = self.vae_config["temporal_compression_ratio"]
+        return Geometry(
+            spatial_factor=2 ** (len(self.vae_config["block_out_channels"]) - 1),
+            temporal_factor=temporal,
+            patch_size=t["patch_size"],
+            patch_size_t=1,
+            text_tokens=self.spec.max_sequence_length,
+            is_video=True,
+            # The VAE decodes latent frames in pairs: only an odd latent count gives 1 + 4k frames back.
+            frame_step=2 * temporal,
+        )
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], negative_prompts: list[str | None]) -> list[EncodedPrompt]:
+        pos, neg = self.pipeline.encode_prompt(
+            prompt=prompts, negative_prompt=[n or "" for n in negative_prompts], do_classifier_free_guidance=True,
+            max_sequence_length=self.spec.max_sequence_length, device=self.device, dtype=self.dtype,
+        )
+        return [
+            EncodedPrompt(cond={"encoder_hidden_states": pos[i : i + 1].cpu()},
+                          uncond=None if n is None else {"encoder_hidden_states": neg[i : i + 1].cpu()})
+            for i, n in enumerate(negative_prompts)
+        ]
+
+    def latent_shape(self, height: int, width: int, num_frames: int) -> tuple[int, ...]:
+        g = self.geometry
+        channels = self.transformer_config["in_channels"]
+        return (g.latent_frames(num_frames), channels, height // g.spatial_factor, width // g.spatial_factor)
+
+    def sampler_step(self, sampler: Any, noise_pred: torch.Tensor, t: torch.Tensor, latents: torch.Tensor,
+                     extra: dict[str, Any]) -> torch.Tensor:
+        if not isinstance(sampler, CogVideoXDPMScheduler):
+            return sampler.step(noise_pred, t, latents, return_dict=False)[0]
+        # The DPM variant needs the previous step's x0 estimate and timestep: per-request state.
+        latents, extra["old_pred_original_sample"] = sampler.step(
+            noise_pred, extra.get("old_pred_original_sample"), t, extra.get("prev_timestep"), latents,
+            return_dict=False,
+        )
+        extra["prev_timestep"] = t
+        return latents
+
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Condition) -> torch.Tensor:
+        rotary = None
+        if self.transformer_config.get("use_rotary_positional_embeddings"):
+            frames, _, h, w = latents.shape[1:]
+            self.pipeline.vae_scale_factor_spatial = self.geometry.spatial_factor
+            rotary = self.pipeline._prepare_rotary_positional_embeddings(
+                h * self.geometry.spatial_factor, w * self.geometry.spatial_factor, frames, self.device
+            )
+        return self.pipeline.transformer(
+            hidden_states=latents, encoder_hidden_states=cond["encoder_hidden_states"], timestep=timesteps,
+            image_rotary_emb=rotary, return_dict=False,
+        )[0]
+
+    def decode_to_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        latents = latents.permute(0, 2, 1, 3, 4) / self.pipeline.vae.config.scaling_factor
+        return self.pipeline.vae.decode(latents).sample

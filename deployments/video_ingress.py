@@ -1,0 +1,217 @@
+"""VideoIngress: the HTTP front door (FastAPI) of the video graph.
+
+POST /v1/videos validates, answers 202 with a job id at once, and starts one
+coroutine per job: encode prompt -> step scheduler (which owns the denoising loop,
+so no per-step round trip passes through here) -> VAE decode -> mp4 in the job
+table. Progress is read from the scheduler when a client asks for it.
+"""
+
+
+import asyncio
+import base64
+import logging
+import time
+import uuid
+from dataclasses import replace
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from deployments.jobs import Job, JobTable
+from deployments.metrics import ServeMetrics
+from deployments.models import load_adapter
+from deployments.request import GenerationSpec, RequestStatus
+from deployments.step_scheduler import GenerationResult, PoolFullError
+from deployments.text_encoder import EncodeRequest
+from deployments.vae_decoder import DecodeRequest
+from serve_graph.config import LimitsConfig, ModelSpec
+from serve_graph.schemas import (
+    ImageData,
+    ImageGenerationRequest,
+    ImageGenerationResponse,
+    ModelCard,
+    ModelList,
+    VideoGenerationRequest,
+    VideoJob,
+)
+from serve_graph.validation import InvalidRequest, RequestValidator, ResolvedRequest, ServedModel
+
+logger = logging.getLogger(__name__)
+app = FastAPI(title="DiT-Serve video API")
+
+
+def error_body(message: str, param: str | None, code: str, status_code: int) -> JSONResponse:
+    return JSONResponse(status_code=status_code,
+                        content={"error": {"message": message, "type": "invalid_request_error" if status_code < 500
+                                           else "server_error", "param": param, "code": code}})
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0]
+    if first.get("type") == "json_invalid":
+        return error_body(f"malformed JSON body: {first.get('msg')}", None, "json_invalid", 400)
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if not loc and first.get("type") == "model_attributes_type":
+        return error_body("request body must be a JSON object (Content-Type: application/json)", None,
+                          "invalid_body", 400)
+    param = ".".join(loc) or None
+    ctx = first.get("ctx") or {}
+    allowed = ", ".join(f"{k}={v}" for k, v in ctx.items() if k in ("ge", "le", "gt", "lt", "min_length",
+                                                                     "max_length", "expected", "pattern"))
+    message = f"{param}: {first.get('msg')}" + (f" (allowed: {allowed})" if allowed else "")
+    return error_body(message, param, first.get("type", "invalid"), 400)
+
+
+@app.exception_handler(InvalidRequest)
+async def _invalid_request(_: Request, exc: InvalidRequest) -> JSONResponse:
+    return error_body(exc.message, exc.param, "invalid_value" if exc.status_code == 400 else "not_found",
+                      exc.status_code)
+
+
+class _Overloaded(Exception):
+    pass
+
+
+class _Cancelled(Exception):
+    """The job was cancelled before its request left the pool."""
+
+
+@app.exception_handler(_Overloaded)
+async def _overloaded(_: Request, exc: _Overloaded) -> JSONResponse:
+    return error_body(str(exc), None, "overloaded", 429)
+
+
+@serve.deployment(max_ongoing_requests=1000)
+@serve.ingress(app)
+class VideoIngress:
+    """Job table lives in this replica's memory: run one ingress replica per app (see configs/)."""
+
+    def __init__(self, models: list[dict], limits: dict, max_pool_size: int, text_encoder: DeploymentHandle,
+                 scheduler: DeploymentHandle, vae: DeploymentHandle) -> None:
+        specs = [ModelSpec(**m) for m in models]
+        self.limits = LimitsConfig(**limits)
+        self.served = {s.name: ServedModel(s, load_adapter(s, parts=()).geometry) for s in specs}
+        self.validator = RequestValidator(self.served, self.limits.max_prompt_chars)
+        self.max_active = max_pool_size
+        self.jobs = JobTable(self.limits.max_retained_jobs)
+        self.text_encoder, self.scheduler, self.vae = text_encoder, scheduler, vae
+        self.metrics = ServeMetrics()
+        self._tasks: set[asyncio.Task] = set()
+        self._active_images = 0
+
+    # ---- routes ----------------------------------------------------------
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def list_models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=name, family=m.spec.family, kind=m.kind) for name, m in self.served.items()])
+
+    @app.post("/v1/videos", status_code=202)
+    async def create_video(self, body: VideoGenerationRequest) -> VideoJob:
+        resolved = self.validator.video(body)
+        self._admit_or_raise()
+        job = Job(id=f"video_{uuid.uuid4().hex}", request=resolved, resolution=body.resolution)
+        self.jobs.add(job)
+        task = asyncio.get_running_loop().create_task(self._run_job(job))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return job.view()
+
+    @app.get("/v1/videos/{video_id}")
+    async def get_video(self, video_id: str) -> VideoJob:
+        job = self._job(video_id)
+        if not job.done:
+            progress = await self.scheduler.progress.remote(job.id)
+            if progress is not None:
+                job.observe_progress(progress.steps_done, progress.first_step_time)
+        return job.view()
+
+    @app.get("/v1/videos/{video_id}/content")
+    async def get_video_content(self, video_id: str) -> Response:
+        job = self._job(video_id)
+        if job.status != "completed" or job.content is None:
+            raise InvalidRequest("video_id", f"video {video_id} is {job.status}; content exists once completed", 409)
+        return Response(content=job.content, media_type="video/mp4")
+
+    @app.delete("/v1/videos/{video_id}")
+    async def cancel_video(self, video_id: str) -> VideoJob:
+        job = self._job(video_id)
+        if job.status == "completed":
+            raise InvalidRequest("video_id", f"video {video_id} already completed", 409)
+        if not job.done:
+            job.finish("cancelled")
+            await self.scheduler.cancel.remote(job.id)
+        return job.view()
+
+    @app.post("/v1/images/generations")
+    async def create_image(self, body: ImageGenerationRequest) -> ImageGenerationResponse:
+        resolved = self.validator.image(body)
+        self._admit_or_raise(body.n)
+        self._active_images += body.n
+        try:
+            results = await asyncio.gather(*(
+                self._generate(f"image_{uuid.uuid4().hex}", replace(resolved, seed=resolved.seed + i), "png")
+                for i in range(body.n)))
+        finally:
+            self._active_images -= body.n
+        return ImageGenerationResponse(
+            created=int(time.time()), model=resolved.model,
+            data=[ImageData(b64_json=base64.b64encode(png).decode(), seed=resolved.seed + i)
+                  for i, png in enumerate(results)])
+
+    # ---- the job pipeline ---------------------------------------------------
+    async def _run_job(self, job: Job) -> None:
+        r = job.request
+        tags = {"model": r.model, "resolution": job.resolution}
+        try:
+            mp4 = await self._generate(job.id, r, "mp4", job=job)
+        except _Cancelled:
+            pass
+        except Exception as exc:
+            logger.warning("job %s failed: %s", job.id, exc)
+            job.finish("failed", error=str(exc))
+        else:
+            job.finish("completed", content=mp4)
+            self.metrics.job_completion_time.observe(time.time() - job.created_at, tags=tags)
+        self.metrics.jobs.inc(tags={"model": r.model, "status": job.status})
+
+    async def _generate(self, request_id: str, r: ResolvedRequest, media: str, job: Job | None = None) -> bytes:
+        prompt = await self.text_encoder.encode.remote(EncodeRequest(r.model, r.prompt, r.negative_prompt))
+        if job is not None and job.done:  # cancelled while encoding: never enters the pool
+            raise _Cancelled()
+        spec = GenerationSpec(request_id=request_id, model=r.model, height=r.height, width=r.width,
+                              num_frames=r.num_frames, num_inference_steps=r.num_inference_steps,
+                              guidance_scale=r.guidance_scale, seed=r.seed)
+        try:
+            result: GenerationResult = await self.scheduler.generate.remote(spec, prompt)
+        except PoolFullError as exc:
+            raise RuntimeError(f"overloaded: {exc}") from exc
+        if result.status is RequestStatus.CANCELLED:
+            raise _Cancelled()
+        if result.status is not RequestStatus.FINISHED:
+            raise RuntimeError(result.error or f"generation ended as {result.status.value}")
+        if job is not None:
+            job.observe_progress(r.num_inference_steps, result.first_step_time)
+        if result.finish_time is not None:
+            self.metrics.request_latency.observe(result.finish_time - result.arrival_time,
+                                                 tags={"model": r.model, "resolution": job.resolution if job else
+                                                       f"{r.width}x{r.height}"})
+        return await self.vae.decode.remote(DecodeRequest(r.model, result.latents, media, r.fps))
+
+    # ---- helpers -------------------------------------------------------------
+    def _job(self, video_id: str) -> Job:
+        job = self.jobs.get(video_id)
+        if job is None:
+            raise InvalidRequest("video_id", f"no video with id {video_id!r}", 404)
+        return job
+
+    def _admit_or_raise(self, n: int = 1) -> None:
+        active = self.jobs.active() + self._active_images
+        if active + n > self.max_active:
+            raise _Overloaded(f"server is at capacity ({active} active of {self.max_active}); retry later")

@@ -1,0 +1,90 @@
+"""HTTP API schemas (OpenAI-style, like vLLM-Omni / SGLang diffusion serving).
+
+Static ranges live here; limits that depend on the model (allowed resolutions,
+frame counts, image sizes) are checked by `serve_graph.validation` against the
+model's geometry, so every error names the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from serve_graph.config import AspectRatio, ResolutionName
+
+JobStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
+
+MAX_STEPS = 200
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(default=None, description="Served model id; default: the first model of its kind.")
+    prompt: str = Field(min_length=1, description="What to generate (1..max_prompt_chars characters).")
+    negative_prompt: str | None = Field(default=None, description="Used with guidance_scale > 1.")
+    num_inference_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
+    guidance_scale: float | None = Field(default=None, ge=0.0, le=50.0)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+
+
+class VideoGenerationRequest(_Request):
+    resolution: ResolutionName = "240p"
+    aspect_ratio: AspectRatio = "16:9"
+    num_frames: int | None = Field(default=None, ge=1)
+    fps: int | None = Field(default=None, ge=1, le=120)
+
+
+class ImageGenerationRequest(_Request):
+    n: int = Field(default=1, ge=1, le=4, description="Images to generate (seeds seed, seed+1, ...).")
+    size: str = Field(default="256x256", pattern=r"^\d+x\d+$", description="WIDTHxHEIGHT in pixels.")
+    response_format: Literal["b64_json"] = "b64_json"
+
+
+class Progress(BaseModel):
+    step: int
+    total_steps: int
+
+
+class VideoJob(BaseModel):
+    id: str
+    object: Literal["video"] = "video"
+    status: JobStatus
+    progress: Progress
+    model: str
+    prompt: str
+    resolution: ResolutionName
+    width: int
+    height: int
+    num_frames: int
+    fps: int
+    seed: int
+    created_at: float
+    started_at: float | None = None
+    completed_at: float | None = None
+    error: str | None = None
+
+
+class ImageData(BaseModel):
+    b64_json: str
+    seed: int
+
+
+class ImageGenerationResponse(BaseModel):
+    created: int
+    model: str
+    data: list[ImageData]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    owned_by: str = "dit-serve"
+    family: str
+    kind: Literal["video", "image"]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,125 @@
+"""Model-dependent request validation: resolves defaults and checks ranges.
+
+Raises `InvalidRequest(param, message)`; the ingress turns it into HTTP 400 with an
+OpenAI-style error body naming the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+from deployments.models.base import Geometry
+from serve_graph.config import ModelSpec
+from serve_graph.schemas import ImageGenerationRequest, VideoGenerationRequest
+
+_ASPECTS = {"16:9": (16, 9), "9:16": (9, 16), "1:1": (1, 1), "4:3": (4, 3), "3:4": (3, 4)}
+
+
+class InvalidRequest(ValueError):
+    def __init__(self, param: str, message: str, status_code: int = 400) -> None:
+        super().__init__(message)
+        self.param = param
+        self.message = message
+        self.status_code = status_code
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    spec: ModelSpec
+    geometry: Geometry
+
+    @property
+    def kind(self) -> str:
+        return "video" if self.geometry.is_video else "image"
+
+
+@dataclass(frozen=True)
+class ResolvedRequest:
+    """A validated request with every default filled in."""
+
+    model: str
+    prompt: str
+    negative_prompt: str | None  # None: no classifier-free guidance
+    height: int
+    width: int
+    num_frames: int
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int
+    fps: int
+
+
+def _round_to(value: float, multiple: int) -> int:
+    return max(multiple, int(round(value / multiple)) * multiple)
+
+
+def video_size(spec: ModelSpec, geometry: Geometry, resolution: str, aspect_ratio: str) -> tuple[int, int]:
+    """(height, width): the short side is the resolution's height; both rounded to the pixel multiple."""
+    short = spec.resolution_heights[resolution]  # type: ignore[index]
+    w, h = _ASPECTS[aspect_ratio]
+    long = short * max(w, h) / min(w, h)
+    height, width = (short, long) if w >= h else (long, short)
+    m = geometry.pixel_multiple
+    return _round_to(height, m), _round_to(width, m)
+
+
+class RequestValidator:
+    def __init__(self, models: dict[str, ServedModel], max_prompt_chars: int) -> None:
+        self.models = models
+        self.max_prompt_chars = max_prompt_chars
+
+    def _model(self, name: str | None, kind: str) -> ServedModel:
+        of_kind = [m for m in self.models.values() if m.kind == kind]
+        if name is None:
+            if not of_kind:
+                raise InvalidRequest("model", f"no {kind} model is served")
+            return of_kind[0]
+        if name not in self.models or self.models[name].kind != kind:
+            allowed = ", ".join(m.spec.name for m in of_kind) or "none"
+            raise InvalidRequest("model", f"unknown {kind} model {name!r}; allowed: {allowed}", status_code=404)
+        return self.models[name]
+
+    def _common(self, request: VideoGenerationRequest | ImageGenerationRequest, served: ServedModel) -> dict:
+        spec = served.spec
+        if len(request.prompt) > self.max_prompt_chars:
+            raise InvalidRequest("prompt", f"prompt has {len(request.prompt)} characters; allowed 1..{self.max_prompt_chars}")
+        if not request.prompt.strip():
+            raise InvalidRequest("prompt", "prompt must contain non-whitespace text")
+        guidance = spec.default_guidance_scale if request.guidance_scale is None else request.guidance_scale
+        negative = request.negative_prompt if request.negative_prompt is not None else spec.default_negative_prompt
+        if negative is not None and len(negative) > self.max_prompt_chars:
+            raise InvalidRequest("negative_prompt", f"negative_prompt longer than {self.max_prompt_chars} characters")
+        return dict(
+            model=spec.name,
+            prompt=request.prompt,
+            negative_prompt=negative if guidance > 1.0 else None,
+            num_inference_steps=request.num_inference_steps or spec.default_steps,
+            guidance_scale=guidance,
+            seed=secrets.randbelow(2**31) if request.seed is None else request.seed,
+        )
+
+    def video(self, request: VideoGenerationRequest) -> ResolvedRequest:
+        served = self._model(request.model, "video")
+        spec, geometry = served.spec, served.geometry
+        if request.resolution not in spec.resolution_heights:
+            raise InvalidRequest("resolution", f"resolution {request.resolution!r} not served by {spec.name}; "
+                                               f"allowed: {', '.join(spec.resolution_heights)}")
+        frames = request.num_frames or spec.default_frames
+        t = geometry.frame_multiple
+        if not (spec.min_frames <= frames <= spec.max_frames and geometry.frames_allowed(frames)):
+            allowed = [f for f in range(spec.min_frames, spec.max_frames + 1) if geometry.frames_allowed(f)]
+            raise InvalidRequest("num_frames", f"num_frames={frames} not allowed for {spec.name}: must be 1 + {t}k "
+                                               f"in [{spec.min_frames}, {spec.max_frames}], i.e. one of {allowed}")
+        height, width = video_size(spec, geometry, request.resolution, request.aspect_ratio)
+        return ResolvedRequest(height=height, width=width, num_frames=frames, fps=request.fps or spec.default_fps,
+                               **self._common(request, served))
+
+    def image(self, request: ImageGenerationRequest) -> ResolvedRequest:
+        served = self._model(request.model, "image")
+        spec, m = served.spec, served.geometry.pixel_multiple
+        width, height = (int(v) for v in request.size.split("x"))
+        if not all(m <= v <= spec.max_image_side and v % m == 0 for v in (width, height)):
+            raise InvalidRequest("size", f"size {request.size!r} not allowed for {spec.name}: WIDTHxHEIGHT with each "
+                                         f"side a multiple of {m} in [{m}, {spec.max_image_side}]")
+        return ResolvedRequest(height=height, width=width, num_frames=1, fps=1, **self._common(request, served))

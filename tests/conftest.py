@@ -1,0 +1,22 @@
+"""Shared fixtures: tiny model specs (random weights, no download)."""
+
+from __future__ import annotations
+
+import pytest
+
+from serve_graph.config import ModelSpec
+
+LOCAL_HEIGHTS = {"240p": 32, "360p": 48, "480p": 64, "720p": 96}
+
+
+def tiny_spec(family: str, name: str | None = None, **overrides) -> ModelSpec:
+    fields = dict(name=name or f"{family}-tiny", family=family, max_sequence_length=16,
+                  resolution_heights=LOCAL_HEIGHTS, max_frames=17, default_frames=1 if family == "sd3" else 9,
+                  default_steps=6, max_image_side=128)
+    fields.update(overrides)
+    return ModelSpec(**fields)
+
+
+@pytest.fixture(scope="session")
+def cog_spec() -> ModelSpec:
+    return tiny_spec("cogvideox")

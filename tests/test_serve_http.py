@@ -1,0 +1,173 @@
+"""The video graph on a real local Ray Serve, driven over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import ray
+import yaml
+from PIL import Image
+from ray import serve
+
+from deployments.media import probe_mp4
+from serve_graph.app import build_video_app
+
+pytestmark = pytest.mark.serve
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def client():
+    config = yaml.safe_load((ROOT / "configs/local.yaml").read_text())
+    args = config["applications"][0]["args"]
+    # Two requests per step so that SRPTF's choice is visible over HTTP.
+    args["scheduler"]["budget"]["max_batch_size"] = 2
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_video_app(args), name="video", route_prefix="/")
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
+        yield c
+    serve.shutdown()
+    ray.shutdown()
+
+
+def submit(client, **body) -> dict:
+    r = client.post("/v1/videos", json=body)
+    assert r.status_code == 202, r.text
+    assert r.json()["status"] == "queued"
+    return r.json()
+
+
+def wait(client, video_id: str, until=("completed", "failed", "cancelled"), timeout=120) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = client.get(f"/v1/videos/{video_id}").json()
+        if job["status"] in until:
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"{video_id} did not reach {until}: {job}")
+
+
+def test_models_and_health(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    models = {m["id"]: m["kind"] for m in client.get("/v1/models").json()["data"]}
+    assert models == {"cogvideox-tiny": "video", "wan-tiny": "video", "mochi-tiny": "video", "sd3-tiny": "image"}
+
+
+def test_mixed_concurrent_requests_complete_with_valid_mp4(client):
+    asks = [
+        dict(model="cogvideox-tiny", prompt="a cat", resolution="240p", num_frames=9),
+        dict(model="cogvideox-tiny", prompt="a dog", resolution="360p", aspect_ratio="9:16", num_frames=17),
+        dict(model="wan-tiny", prompt="the ocean", resolution="480p", num_frames=5, num_inference_steps=4),
+        dict(model="mochi-tiny", prompt="a robot", resolution="240p", aspect_ratio="1:1", num_frames=7),
+        dict(model="wan-tiny", prompt="a city", resolution="240p", num_frames=17, guidance_scale=1.0),
+    ]
+    jobs = [submit(client, **a) for a in asks]
+    for ask, job in zip(asks, jobs):
+        done = wait(client, job["id"])
+        assert done["status"] == "completed", done
+        assert done["progress"]["step"] == done["progress"]["total_steps"]
+        assert done["created_at"] <= done["started_at"] <= done["completed_at"]
+        r = client.get(f"/v1/videos/{job['id']}/content")
+        assert r.status_code == 200 and r.headers["content-type"] == "video/mp4"
+        assert r.content[4:8] == b"ftyp"
+        assert probe_mp4(r.content) == (ask["num_frames"], done["height"], done["width"])
+    assert (jobs[1]["height"], jobs[1]["width"]) == (80, 48)  # 360p 9:16: short side 48, 48*16/9 -> 80
+
+
+def test_srptf_short_request_after_long_ones_finishes_first(client):
+    long_ask = dict(model="cogvideox-tiny", prompt="slow", resolution="720p", num_frames=17, num_inference_steps=60)
+    a, b = submit(client, **long_ask), submit(client, **long_ask)
+    wait(client, a["id"], until=("running",))
+    short = submit(client, model="cogvideox-tiny", prompt="quick", resolution="240p", num_frames=1,
+                   num_inference_steps=3)
+    short_done = wait(client, short["id"])
+    a_now, b_now = (client.get(f"/v1/videos/{j['id']}").json() for j in (a, b))
+    assert short_done["status"] == "completed"
+    assert a_now["status"] == "running" or b_now["status"] == "running"  # both batch slots were taken by long ones
+    for j in (a, b):
+        assert wait(client, j["id"])["completed_at"] > short_done["completed_at"]
+
+
+def test_cancel_removes_request_and_engine_keeps_serving(client):
+    job = submit(client, model="cogvideox-tiny", prompt="long", resolution="720p", num_frames=17,
+                 num_inference_steps=200)
+    wait(client, job["id"], until=("running",))
+    r = client.delete(f"/v1/videos/{job['id']}")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    time.sleep(0.3)
+    after = client.get(f"/v1/videos/{job['id']}").json()
+    assert after["status"] == "cancelled" and after["progress"]["step"] < 200
+    assert client.get(f"/v1/videos/{job['id']}/content").status_code == 409
+    assert client.delete("/v1/videos/video_missing").status_code == 404
+    other = submit(client, model="cogvideox-tiny", prompt="next", num_inference_steps=2)
+    assert wait(client, other["id"])["status"] == "completed"
+
+
+def test_same_seed_same_bytes_alone_or_batched(client):
+    ask = dict(model="cogvideox-tiny", prompt="a bird", resolution="240p", num_frames=9, seed=1234,
+               num_inference_steps=5)
+    alone = submit(client, **ask)
+    wait(client, alone["id"])
+    together = [submit(client, **ask), submit(client, model="cogvideox-tiny", prompt="a bird", seed=99,
+                                               num_frames=9, num_inference_steps=5)]
+    wait(client, together[0]["id"]), wait(client, together[1]["id"])
+    content = [client.get(f"/v1/videos/{j['id']}/content").content for j in (alone, *together)]
+    assert content[0] == content[1] and content[0] != content[2]
+
+
+def test_image_generation_returns_png(client):
+    r = client.post("/v1/images/generations", json={"prompt": "a red car", "size": "96x64", "n": 2, "seed": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "sd3-tiny" and [d["seed"] for d in body["data"]] == [5, 6]
+    images = [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))) for d in body["data"]]
+    assert all(im.format == "PNG" and im.size == (96, 64) for im in images)
+    assert images[0].tobytes() != images[1].tobytes()
+
+
+@pytest.mark.parametrize(
+    "path, body, status, param, words",
+    [
+        ("/v1/videos", {"prompt": "x", "model": "nope"}, 404, "model", "cogvideox-tiny"),
+        ("/v1/videos", {"prompt": "x", "model": "sd3-tiny"}, 404, "model", "unknown video model"),
+        ("/v1/videos", {"prompt": "x", "resolution": "1080p"}, 400, "resolution", "240p"),
+        ("/v1/videos", {"prompt": "x", "model": "mochi-tiny", "resolution": "720p"}, 400, "resolution", "480p"),
+        ("/v1/videos", {"prompt": "x", "num_inference_steps": 201}, 400, "num_inference_steps", "le=200"),
+        ("/v1/videos", {"prompt": "x", "num_inference_steps": 0}, 400, "num_inference_steps", "ge=1"),
+        ("/v1/videos", {"prompt": "x", "num_frames": 5}, 400, "num_frames", "1 + 8k"),
+        ("/v1/videos", {"prompt": "x", "model": "wan-tiny", "num_frames": 4}, 400, "num_frames", "1 + 4k"),
+        ("/v1/videos", {"prompt": "x", "num_frames": 25}, 400, "num_frames", "[1, 17]"),
+        ("/v1/videos", {"prompt": ""}, 400, "prompt", "min_length=1"),
+        ("/v1/videos", {"prompt": "   "}, 400, "prompt", "non-whitespace"),
+        ("/v1/videos", {"prompt": "x" * 2001}, 400, "prompt", "1..2000"),
+        ("/v1/videos", {"prompt": "x", "guidance_scale": -1}, 400, "guidance_scale", "ge=0.0"),
+        ("/v1/videos", {"prompt": "x", "colour": "red"}, 400, "colour", "Extra inputs"),
+        ("/v1/images/generations", {"prompt": "x", "size": "100x64"}, 400, "size", "multiple of 16"),
+        ("/v1/images/generations", {"prompt": "x", "size": "big"}, 400, "size", "pattern"),
+    ],
+)
+def test_bad_input_gets_documented_4xx(client, path, body, status, param, words):
+    r = client.post(path, json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and words in error["message"], error
+
+
+def test_malformed_json_is_400(client):
+    r = client.post("/v1/videos", content=b'{"prompt": "x",', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "malformed JSON" in r.json()["error"]["message"]
+    assert client.get("/v1/videos/video_nope").status_code == 404

@@ -1,0 +1,1 @@
+"""GRPO+ training application: data, sandboxed rewards, loss, rollouts, trainer (training issues)."""
