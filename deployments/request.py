@@ -55,6 +55,7 @@ class RequestState:
     sampler: Any
     prompt: EncodedPrompt
     seq_len: int
+    total_steps: int  # len(sampler.timesteps), fixed at admission (read on every policy comparison)
     arrival_time: float
     status: RequestStatus = RequestStatus.WAITING
     steps_done: int = 0
@@ -68,10 +69,6 @@ class RequestState:
     @property
     def request_id(self) -> str:
         return self.spec.request_id
-
-    @property
-    def total_steps(self) -> int:
-        return len(self.sampler.timesteps)
 
     @property
     def remaining_steps(self) -> int:

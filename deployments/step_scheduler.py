@@ -95,6 +95,7 @@ class StepSchedulerCore:
             sampler=sampler,
             prompt=prompt,
             seq_len=adapter.geometry.seq_len(spec.height, spec.width, spec.num_frames),
+            total_steps=len(sampler.timesteps),
             arrival_time=self.clock(),
         )
         self.pool[spec.request_id] = state
