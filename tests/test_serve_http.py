@@ -35,7 +35,7 @@ def client():
     # Two requests per step so that SRPTF's choice is visible over HTTP.
     args["scheduler"]["budget"]["max_batch_size"] = 2
     port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_video_app(args), name="video", route_prefix="/")
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
