@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from ray import serve
 from ray.serve import Application
 
 from deployments.dit_worker import DiTWorker
@@ -40,5 +39,3 @@ def build_video_app(args: dict[str, Any]) -> Application:
     return bind(VideoIngress, config.ingress, models, config.limits.model_dump(), config.scheduler.max_pool_size,
                 text_encoder, scheduler, vae)
 
-
-__all__ = ["build_video_app", "serve"]

@@ -117,6 +117,3 @@ class VideoAppConfig(_Frozen):
         if len(names) != len(set(names)):
             raise ValueError(f"model names must be unique, got {names}")
         return self
-
-    def model(self, name: str) -> ModelSpec:
-        return next(m for m in self.models if m.name == name)

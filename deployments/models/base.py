@@ -147,7 +147,7 @@ class DiffusionAdapter(ABC):
             )
             if not keep and name in self.optional_component_names():
                 skipped[name] = None
-        return self.pipeline_cls.from_pretrained(spec.source, torch_dtype=self.dtype, **skipped)
+        return self.pipeline_cls.from_pretrained(spec.source, dtype=self.dtype, **skipped)
 
     def optional_component_names(self) -> set[str]:
         return {"transformer", "vae", *self.text_components}

@@ -1,0 +1,30 @@
+"""Every Serve config in configs/ is a valid ServeDeploySchema whose app args validate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+from ray.serve.schema import ServeDeploySchema
+
+from serve_graph.config import VideoAppConfig
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_config_is_a_valid_serve_config(path):
+    schema = ServeDeploySchema(**yaml.safe_load(path.read_text()))
+    videos = [a for a in schema.applications if a.import_path == "serve_graph.app:build_video_app"]
+    assert videos, f"{path.name} serves no video app"
+    for app in videos:
+        VideoAppConfig(**app.args)
+
+
+def test_bad_args_name_the_field():
+    with pytest.raises(ValidationError, match="max_batch_size"):
+        VideoAppConfig(models=[{"name": "m", "family": "cogvideox"}], scheduler={"budget": {"max_batch_size": 0}})
+    with pytest.raises(ValidationError, match="unique"):
+        VideoAppConfig(models=[{"name": "m", "family": "wan"}, {"name": "m", "family": "wan"}])
