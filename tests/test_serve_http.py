@@ -34,6 +34,7 @@ def client():
     args = config["applications"][0]["args"]
     # Two requests per step so that SRPTF's choice is visible over HTTP.
     args["scheduler"]["budget"]["max_batch_size"] = 2
+    args["scheduler"]["max_pool_size"] = 6  # small, so that overload is cheap to reach
     port = _free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -127,6 +128,18 @@ def test_same_seed_same_bytes_alone_or_batched(client):
     wait(client, together[0]["id"]), wait(client, together[1]["id"])
     content = [client.get(f"/v1/videos/{j['id']}/content").content for j in (alone, *together)]
     assert content[0] == content[1] and content[0] != content[2]
+
+
+def test_overload_answers_429_and_recovers(client):
+    long_ask = dict(model="cogvideox-tiny", prompt="busy", resolution="720p", num_frames=17, num_inference_steps=200)
+    jobs = [submit(client, **long_ask) for _ in range(6)]
+    r = client.post("/v1/videos", json=long_ask)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "overloaded"
+    assert client.post("/v1/images/generations", json={"prompt": "x", "size": "32x32"}).status_code == 429
+    for job in jobs:
+        assert client.delete(f"/v1/videos/{job['id']}").json()["status"] == "cancelled"
+    assert wait(client, submit(client, model="cogvideox-tiny", prompt="after", num_inference_steps=2)["id"])[
+        "status"] == "completed"
 
 
 def test_image_generation_returns_png(client):
