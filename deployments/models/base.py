@@ -127,26 +127,19 @@ class DiffusionAdapter(ABC):
         # same transformer weights as one that builds everything.
         components: dict[str, Any] = {name: None for name in self.optional_component_names()}
         components["scheduler"] = configs["scheduler"]
-        for offset, part in enumerate(("text", "transformer", "vae")):
-            if part in self.parts:
-                torch.manual_seed(spec.weights_seed * 1000 + offset)
-                components.update(self.build_tiny_components(configs, part))
+        with torch.random.fork_rng():  # leave the caller's global RNG as it was
+            for offset, part in enumerate(("text", "transformer", "vae")):
+                if part in self.parts:
+                    torch.manual_seed(spec.weights_seed * 1000 + offset)
+                    components.update(self.build_tiny_components(configs, part))
         pipeline = self.pipeline_cls(**components)
         return pipeline.to(dtype=self.dtype) if self.dtype != torch.float32 else pipeline
 
     def _load_pretrained(self, spec: ModelSpec) -> DiffusionPipeline:
-        import inspect
-
-        names = [p for p in inspect.signature(self.pipeline_cls.__init__).parameters if p != "self"]
-        skipped = {}
-        for name in names:
-            keep = name == "scheduler" or (
-                ("text" in self.parts and name in self.text_components)
-                or ("transformer" in self.parts and name == "transformer")
-                or ("vae" in self.parts and name == "vae")
-            )
-            if not keep and name in self.optional_component_names():
-                skipped[name] = None
+        wanted = {"transformer"} & self.parts | {"vae"} & self.parts
+        if "text" in self.parts:
+            wanted |= set(self.text_components)
+        skipped = {name: None for name in self.optional_component_names() - wanted}
         return self.pipeline_cls.from_pretrained(spec.source, dtype=self.dtype, **skipped)
 
     def optional_component_names(self) -> set[str]:
