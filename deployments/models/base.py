@@ -82,6 +82,17 @@ class EncodedPrompt:
     uncond: Condition | None
 
 
+def split_rows(negative_prompts: list[str | None], cond: dict[str, torch.Tensor],
+               uncond: dict[str, torch.Tensor]) -> list[EncodedPrompt]:
+    """Slice batched encoder outputs into one EncodedPrompt per request (uncond only where CFG is on)."""
+
+    def row(tensors: dict[str, torch.Tensor], i: int) -> Condition:
+        return {k: v[i : i + 1].cpu() for k, v in tensors.items()}
+
+    return [EncodedPrompt(cond=row(cond, i), uncond=None if negative is None else row(uncond, i))
+            for i, negative in enumerate(negative_prompts)]
+
+
 class DiffusionAdapter(ABC):
     """Abstract base of a model family; subclasses register in `deployments.models`."""
 

@@ -14,7 +14,7 @@ from diffusers import (
 )
 from transformers import T5Config, T5EncoderModel
 
-from deployments.models.base import Condition, DiffusionAdapter, EncodedPrompt, Geometry, Part
+from deployments.models.base import Condition, DiffusionAdapter, EncodedPrompt, Geometry, Part, split_rows
 from deployments.models.tokenizer import TINY_VOCAB_SIZE, build_tiny_tokenizer
 from serve_graph.config import ModelSpec
 
@@ -83,11 +83,7 @@ class CogVideoXAdapter(DiffusionAdapter):
             prompt=prompts, negative_prompt=[n or "" for n in negative_prompts], do_classifier_free_guidance=True,
             max_sequence_length=self.spec.max_sequence_length, device=self.device, dtype=self.dtype,
         )
-        return [
-            EncodedPrompt(cond={"encoder_hidden_states": pos[i : i + 1].cpu()},
-                          uncond=None if n is None else {"encoder_hidden_states": neg[i : i + 1].cpu()})
-            for i, n in enumerate(negative_prompts)
-        ]
+        return split_rows(negative_prompts, {"encoder_hidden_states": pos}, {"encoder_hidden_states": neg})
 
     def latent_shape(self, height: int, width: int, num_frames: int) -> tuple[int, ...]:
         g = self.geometry

@@ -10,7 +10,7 @@ from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, Mochi
 from diffusers.pipelines.mochi.pipeline_mochi import linear_quadratic_schedule
 from transformers import T5EncoderModel
 
-from deployments.models.base import Condition, DiffusionAdapter, EncodedPrompt, Geometry, Part
+from deployments.models.base import Condition, DiffusionAdapter, EncodedPrompt, Geometry, Part, split_rows
 from deployments.models.cogvideox import tiny_t5_config
 from deployments.models.tokenizer import build_tiny_tokenizer
 from serve_graph.config import ModelSpec
@@ -61,12 +61,9 @@ class MochiAdapter(DiffusionAdapter):
             prompt=prompts, negative_prompt=[n or "" for n in negative_prompts], do_classifier_free_guidance=True,
             max_sequence_length=self.spec.max_sequence_length, device=self.device, dtype=self.dtype,
         )
-
-        def row(embeds: torch.Tensor, mask: torch.Tensor, i: int) -> Condition:
-            return {"encoder_hidden_states": embeds[i : i + 1].cpu(), "encoder_attention_mask": mask[i : i + 1].cpu()}
-
-        return [EncodedPrompt(cond=row(pos, pos_mask, i), uncond=None if n is None else row(neg, neg_mask, i))
-                for i, n in enumerate(negative_prompts)]
+        return split_rows(negative_prompts,
+                          {"encoder_hidden_states": pos, "encoder_attention_mask": pos_mask},
+                          {"encoder_hidden_states": neg, "encoder_attention_mask": neg_mask})
 
     def latent_shape(self, height: int, width: int, num_frames: int) -> tuple[int, ...]:
         channels = self.transformer_config["in_channels"]

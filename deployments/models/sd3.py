@@ -9,7 +9,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5EncoderModel
 
-from deployments.models.base import Condition, DiffusionAdapter, EncodedPrompt, Geometry, Part
+from deployments.models.base import Condition, DiffusionAdapter, EncodedPrompt, Geometry, Part, split_rows
 from deployments.models.cogvideox import tiny_t5_config
 from deployments.models.tokenizer import TINY_VOCAB_SIZE, build_tiny_tokenizer
 from serve_graph.config import ModelSpec
@@ -66,12 +66,8 @@ class SD3Adapter(DiffusionAdapter):
             prompt=prompts, prompt_2=None, prompt_3=None, negative_prompt=[n or "" for n in negative_prompts],
             do_classifier_free_guidance=True, max_sequence_length=self.spec.max_sequence_length, device=self.device,
         )
-
-        def row(embeds: torch.Tensor, pooled_embeds: torch.Tensor, i: int) -> Condition:
-            return {"encoder_hidden_states": embeds[i : i + 1].cpu(), "pooled_projections": pooled_embeds[i : i + 1].cpu()}
-
-        return [EncodedPrompt(cond=row(pos, pooled, i), uncond=None if n is None else row(neg, neg_pooled, i))
-                for i, n in enumerate(negative_prompts)]
+        return split_rows(negative_prompts, {"encoder_hidden_states": pos, "pooled_projections": pooled},
+                          {"encoder_hidden_states": neg, "pooled_projections": neg_pooled})
 
     def latent_shape(self, height: int, width: int, num_frames: int) -> tuple[int, ...]:
         f = self.geometry.spatial_factor

@@ -8,7 +8,7 @@ import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 from transformers import UMT5Config, UMT5EncoderModel
 
-from deployments.models.base import Condition, DiffusionAdapter, EncodedPrompt, Geometry, Part
+from deployments.models.base import Condition, DiffusionAdapter, EncodedPrompt, Geometry, Part, split_rows
 from deployments.models.tokenizer import TINY_VOCAB_SIZE, build_tiny_tokenizer
 from serve_graph.config import ModelSpec
 
@@ -68,11 +68,7 @@ class WanAdapter(DiffusionAdapter):
             prompt=prompts, negative_prompt=[n or "" for n in negative_prompts], do_classifier_free_guidance=True,
             max_sequence_length=self.spec.max_sequence_length, device=self.device, dtype=self.dtype,
         )
-        return [
-            EncodedPrompt(cond={"encoder_hidden_states": pos[i : i + 1].cpu()},
-                          uncond=None if n is None else {"encoder_hidden_states": neg[i : i + 1].cpu()})
-            for i, n in enumerate(negative_prompts)
-        ]
+        return split_rows(negative_prompts, {"encoder_hidden_states": pos}, {"encoder_hidden_states": neg})
 
     def latent_shape(self, height: int, width: int, num_frames: int) -> tuple[int, ...]:
         g = self.geometry
