@@ -1,0 +1,15 @@
+"""Deployments of the video graph: each module holds a plain core class and its thin Serve shell."""
+
+from __future__ import annotations
+
+import torch
+
+from serve_graph.config import DeploymentResources
+
+
+def init_replica(resources: dict) -> DeploymentResources:
+    """Validate a shell's resources and apply its torch thread count (once per replica process)."""
+    res = DeploymentResources(**resources)
+    if res.torch_threads:
+        torch.set_num_threads(res.torch_threads)
+    return res

@@ -15,10 +15,11 @@ import time
 import torch
 from ray import serve
 
+from deployments import init_replica
 from deployments.batch_plan import BatchPlan, StepOutput, SubBatch
 from deployments.metrics import ServeMetrics
 from deployments.models import load_adapter
-from serve_graph.config import DeploymentResources, ModelSpec
+from serve_graph.config import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +58,7 @@ class DiTWorker:
     """Serve shell: one replica = one worker group (a single rank in this version)."""
 
     def __init__(self, models: list[dict], resources: dict) -> None:
-        res = DeploymentResources(**resources)
-        if res.torch_threads:
-            torch.set_num_threads(res.torch_threads)
+        res = init_replica(resources)
         self.core = DiTWorkerCore([ModelSpec(**m) for m in models], device=res.device)
         self.metrics = ServeMetrics()
 

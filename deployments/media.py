@@ -28,10 +28,10 @@ def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
     with av.open(buffer, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps, options=_X264_OPTIONS)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.time_base = Fraction(1, fps)
+        stream.time_base = time_base = Fraction(1, fps)
         for index, frame in enumerate(frames):
             video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-            video_frame.pts, video_frame.time_base = index, Fraction(1, fps)
+            video_frame.pts, video_frame.time_base = index, time_base
             for packet in stream.encode(video_frame):
                 container.mux(packet)
         for packet in stream.encode():

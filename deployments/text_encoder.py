@@ -6,12 +6,12 @@ import asyncio
 from collections import defaultdict
 from dataclasses import dataclass
 
-import torch
 from ray import serve
 
+from deployments import init_replica
 from deployments.models import load_adapter
 from deployments.models.base import EncodedPrompt
-from serve_graph.config import DeploymentResources, ModelSpec
+from serve_graph.config import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -42,9 +42,7 @@ class TextEncoderCore:
 @serve.deployment(max_ongoing_requests=256)
 class TextEncoder:
     def __init__(self, models: list[dict], resources: dict) -> None:
-        res = DeploymentResources(**resources)
-        if res.torch_threads:
-            torch.set_num_threads(res.torch_threads)
+        res = init_replica(resources)
         self.core = TextEncoderCore([ModelSpec(**m) for m in models], device=res.device)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)

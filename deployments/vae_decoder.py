@@ -10,9 +10,10 @@ from typing import Literal
 import torch
 from ray import serve
 
+from deployments import init_replica
 from deployments.media import encode_mp4, encode_png
 from deployments.models import load_adapter
-from serve_graph.config import DeploymentResources, ModelSpec
+from serve_graph.config import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,7 @@ class VaeDecoderCore:
 @serve.deployment(max_ongoing_requests=256)
 class VaeDecoder:
     def __init__(self, models: list[dict], resources: dict) -> None:
-        res = DeploymentResources(**resources)
-        if res.torch_threads:
-            torch.set_num_threads(res.torch_threads)
+        res = init_replica(resources)
         self.core = VaeDecoderCore([ModelSpec(**m) for m in models], device=res.device)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)

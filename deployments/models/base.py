@@ -147,7 +147,7 @@ class DiffusionAdapter(ABC):
         return pipeline.to(dtype=self.dtype) if self.dtype != torch.float32 else pipeline
 
     def _load_pretrained(self, spec: ModelSpec) -> DiffusionPipeline:
-        wanted = {"transformer"} & self.parts | {"vae"} & self.parts
+        wanted: set[str] = set(self.parts & {"transformer", "vae"})
         if "text" in self.parts:
             wanted |= set(self.text_components)
         skipped = {name: None for name in self.optional_component_names() - wanted}
