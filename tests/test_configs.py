@@ -1,4 +1,4 @@
-"""Every Serve config in configs/ is a valid ServeDeploySchema whose app args validate."""
+"""Every Serve config in configs/ is a valid ServeDeploySchema whose video and coder app args validate."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import yaml
 from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
+from serve_graph.coder_app import make_llm_config
+from serve_graph.coder_config import CoderAppConfig
 from serve_graph.config import VideoAppConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -21,6 +23,13 @@ def test_config_is_a_valid_serve_config(path):
     assert videos, f"{path.name} serves no video app"
     for app in videos:
         VideoAppConfig(**app.args)
+    coders = [a for a in schema.applications if a.import_path == "serve_graph.coder_app:build_coder_app"]
+    assert coders, f"{path.name} serves no coder app"
+    for app in coders:
+        config = CoderAppConfig(**app.args)
+        assert config.sampling_defaults.temperature == 0.6 and config.sampling_defaults.top_p == 0.95
+        if config.accelerator == "gpu":  # the hub id passes through; a local tiny path needs setup first
+            make_llm_config(config)
 
 
 def test_bad_args_name_the_field():
