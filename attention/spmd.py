@@ -8,6 +8,7 @@ processes after `init_process_group`, and returns the per-rank results in rank o
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
@@ -32,7 +33,10 @@ def _entry(rank: int, world_size: int, port: int, backend: str, threads: int, fn
     try:
         dist.init_process_group(backend, rank=rank, world_size=world_size)
         try:
-            results.put((rank, fn(rank, world_size, payload), None))
+            # Serialised here: a tensor sent as a shared-memory handle would die with this process.
+            buffer = io.BytesIO()
+            torch.save(fn(rank, world_size, payload), buffer)
+            results.put((rank, buffer.getvalue(), None))
         finally:
             dist.destroy_process_group()
     except BaseException:  # report to the parent instead of dying silently
@@ -59,4 +63,4 @@ def run_spmd(world_size: int, fn: Callable[[int, int, Any], Any], payload: Any =
     errors = [f"rank {r}:\n{e}" for r, (_, e) in sorted(collected.items()) if e]
     if errors:
         raise RuntimeError("SPMD run failed\n" + "\n".join(errors))
-    return [collected[r][0] for r in range(world_size)]
+    return [torch.load(io.BytesIO(collected[r][0]), weights_only=False) for r in range(world_size)]

@@ -1,0 +1,126 @@
+"""Packed DiT forward: one transformer pass over requests of different shapes, no padding.
+
+A step's requests differ in resolution, frame count, text length and timestep.
+Their tokens are concatenated into one (rows, hidden) tensor; everything
+token-wise (projections, norms, FFN, per-token timestep modulation, RoPE) runs on
+all rows at once, and attention runs per request through an `AttentionContext`:
+
+- `LocalAttention`: every request whole in this process, varlen attention;
+- `ShardedAttention`: this rank holds the shards a `BrickPlan` gives it, and
+  self-attention is Brick Attention over each request's ring.
+
+The family modules (`packed_wan.py`, `packed_cogvideox.py`) reuse the diffusers
+model's own submodules and weights, so any diffusers checkpoint works, and their
+results equal diffusers' forward run on each request alone (tested).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from attention.plan import BrickPlan
+from attention.ring import brick_attention
+from attention.varlen import VarlenBackend, varlen_attention
+
+
+@dataclass(frozen=True)
+class PackedRequest:
+    """One request's transformer input, without a batch dimension (diffusers' per-sample layout)."""
+
+    latents: torch.Tensor
+    timestep: torch.Tensor
+    text: torch.Tensor  # (text_tokens, text_dim)
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # CogVideoX 5b-style RoPE (cos, sin) of video tokens
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows `row_start:row_start+length` of this process hold tokens `token_start:...` of `request`."""
+
+    request: int
+    token_start: int
+    length: int
+    row_start: int
+
+    @property
+    def tokens(self) -> slice:
+        return slice(self.token_start, self.token_start + self.length)
+
+
+def offsets(lengths: list[int]) -> list[int]:
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + n)
+    return out
+
+
+class AttentionContext(ABC):
+    """Which tokens this process holds, and how their self-attention is computed."""
+
+    backend: str | VarlenBackend
+
+    @abstractmethod
+    def segments(self, token_counts: list[int]) -> list[Segment]: ...
+
+    @abstractmethod
+    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, token_counts: list[int],
+                       scale: float | None = None) -> torch.Tensor: ...
+
+    def cross_attention(self, q: torch.Tensor, k: dict[int, torch.Tensor], v: dict[int, torch.Tensor],
+                        segments: list[Segment], scale: float | None = None) -> torch.Tensor:
+        """Each segment's queries over its request's whole text (text is never sharded)."""
+        ks = torch.cat([k[s.request] for s in segments])
+        vs = torch.cat([v[s.request] for s in segments])
+        out, _ = varlen_attention(q, ks, vs, offsets([s.length for s in segments]),
+                                  offsets([len(k[s.request]) for s in segments]), scale, self.backend)
+        return out
+
+
+class LocalAttention(AttentionContext):
+    def __init__(self, backend: str | VarlenBackend = "auto") -> None:
+        self.backend = backend
+
+    def segments(self, token_counts):
+        starts = offsets(token_counts)
+        return [Segment(i, 0, n, starts[i]) for i, n in enumerate(token_counts)]
+
+    def self_attention(self, q, k, v, token_counts, scale=None):
+        cu = offsets(token_counts)
+        out, _ = varlen_attention(q, k, v, cu, cu, scale, self.backend)
+        return out
+
+
+class ShardedAttention(AttentionContext):
+    def __init__(self, plan: BrickPlan, rank: int, group: dist.ProcessGroup | None = None,
+                 backend: str | VarlenBackend = "auto") -> None:
+        self.plan, self.rank, self.group, self.backend = plan, rank, group, backend
+
+    def segments(self, token_counts):
+        planned = [a.tokens for a in self.plan.assignments]
+        if planned != list(token_counts):
+            raise ValueError(f"the plan shards {planned} tokens per request, the batch has {list(token_counts)}")
+        return [Segment(s.assignment.request, s.assignment.bounds[s.position], s.length, s.start)
+                for s in self.plan.local_shards(self.rank)]
+
+    def self_attention(self, q, k, v, token_counts, scale=None):
+        return brick_attention(q, k, v, self.plan, self.rank, self.group, scale, self.backend)
+
+
+def gather_rows(per_request: dict[int, torch.Tensor], segments: list[Segment]) -> torch.Tensor:
+    """This process's rows of per-request token tensors (tokens first)."""
+    return torch.cat([per_request[s.request][s.tokens] for s in segments])
+
+
+def per_row(per_request: dict[int, torch.Tensor], segments: list[Segment]) -> torch.Tensor:
+    """Repeat a per-request value over that request's rows here."""
+    return torch.cat([per_request[s.request].unsqueeze(0).expand(s.length, *per_request[s.request].shape)
+                      for s in segments])
+
+
+def rows_by_request(rows: torch.Tensor, segments: list[Segment]) -> dict[int, tuple[int, torch.Tensor]]:
+    """{request: (token_start, rows)} of this process's output, for gathering across ranks."""
+    return {s.request: (s.token_start, rows[s.row_start:s.row_start + s.length]) for s in segments}

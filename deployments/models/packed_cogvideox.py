@@ -1,0 +1,113 @@
+"""Packed forward of diffusers' `CogVideoXTransformer3DModel` (CogVideoX 1.0) over heterogeneous requests.
+
+Follows `CogVideoXTransformer3DModel.forward`, `CogVideoXBlock.forward` and
+`CogVideoXAttnProcessor2_0` of diffusers 0.42. Each request is one joint sequence
+[text tokens; video tokens]; its tokens may be sharded over a ring like any other
+sequence. Text and video rows share every weight but take different AdaLN-Zero
+modulations (CogVideoXLayerNormZero's enc_* vs video chunks), chosen per row; RoPE
+(5b-style, when the request carries it) applies to video rows only (text rows get
+cos 1 / sin 0, an exact identity).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import CogVideoXTransformer3DModel
+from diffusers.models.embeddings import apply_rotary_emb
+
+from deployments.models.packed import (
+    AttentionContext, LocalAttention, PackedRequest, Segment, gather_rows, per_row, rows_by_request,
+)
+
+
+def _video_tokens(model: CogVideoXTransformer3DModel, latents: torch.Tensor) -> int:
+    frames, _, height, width = latents.shape
+    p = model.config.patch_size
+    return frames * (height // p) * (width // p)
+
+
+def token_counts(model: CogVideoXTransformer3DModel, requests: list[PackedRequest]) -> list[int]:
+    """Joint sequence length of every request: its text tokens plus its video tokens."""
+    return [len(r.text) + _video_tokens(model, r.latents) for r in requests]
+
+
+def _joint_rope(request: PackedRequest, video_tokens: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    text = len(request.text)
+    cos = torch.ones(text + video_tokens, head_dim, dtype=torch.float32, device=request.latents.device)
+    sin = torch.zeros_like(cos)
+    if request.rotary is not None:
+        cos[text:], sin[text:] = request.rotary
+    return cos, sin
+
+
+def forward_rows(model: CogVideoXTransformer3DModel, requests: list[PackedRequest], ctx: AttentionContext,
+                 ) -> tuple[torch.Tensor, list[Segment]]:
+    """Output rows of the joint tokens this process holds (text rows are discarded by `unpatchify`)."""
+    if model.config.patch_size_t is not None or model.ofs_embedding is not None:
+        raise ValueError("the packed CogVideoX forward supports CogVideoX 1.0 (no temporal patching, no ofs)")
+    counts = token_counts(model, requests)
+    segments = ctx.segments(counts)
+    head_dim = model.config.attention_head_dim
+    embeds, temb, is_text, cos, sin = {}, {}, {}, {}, {}
+    for i in sorted({s.request for s in segments}):  # a rank embeds only the requests it holds
+        r = requests[i]
+        embeds[i] = model.embedding_dropout(model.patch_embed(r.text.unsqueeze(0), r.latents.unsqueeze(0)))[0]
+        t_emb = model.time_proj(r.timestep.reshape(1)).to(dtype=embeds[i].dtype)
+        temb[i] = model.time_embedding(t_emb, None)[0]
+        is_text[i] = torch.arange(counts[i], device=embeds[i].device) < len(r.text)
+        cos[i], sin[i] = _joint_rope(r, counts[i] - len(r.text), head_dim)
+    x = gather_rows(embeds, segments)
+    text_rows = gather_rows(is_text, segments).unsqueeze(1)
+    rope = (gather_rows(cos, segments), gather_rows(sin, segments))
+
+    for block in model.transformer_blocks:
+        mod = per_row({i: block.norm1.linear(block.norm1.silu(t)) for i, t in temb.items()}, segments)
+        normed, gate = _modulate(block.norm1.norm, x, mod, text_rows)
+        x = x + gate * _attention(block.attn1, normed, rope, counts, ctx)
+        mod = per_row({i: block.norm2.linear(block.norm2.silu(t)) for i, t in temb.items()}, segments)
+        normed, gate = _modulate(block.norm2.norm, x, mod, text_rows)
+        x = x + gate * block.ff(normed)
+
+    x = model.norm_final(x)
+    shift, scale = per_row({i: model.norm_out.linear(model.norm_out.silu(t)) for i, t in temb.items()},
+                           segments).chunk(2, dim=1)
+    x = model.norm_out.norm(x) * (1 + scale) + shift
+    return model.proj_out(x), segments
+
+
+def _modulate(norm, x, mod, text_rows):
+    """CogVideoXLayerNormZero per row: video chunks for video rows, enc_* chunks for text rows."""
+    shift, scale, gate, enc_shift, enc_scale, enc_gate = mod.chunk(6, dim=1)
+    pick = lambda video, text: torch.where(text_rows, text, video)  # noqa: E731
+    return norm(x) * (1 + pick(scale, enc_scale)) + pick(shift, enc_shift), pick(gate, enc_gate)
+
+
+def _attention(attn, x, rope, counts, ctx):
+    heads = attn.heads
+    q = attn.to_q(x).unflatten(1, (heads, -1))
+    k = attn.to_k(x).unflatten(1, (heads, -1))
+    v = attn.to_v(x).unflatten(1, (heads, -1))
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    q = apply_rotary_emb(q.unsqueeze(0), rope, sequence_dim=1)[0]
+    k = apply_rotary_emb(k.unsqueeze(0), rope, sequence_dim=1)[0]
+    out = ctx.self_attention(q, k, v, counts).flatten(1)
+    return attn.to_out[1](attn.to_out[0](out))
+
+
+def unpatchify(model: CogVideoXTransformer3DModel, request: PackedRequest, rows: torch.Tensor) -> torch.Tensor:
+    """All joint output rows of one request -> its noise prediction (frames, channels, height, width)."""
+    frames, _, height, width = request.latents.shape
+    p = model.config.patch_size
+    video = rows[len(request.text):].reshape(frames, height // p, width // p, -1, p, p)
+    return video.permute(0, 3, 1, 4, 2, 5).flatten(4, 5).flatten(2, 3)
+
+
+def forward_packed(model: CogVideoXTransformer3DModel, requests: list[PackedRequest],
+                   ctx: AttentionContext | None = None) -> list[torch.Tensor]:
+    """Noise predictions of every request, computed in one packed pass in this process."""
+    rows, segments = forward_rows(model, requests, ctx or LocalAttention())
+    by_request = rows_by_request(rows, segments)
+    return [unpatchify(model, r, by_request[i][1]) for i, r in enumerate(requests)]

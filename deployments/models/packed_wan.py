@@ -1,0 +1,109 @@
+"""Packed forward of diffusers' `WanTransformer3DModel` (Wan 2.1 T2V) over heterogeneous requests.
+
+Follows `WanTransformer3DModel.forward` and `WanTransformerBlock.forward` of
+diffusers 0.42 step by step, with the batch dimension replaced by packed rows:
+per-request patch embedding, RoPE and condition embedding (diffusers' own
+submodules, called per request), per-row timestep modulation, self-attention via
+the attention context, cross-attention of each row over its own request's text,
+and per-request unpatchify.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import WanTransformer3DModel
+
+from deployments.models.packed import (
+    AttentionContext, LocalAttention, PackedRequest, Segment, gather_rows, per_row, rows_by_request,
+)
+
+
+def _grid(model: WanTransformer3DModel, latents: torch.Tensor) -> tuple[int, int, int]:
+    p_t, p_h, p_w = model.config.patch_size
+    _, frames, height, width = latents.shape
+    return frames // p_t, height // p_h, width // p_w
+
+
+def token_counts(model: WanTransformer3DModel, requests: list[PackedRequest]) -> list[int]:
+    counts = []
+    for r in requests:
+        f, h, w = _grid(model, r.latents)
+        counts.append(f * h * w)
+    return counts
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's interleaved RoPE (`WanAttnProcessor.__call__.apply_rotary_emb`), rows first."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+def forward_rows(model: WanTransformer3DModel, requests: list[PackedRequest], ctx: AttentionContext,
+                 ) -> tuple[torch.Tensor, list[Segment]]:
+    """Output rows (before unpatchify) of the tokens this process holds, and which tokens they are."""
+    counts = token_counts(model, requests)
+    segments = ctx.segments(counts)
+    held = sorted({s.request for s in segments})  # a rank computes only its requests' embeddings
+    patches, cos, sin, temb, proj, text = {}, {}, {}, {}, {}, {}
+    for i in held:
+        sample = requests[i].latents.unsqueeze(0)
+        c, s = model.rope(sample)
+        cos[i], sin[i] = c[0], s[0]  # (tokens, 1, head_dim)
+        patches[i] = model.patch_embedding(sample).flatten(2).transpose(1, 2)[0]
+        t, p, txt, _ = model.condition_embedder(requests[i].timestep.reshape(1), requests[i].text.unsqueeze(0))
+        temb[i], proj[i], text[i] = t[0], p[0].unflatten(0, (6, -1)), txt[0]
+    x = gather_rows(patches, segments)
+    rope_cos, rope_sin = gather_rows(cos, segments), gather_rows(sin, segments)
+    row_proj, row_temb = per_row(proj, segments), per_row(temb, segments)
+
+    for block in model.blocks:
+        x = _block(block, x, text, row_proj, rope_cos, rope_sin, counts, segments, ctx)
+
+    shift, scale = (model.scale_shift_table + row_temb.unsqueeze(1)).chunk(2, dim=1)
+    x = (model.norm_out(x.float()) * (1 + scale[:, 0]) + shift[:, 0]).type_as(x)
+    return model.proj_out(x), segments
+
+
+def _block(block, x, texts, row_proj, cos, sin, counts, segments, ctx):
+    shift, scale, gate, c_shift, c_scale, c_gate = (block.scale_shift_table + row_proj.float()).chunk(6, dim=1)
+    shift, scale, gate, c_shift, c_scale, c_gate = (t[:, 0] for t in (shift, scale, gate, c_shift, c_scale, c_gate))
+
+    attn = block.attn1
+    normed = (block.norm1(x.float()) * (1 + scale) + shift).type_as(x)
+    q = attn.norm_q(attn.to_q(normed)).unflatten(1, (attn.heads, -1))
+    k = attn.norm_k(attn.to_k(normed)).unflatten(1, (attn.heads, -1))
+    v = attn.to_v(normed).unflatten(1, (attn.heads, -1))
+    q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+    out = ctx.self_attention(q, k, v, counts).flatten(1)
+    x = (x.float() + attn.to_out[1](attn.to_out[0](out)) * gate).type_as(x)
+
+    attn = block.attn2
+    normed = block.norm2(x.float()).type_as(x)
+    q = attn.norm_q(attn.to_q(normed)).unflatten(1, (attn.heads, -1))
+    keys = {i: attn.norm_k(attn.to_k(t)).unflatten(1, (attn.heads, -1)) for i, t in texts.items()}
+    values = {i: attn.to_v(t).unflatten(1, (attn.heads, -1)) for i, t in texts.items()}
+    out = ctx.cross_attention(q, keys, values, segments).flatten(1)
+    x = x + attn.to_out[1](attn.to_out[0](out))
+
+    normed = (block.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
+    return (x.float() + block.ffn(normed).float() * c_gate).type_as(x)
+
+
+def unpatchify(model: WanTransformer3DModel, request: PackedRequest, rows: torch.Tensor) -> torch.Tensor:
+    """All output rows of one request -> its noise prediction (channels, frames, height, width)."""
+    f, h, w = _grid(model, request.latents)
+    p_t, p_h, p_w = model.config.patch_size
+    out = rows.reshape(f, h, w, p_t, p_h, p_w, -1).permute(6, 0, 3, 1, 4, 2, 5)
+    return out.flatten(5, 6).flatten(3, 4).flatten(1, 2)
+
+
+def forward_packed(model: WanTransformer3DModel, requests: list[PackedRequest],
+                   ctx: AttentionContext | None = None) -> list[torch.Tensor]:
+    """Noise predictions of every request, computed in one packed pass in this process."""
+    rows, segments = forward_rows(model, requests, ctx or LocalAttention())
+    by_request = rows_by_request(rows, segments)
+    return [unpatchify(model, r, by_request[i][1]) for i, r in enumerate(requests)]
