@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--timeout", type=float, default=6.0, help="per-test timeout, 6-12 s")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--dtype", default=None, help="vllm engine dtype (default: float32 on CPU, auto on GPU)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if max(args.k) > args.samples:
@@ -132,8 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.engine == "vllm":
         if not args.model_path:
             parser.error("--engine vllm needs --model-path")
+        import torch
+
+        dtype = args.dtype or ("auto" if torch.cuda.is_available() else "float32")
         backend: SampleBackend = VLLMBackend(args.model_path, args.max_tokens or 4096, args.temperature, args.top_p,
-                                             dtype="float32")
+                                             dtype=dtype)
     else:
         backend = OpenAIBackend(args.base_url, args.model, args.max_tokens, args.temperature, args.top_p)
     report = evaluate(problems, backend, args.samples, args.k, RewardConfig(timeout_s=args.timeout), args.workers)
