@@ -18,3 +18,4 @@ if [[ ",$EXTRAS," == *",cpu,"* ]]; then
   .venv/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
 fi
 .venv/bin/python -m deployments.coder.tiny_model --out .cache/models/tiny-coder
+.venv/bin/python -m deployments.coder.tiny_model --out .cache/models/tiny-coder-train --init-std 0.02

@@ -87,8 +87,12 @@ def tiny_qwen2_config(tokenizer: PreTrainedTokenizerFast, max_position_embedding
     )
 
 
-def write_tiny_coder(out: Path, seed: int = 0, max_position_embeddings: int = 2048) -> Path:
-    """Write a loadable checkpoint (config, safetensors, tokenizer, generation config) to `out`."""
+def write_tiny_coder(out: Path, seed: int = 0, max_position_embeddings: int = 2048, init_std: float = 0.2) -> Path:
+    """Write a loadable checkpoint (config, safetensors, tokenizer, generation config) to `out`.
+
+    `init_std` 0.2 (default) spreads the logits so that serving tests see weight-dependent
+    greedy tokens; training starts better from the usual 0.02.
+    """
     tokenizer = build_tokenizer(max_position_embeddings)
     config = tiny_qwen2_config(tokenizer, max_position_embeddings)
     torch.manual_seed(seed)
@@ -98,7 +102,7 @@ def write_tiny_coder(out: Path, seed: int = 0, max_position_embeddings: int = 20
     with torch.no_grad():
         for param in model.parameters():
             if param.dim() > 1:
-                param.normal_(0.0, 0.2)
+                param.normal_(0.0, init_std)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -111,13 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-position-embeddings", type=int, default=2048)
+    parser.add_argument("--init-std", type=float, default=0.2, help="0.2 for serving tests, 0.02 to train")
     parser.add_argument("--force", action="store_true", help="overwrite an existing checkpoint")
     args = parser.parse_args(argv)
     marker = args.out / "tiny_coder.json"
     if marker.exists() and not args.force and json.loads(marker.read_text()).get("seed") == args.seed:
         print(f"{args.out} already holds the tiny coder (seed {args.seed})")
         return 0
-    write_tiny_coder(args.out, args.seed, args.max_position_embeddings)
+    write_tiny_coder(args.out, args.seed, args.max_position_embeddings, args.init_std)
     print(f"wrote tiny coder (seed {args.seed}) to {args.out}")
     return 0
 

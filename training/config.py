@@ -1,0 +1,122 @@
+"""Validated configuration of a GRPO+ run (`configs/train/*.yaml`).
+
+Every field is documented; the YAML is validated once at start and frozen. The
+same file drives the CPU toy run and the DeepCoder-14B recipe.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelConfig(_Frozen):
+    path: str = Field(description="HF checkpoint directory (relative: to the project root) or hub id of the policy.")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    def resolved(self) -> str:
+        candidate = PROJECT_ROOT / self.path
+        return str(candidate) if not Path(self.path).is_absolute() and candidate.exists() else self.path
+
+
+class DataConfig(_Frozen):
+    train: str = Field(description="'toy' (the built-in toy task set) or a curated JSONL of problems.")
+    held_out: str | None = Field(default="toy", description="'toy', a JSONL, or null: evaluated at start/end.")
+    batch_problems: int = Field(default=8, ge=1, description="Problems per step (DeepCoder: 32-128).")
+    seed: int = 0
+
+
+class RolloutConfig(_Frozen):
+    backend: Literal["local", "served"] = Field(
+        default="local", description="'local': a vLLM engine in a Ray actor; 'served': the coder Serve app.")
+    group_size: int = Field(default=8, ge=1, description="Samples per problem (GRPO group).")
+    temperature: float = Field(default=0.6, ge=0.0)
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    chunk_problems: int = Field(default=2, ge=1, description="Problems per generate call; rewards of a chunk "
+                                                            "start while the next chunk samples.")
+    max_prompt_tokens: int = Field(default=2048, ge=16, description="Prompt budget: the engine's context is "
+                                                                    "this plus the schedule's longest response.")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments.")
+    env_vars: dict[str, str] = Field(default_factory=dict, description="Environment of the rollout actor.")
+    base_url: str | None = Field(default=None, description="served backend: the coder app's /v1 URL.")
+    served_model: str | None = None
+    admin_token_env: str = "CODER_ADMIN_TOKEN"
+    weights_dir: str | None = Field(default=None, description="served backend: a directory the serving nodes "
+                                                              "can read, where each step's weights are written.")
+
+
+class AlgorithmConfig(_Frozen):
+    lr: float = Field(default=1e-6, gt=0.0)
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    mini_batches: int = Field(default=1, ge=1, description="Optimizer updates per step (PPO mini-batches).")
+    max_grad_norm: float = 1.0
+
+
+class ContextStage(_Frozen):
+    from_step: int = Field(ge=0)
+    max_response_tokens: int = Field(ge=1)
+
+
+class WarmStartConfig(_Frozen):
+    steps: int = Field(default=0, ge=0, description="Supervised steps on reference solutions before RL (0: none).")
+    batch: int = 16
+    lr: float = 1e-3
+    label_noise: float = Field(default=0.0, ge=0.0, le=1.0, description="Toy data only: share of demonstrations "
+                                                                         "with a wrong operation (imperfect teacher).")
+
+
+class RewardSettings(_Frozen):
+    timeout_s: float = Field(default=6.0, ge=6.0, le=12.0)
+    tests_per_problem: int = 15
+    workers: int = Field(default=2, ge=1, description="Reward actors (each runs one sandboxed test at a time).")
+
+
+class TrainConfig(_Frozen):
+    name: str = "grpo"
+    model: ModelConfig
+    data: DataConfig
+    rollout: RolloutConfig = RolloutConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    context_schedule: tuple[ContextStage, ...] = Field(
+        description="Maximum response length by step, applied without restarting (DeepCoder: 16K then 32K).")
+    warm_start: WarmStartConfig = WarmStartConfig()
+    reward: RewardSettings = RewardSettings()
+    pipeline: Literal["one_off", "sync"] = Field(
+        default="one_off", description="one_off: batch k+1 samples while batch k trains (staleness <= 1).")
+    steps: int = Field(ge=1)
+    checkpoint_every: int = Field(default=10, ge=1)
+    storage_path: str = Field(default="runs", description="Ray Train storage for checkpoints (relative: project root).")
+    trainer_cpus: float = 1.0
+    rollout_cpus: float = 0.5
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        starts = [s.from_step for s in self.context_schedule]
+        if not starts or starts[0] != 0 or starts != sorted(set(starts)):
+            raise ValueError("context_schedule must start at step 0 with increasing from_step values")
+        if self.rollout.backend == "served" and not (self.rollout.base_url and self.rollout.weights_dir):
+            raise ValueError("the served rollout backend needs rollout.base_url and rollout.weights_dir")
+        return self
+
+    def max_response_tokens(self, step: int) -> int:
+        return [s.max_response_tokens for s in self.context_schedule if s.from_step <= step][-1]
+
+    def storage(self) -> str:
+        return str(Path(self.storage_path) if Path(self.storage_path).is_absolute()
+                   else PROJECT_ROOT / self.storage_path)
+
+
+def load_config(path: Path, **overrides: Any) -> TrainConfig:
+    data = yaml.safe_load(Path(path).read_text())
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig.model_validate(data)
