@@ -118,7 +118,11 @@ def train_loop(loop_config: dict) -> None:
     cfg = TrainConfig.model_validate(loop_config["config"])
     rollout, rewarders = loop_config["rollout"], loop_config["rewarders"]
     torch.manual_seed(cfg.data.seed)
+    # A restarted worker of this run resumes from the run's latest checkpoint; a new run may
+    # start from an earlier run's checkpoint (Ray Train v2 passes it through the loop config).
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and loop_config.get("resume_from"):
+        checkpoint = ray.train.Checkpoint(loop_config["resume_from"])
     work = Path(tempfile.mkdtemp(prefix="grpo-"))
     state = {"step": 0, "epoch": 0, "index": 0, "version": 0}
     if checkpoint:
@@ -215,11 +219,11 @@ def run(cfg: TrainConfig, resume: str | None = None):
                  for _ in range(cfg.reward.workers)]
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "rollout": rollout, "rewarders": rewarders},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "rollout": rollout, "rewarders": rewarders,
+                           "resume_from": resume},
         scaling_config=ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": cfg.trainer_cpus}),
         run_config=RunConfig(name=cfg.name, storage_path=cfg.storage(),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        resume_from_checkpoint=ray.train.Checkpoint(resume) if resume else None,
     )
     return trainer.fit()
 

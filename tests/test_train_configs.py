@@ -1,0 +1,36 @@
+"""Every training config validates; the schedule and the recipe hold what the docs say."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from training.config import TrainConfig, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "train").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_training_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.rollout.group_size == 8 and (cfg.algorithm.eps_low, cfg.algorithm.eps_high) == (0.2, 0.28)
+    assert cfg.rollout.temperature == 0.6 and cfg.rollout.top_p == 0.95
+
+
+def test_deepcoder_recipe_lengthens_context_16k_to_32k():
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/train/deepcoder-14b.yaml")
+    assert cfg.algorithm.lr == 1e-6 and 32 <= cfg.data.batch_problems <= 128
+    assert [cfg.max_response_tokens(s) for s in (0, 179, 180, 249)] == [16384, 16384, 32768, 32768]
+
+
+def test_bad_schedules_and_backends_are_refused():
+    base = dict(model={"path": "m"}, data={"train": "toy"}, steps=1)
+    with pytest.raises(ValidationError, match="start at step 0"):
+        TrainConfig(**base, context_schedule=[{"from_step": 3, "max_response_tokens": 8}])
+    with pytest.raises(ValidationError, match="served rollout backend needs"):
+        TrainConfig(**base, context_schedule=[{"from_step": 0, "max_response_tokens": 8}],
+                    rollout={"backend": "served"})
+    with pytest.raises(ValidationError, match="timeout_s"):
+        TrainConfig(**base, context_schedule=[{"from_step": 0, "max_response_tokens": 8}], reward={"timeout_s": 2})
