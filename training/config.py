@@ -58,7 +58,8 @@ class AlgorithmConfig(_Frozen):
     lr: float = Field(default=1e-6, gt=0.0)
     eps_low: float = 0.2
     eps_high: float = 0.28
-    mini_batches: int = Field(default=1, ge=1, description="Optimizer updates per step (PPO mini-batches).")
+    mini_batches: int = Field(default=1, ge=1, description="Optimizer updates per pass over the batch.")
+    epochs: int = Field(default=1, ge=1, description="Passes over each batch (PPO epochs).")
     max_grad_norm: float = 1.0
 
 

@@ -85,9 +85,10 @@ def _train_step(policy, optimizer, batch, rewards, cfg: TrainConfig) -> dict:
     truncated = torch.tensor([s.truncated for s in samples])
     with torch.no_grad():
         old_logprobs, entropy = policy.token_logprobs(seq)
-    order = torch.randperm(len(samples))
     clip, losses = [], []
-    for part in order.chunk(cfg.algorithm.mini_batches):
+    parts = [part for _ in range(cfg.algorithm.epochs) for part in torch.randperm(len(samples)).chunk(
+        cfg.algorithm.mini_batches)]
+    for part in parts:
         sub = type(seq)(seq.input_ids[part], seq.attention_mask[part], seq.response_mask[part])
         logprobs, _ = policy.token_logprobs(sub)
         loss, stats = grpo_plus_loss(logprobs, old_logprobs[part], advantages[part], sub.response_mask,
