@@ -15,10 +15,10 @@ models' dimensions (projections, attention, FFN per block; elementwise ops ignor
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+
+from benchmarks.timing import median_seconds
 
 from deployments.models import load_adapter, packed_cogvideox, packed_wan
 from deployments.models.packed import PackedRequest
@@ -94,24 +94,14 @@ def flops(family: str, model, video_tokens: int, text_tokens: int) -> float:
     return (2 * 4 * s * d * d + 2 * 2 * s * s * d + 2 * 2 * s * d * ffn) * c.num_layers
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def run(family: str, repeats: int) -> None:
     adapter, model, requests = build_batch(family)
     module = {"wan": packed_wan, "cogvideox": packed_cogvideox}[family]
     lat, text, ts, rot = padded_inputs(family, adapter, requests)
     with torch.no_grad():
-        t_packed = _median_time(lambda: module.forward_packed(model, requests), repeats)
-        t_padded = _median_time(lambda: _diffusers(family, model, lat, text, ts, rot), repeats)
-        t_each = _median_time(lambda: [_diffusers(family, model, r.latents[None], r.text[None],
+        t_packed = median_seconds(lambda: module.forward_packed(model, requests), repeats)
+        t_padded = median_seconds(lambda: _diffusers(family, model, lat, text, ts, rot), repeats)
+        t_each = median_seconds(lambda: [_diffusers(family, model, r.latents[None], r.text[None],
                                                   r.timestep.reshape(1), r.rotary) for r in requests], repeats)
     counts = module.token_counts(model, requests)
     video = [n - len(r.text) if family == "cogvideox" else n for n, r in zip(counts, requests)]

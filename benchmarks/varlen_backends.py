@@ -10,24 +10,14 @@ default is `sdpa` because it won on every pack measured.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+
+from benchmarks.timing import median_seconds
 
 from attention.varlen import varlen_attention
 
 PACKS = [(64, 16), (32, 64), (8, 256), (4, 1024), (1, 4096)]  # (sequences, tokens each)
-
-
-def _time(fn, repeats: int) -> float:
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1000
 
 
 def main() -> None:
@@ -39,7 +29,7 @@ def main() -> None:
     for n, length in PACKS:
         q, k, v = (torch.randn(n * length, 8, 64) for _ in range(3))
         cu = [i * length for i in range(n + 1)]
-        t = {b: _time(lambda b=b: varlen_attention(q, k, v, cu, cu, backend=b), args.repeats)
+        t = {b: 1000 * median_seconds(lambda b=b: varlen_attention(q, k, v, cu, cu, backend=b), args.repeats)
              for b in ("sdpa", "block_diagonal")}
         print(f"{n:>4} x {length:>6} | {t['sdpa']:8.2f} | {t['block_diagonal']:13.2f} | {min(t, key=t.get)}")
 
