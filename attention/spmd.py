@@ -20,6 +20,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+INIT_FAILED = "init_process_group failed:\n"
+
+
+class _GroupNotFormed(RuntimeError):
+    """Every failing rank failed to join the process group: worth a retry on a new port."""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -31,7 +38,11 @@ def _entry(rank: int, world_size: int, port: int, backend: str, threads: int, fn
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
     try:
-        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        try:
+            dist.init_process_group(backend, rank=rank, world_size=world_size)
+        except Exception:
+            results.put((rank, None, INIT_FAILED + traceback.format_exc()))
+            return
         try:
             # Serialised here: a tensor sent as a shared-memory handle would die with this process.
             buffer = io.BytesIO()
@@ -44,7 +55,20 @@ def _entry(rank: int, world_size: int, port: int, backend: str, threads: int, fn
 
 
 def run_spmd(world_size: int, fn: Callable[[int, int, Any], Any], payload: Any = None, backend: str = "gloo",
-             threads_per_rank: int = 1, timeout_s: float = 300) -> list[Any]:
+             threads_per_rank: int = 1, timeout_s: float = 300, attempts: int = 3) -> list[Any]:
+    """Results of `fn` per rank. A group that fails to form (e.g. the probed port was taken
+    before rank 0 bound it) is retried on a new port; errors inside `fn` are raised at once."""
+    for attempt in range(attempts):
+        try:
+            return _run_once(world_size, fn, payload, backend, threads_per_rank, timeout_s)
+        except _GroupNotFormed:
+            if attempt + 1 == attempts:
+                raise
+    raise AssertionError("unreachable")
+
+
+
+def _run_once(world_size, fn, payload, backend, threads_per_rank, timeout_s) -> list[Any]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
@@ -61,6 +85,8 @@ def run_spmd(world_size: int, fn: Callable[[int, int, Any], Any], payload: Any =
             if p.is_alive():
                 p.kill()
     errors = [f"rank {r}:\n{e}" for r, (_, e) in sorted(collected.items()) if e]
+    if errors and all(INIT_FAILED in e for e in errors):
+        raise _GroupNotFormed("\n".join(errors))
     if errors:
         raise RuntimeError("SPMD run failed\n" + "\n".join(errors))
     return [torch.load(io.BytesIO(collected[r][0]), weights_only=False) for r in range(world_size)]
