@@ -177,7 +177,9 @@ def test_incompatible_checkpoint_is_refused_and_serving_goes_on(served, client, 
 
 def test_weight_reload_changes_greedy_tokens_without_dropping_inflight_requests(served, client, checkpoints):
     before = greedy(client, "def solve():")
-    long_before = client.completions.create(model="tiny-coder", prompt="import sys", max_tokens=400, temperature=0)
+    # ignore_eos: the request must deliver all 400 tokens unless something cuts it short.
+    long_before = client.completions.create(model="tiny-coder", prompt="import sys", max_tokens=400, temperature=0,
+                                            extra_body={"ignore_eos": True})
     assert long_before.choices[0].finish_reason == "length"
     streamed: list[str] = []
     usage = []
@@ -185,7 +187,8 @@ def test_weight_reload_changes_greedy_tokens_without_dropping_inflight_requests(
 
     def stream_long():
         for chunk in client.completions.create(model="tiny-coder", prompt="import sys", max_tokens=400, temperature=0,
-                                               stream=True, stream_options={"include_usage": True}):
+                                               stream=True, stream_options={"include_usage": True},
+                                               extra_body={"ignore_eos": True}):
             if chunk.usage:
                 usage.append(chunk.usage)
             if chunk.choices:

@@ -157,11 +157,14 @@ def train_loop(loop_config: dict) -> None:
 
     version = state["version"]
     pending = _submit(rollout, stream, cfg, state["step"], rewarders)
+    sync = None
     for step in range(state["step"], cfg.steps):
         t0 = time.perf_counter()
         batch = ray.get(pending)
         rewards = [r.reward for r in ray.get(batch.reward_refs)]
         t_wait = time.perf_counter() - t0
+        # The previous step's weight sync (in one-off mode it ran right after this batch sampled).
+        t_sync = ray.get(sync) if sync is not None else None
         last = step + 1 == cfg.steps
         if cfg.pipeline == "one_off" and not last:
             pending = _submit(rollout, stream, cfg, step + 1, rewarders)
@@ -172,7 +175,8 @@ def train_loop(loop_config: dict) -> None:
         weights = policy.save(work / f"v{version}")
         shutil.rmtree(work / f"v{version - 2}", ignore_errors=True)  # the actor may still read v{version-1}
         sync = rollout.load_weights.remote(str(weights), version)
-        t_sync = ray.get(sync) if cfg.pipeline == "sync" or last else None
+        if cfg.pipeline == "sync" or last:
+            t_sync, sync = ray.get(sync), None
         if cfg.pipeline == "sync" and not last:
             pending = _submit(rollout, stream, cfg, step + 1, rewarders)
         metrics.update({
