@@ -1,0 +1,1 @@
+"""KubeRay manifests of the project, rendered from configs/ (see k8s/render.py)."""

@@ -1,0 +1,76 @@
+"""KubeRay manifests: rendered from configs/ (no drift), valid against KubeRay v1.7.0's CRDs and ServeDeploySchema."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from k8s.render import MANIFESTS, dump
+from serve_graph.coder_config import CoderAppConfig
+from serve_graph.config import VideoAppConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CRDS = Path(os.environ.get("KUBERAY_CRDS_DIR", ROOT.parent / "shared" / "kuberay-crds"))
+CRD_FILES = {"RayService": "ray.io_rayservices.yaml", "RayJob": "ray.io_rayjobs.yaml"}
+
+
+def _schema(kind: str) -> dict:
+    crd = yaml.safe_load((CRDS / CRD_FILES[kind]).read_text())
+    return next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+
+
+@pytest.fixture(scope="module", params=sorted(MANIFESTS))
+def manifest(request):
+    path = ROOT / "k8s" / request.param
+    return request.param, yaml.safe_load(path.read_text()), path.read_text()
+
+
+def test_committed_manifest_equals_its_rendering(manifest):
+    name, _, text = manifest
+    assert text.split("\n", 1)[1] == dump(MANIFESTS[name]()), f"k8s/{name} is stale: run python -m k8s.render"
+
+
+@pytest.mark.skipif(not CRDS.is_dir(), reason="KubeRay CRDs not found; set KUBERAY_CRDS_DIR")
+def test_manifest_validates_against_the_kuberay_crd(manifest):
+    _, data, _ = manifest
+    assert data["apiVersion"] == "ray.io/v1"
+    jsonschema.validate(data, _schema(data["kind"]))
+
+
+@pytest.mark.skipif(not CRDS.is_dir(), reason="KubeRay CRDs not found; set KUBERAY_CRDS_DIR")
+def test_schema_check_catches_a_broken_manifest():
+    service = yaml.safe_load((ROOT / "k8s" / "rayservice.yaml").read_text())
+    service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["minReplicas"] = "one"
+    with pytest.raises(jsonschema.ValidationError, match="minReplicas|'one'"):
+        jsonschema.validate(service, _schema("RayService"))
+
+
+def test_rayservice_serves_the_gpu_config_with_the_documented_topology():
+    service = yaml.safe_load((ROOT / "k8s" / "rayservice.yaml").read_text())
+    serve = ServeDeploySchema(**yaml.safe_load(service["spec"]["serveConfigV2"]))
+    assert service["spec"]["serveConfigV2"] == (ROOT / "configs" / "gpu.yaml").read_text()
+    apps = {a.name: a for a in serve.applications}
+    VideoAppConfig(**apps["video"].args)
+    assert CoderAppConfig(**apps["coder"].args).tensor_parallel_size == 2
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    dit = groups["dit-gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert dit["nvidia.com/gpu"] == "8" and groups["dit-gpu"]["rayStartParams"]["num-gpus"] == "8"
+    assert all(g["minReplicas"] <= g["maxReplicas"] for g in groups.values())
+    for container in [cluster["headGroupSpec"]["template"]["spec"]["containers"][0],
+                      *(g["template"]["spec"]["containers"][0] for g in groups.values())]:
+        assert container["livenessProbe"] and container["readinessProbe"]
+        assert any(p["name"] == "metrics" for p in container["ports"])
+
+
+def test_rayjob_runs_the_recipe_on_the_service_cluster():
+    job = yaml.safe_load((ROOT / "k8s" / "rayjob-grpo.yaml").read_text())
+    assert job["spec"]["entrypoint"].endswith("configs/train/deepcoder-14b.yaml")
+    assert (ROOT / "configs/train/deepcoder-14b.yaml").exists()
+    assert job["spec"]["clusterSelector"] == {"ray.io/originated-from-cr-name": "dit-serve"}
