@@ -114,9 +114,11 @@ def train_loop(loop_config: dict) -> None:
     """Runs on the Ray Train worker: the whole pipelined GRPO+ loop."""
     import ray.train
 
+    from training.metrics import TrainingMetrics
     from training.policy import Policy
 
     cfg = TrainConfig.model_validate(loop_config["config"])
+    gauges = TrainingMetrics(cfg.name)
     rollout, rewarders = loop_config["rollout"], loop_config["rewarders"]
     torch.manual_seed(cfg.data.seed)
     # A restarted worker of this run resumes from the run's latest checkpoint; a new run may
@@ -153,6 +155,7 @@ def train_loop(loop_config: dict) -> None:
     if held_out and not checkpoint:
         start = {"step": -1, "held_out_reward": evaluate_held_out(rollout, held_out, cfg, rewarders, 0)}
         log.write_text(json.dumps(start) + "\n")
+        gauges.record(start)
         print(json.dumps(start), flush=True)
 
     version = state["version"]
@@ -192,6 +195,7 @@ def train_loop(loop_config: dict) -> None:
             metrics["held_out_reward"] = evaluate_held_out(rollout, held_out, cfg, rewarders, step)
         with log.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
+        gauges.record(metrics)
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}), flush=True)
         if (step + 1) % cfg.checkpoint_every == 0 or last:
             ckpt = work / f"checkpoint-{step + 1}"

@@ -1,0 +1,105 @@
+"""Every metric a Grafana panel queries is exported by a live local run (video, coder, trainer gauges)."""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import ray
+import yaml
+from ray import serve
+
+from deployments.coder.tiny_model import write_tiny_coder
+from k8s.dashboards import DASHBOARDS, dump
+from serve_graph.app import build_video_app
+from serve_graph.coder_app import build_coder_app
+
+pytestmark = pytest.mark.serve
+ROOT = Path(__file__).resolve().parents[1]
+METRIC = re.compile(r"\bray_[a-z0-9_]+")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dashboard_metrics() -> set[str]:
+    names = set()
+    for build in DASHBOARDS.values():
+        for panel in build()["panels"]:
+            for target in panel["targets"]:
+                names |= set(METRIC.findall(target["expr"]))
+    return names
+
+
+@ray.remote(num_cpus=0)
+def _record_training_step() -> None:
+    from training.metrics import PHASES, STEP_FIELDS, TrainingMetrics
+
+    TrainingMetrics("test-run").record({**{k: 0.5 for k in STEP_FIELDS}, **{k: 1.0 for k in PHASES}, "step": 3})
+    time.sleep(12)  # stay alive until Ray's metrics agent has exported the values
+
+
+@pytest.fixture(scope="module")
+def scraped(tmp_path_factory) -> str:
+    metrics_port, port = _free_port(), _free_port()
+    apps = {a["name"]: a["args"] for a in yaml.safe_load((ROOT / "configs/local.yaml").read_text())["applications"]}
+    coder_args = {**apps["coder"], "model_source": str(write_tiny_coder(tmp_path_factory.mktemp("coder") / "m")),
+                  "max_model_len": 512}
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _metrics_export_port=metrics_port)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_video_app(apps["video"]), name="video", route_prefix="/")
+    serve.run(build_coder_app(coder_args), name="coder", route_prefix="/coder")
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        job = client.post("/v1/videos", json={"model": "wan-tiny", "prompt": "a cat", "resolution": "240p",
+                                              "num_frames": 5, "num_inference_steps": 2}).json()
+        with client.stream("POST", "/coder/v1/completions", json={"model": "tiny-coder", "prompt": "def f():",
+                                                                   "max_tokens": 16, "stream": True}) as r:
+            assert r.status_code == 200 and "data:" in r.read().decode()
+        deadline = time.time() + 60
+        while client.get(f"/v1/videos/{job['id']}").json()["status"] != "completed":
+            assert time.time() < deadline
+            time.sleep(0.2)
+    training = _record_training_step.remote()
+    wanted, text = dashboard_metrics(), ""
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+        if all(name in text for name in wanted):
+            break
+        time.sleep(2)
+    ray.get(training)
+    yield text
+    serve.shutdown()
+    ray.shutdown()
+
+
+def test_every_dashboard_metric_is_exported(scraped):
+    exported = {line.split("{")[0].split(" ")[0] for line in scraped.splitlines() if line and line[0] != "#"}
+    wanted = dashboard_metrics()
+    assert {"ray_dit_step_duration_seconds_bucket", "ray_vllm_time_to_first_token_seconds_bucket",
+            "ray_grpo_mean_reward"} <= wanted
+    assert sorted(wanted - exported) == []
+
+
+def test_committed_dashboards_equal_their_rendering():
+    for name, build in DASHBOARDS.items():
+        assert (ROOT / "k8s" / "grafana" / name).read_text() == dump(build()), f"k8s/grafana/{name} is stale: run python -m k8s.dashboards"
+
+
+def test_scrape_configs_point_at_the_metrics_port():
+    monitor = yaml.safe_load((ROOT / "k8s/prometheus/podmonitor.yaml").read_text())
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    service = yaml.safe_load((ROOT / "k8s/rayservice.yaml").read_text())
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert head["rayStartParams"]["metrics-export-port"] == "8080"
+    assert {"containerPort": 8080, "name": "metrics"} in head["template"]["spec"]["containers"][0]["ports"]
+    local = yaml.safe_load((ROOT / "k8s/prometheus/prometheus-local.yaml").read_text())
+    assert local["scrape_configs"][0]["file_sd_configs"][0]["files"] == ["/tmp/ray/prom_metrics_service_discovery.json"]
