@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.errors import openai_error
 from deployments.jobs import Job, JobTable
 from deployments.metrics import ServeMetrics
 from deployments.models import load_adapter
@@ -43,33 +44,27 @@ logger = logging.getLogger(__name__)
 app = FastAPI(title="DiT-Serve video API")
 
 
-def error_body(message: str, param: str | None, code: str, status_code: int) -> JSONResponse:
-    return JSONResponse(status_code=status_code,
-                        content={"error": {"message": message, "type": "invalid_request_error" if status_code < 500
-                                           else "server_error", "param": param, "code": code}})
-
-
 @app.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0]
     if first.get("type") == "json_invalid":
-        return error_body(f"malformed JSON body: {first.get('msg')}", None, "json_invalid", 400)
+        return openai_error(400, f"malformed JSON body: {first.get('msg')}", code="json_invalid")
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if not loc and first.get("type") == "model_attributes_type":
-        return error_body("request body must be a JSON object (Content-Type: application/json)", None,
-                          "invalid_body", 400)
+        return openai_error(400, "request body must be a JSON object (Content-Type: application/json)",
+                            code="invalid_body")
     param = ".".join(loc) or None
     ctx = first.get("ctx") or {}
     allowed = ", ".join(f"{k}={v}" for k, v in ctx.items() if k in ("ge", "le", "gt", "lt", "min_length",
                                                                      "max_length", "expected", "pattern"))
     message = f"{param}: {first.get('msg')}" + (f" (allowed: {allowed})" if allowed else "")
-    return error_body(message, param, first.get("type", "invalid"), 400)
+    return openai_error(400, message, param, code=first.get("type", "invalid"))
 
 
 @app.exception_handler(InvalidRequest)
 async def _invalid_request(_: Request, exc: InvalidRequest) -> JSONResponse:
-    return error_body(exc.message, exc.param, "invalid_value" if exc.status_code == 400 else "not_found",
-                      exc.status_code)
+    return openai_error(exc.status_code, exc.message, exc.param,
+                        code="invalid_value" if exc.status_code == 400 else "not_found")
 
 
 class _Overloaded(Exception):
@@ -82,7 +77,7 @@ class _Cancelled(Exception):
 
 @app.exception_handler(_Overloaded)
 async def _overloaded(_: Request, exc: _Overloaded) -> JSONResponse:
-    return error_body(str(exc), None, "overloaded", 429)
+    return openai_error(429, str(exc), code="overloaded")
 
 
 @serve.deployment(max_ongoing_requests=1000)

@@ -28,15 +28,9 @@ from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionReq
 from starlette.responses import JSONResponse, Response
 
 from deployments.coder.weights import IncompatibleCheckpoint
+from deployments.errors import openai_error
 
 LENGTH_FIELDS = ("max_tokens", "max_completion_tokens")
-
-
-def openai_error(status: int, message: str, param: Optional[str] = None, error_type: str = "invalid_request_error"):
-    """An OpenAI-style error body, as the `openai` client parses it."""
-    return JSONResponse(
-        status_code=status, content={"error": {"message": message, "type": error_type, "param": param, "code": status}}
-    )
 
 
 def _text_of(content: Any) -> str:
