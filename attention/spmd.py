@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from serve_graph.net import free_port
 
 INIT_FAILED = "init_process_group failed:\n"
 
@@ -26,11 +26,6 @@ INIT_FAILED = "init_process_group failed:\n"
 class _GroupNotFormed(RuntimeError):
     """Every failing rank failed to join the process group: worth a retry on a new port."""
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank: int, world_size: int, port: int, backend: str, threads: int, fn: Callable, payload: Any,
@@ -71,7 +66,7 @@ def run_spmd(world_size: int, fn: Callable[[int, int, Any], Any], payload: Any =
 def _run_once(world_size, fn, payload, backend, threads_per_rank, timeout_s) -> list[Any]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_entry, args=(r, world_size, port, backend, threads_per_rank, fn, payload, results))
              for r in range(world_size)]
     for p in procs:

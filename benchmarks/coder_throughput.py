@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -28,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from serve_graph.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_MODEL_LEN = 1024
@@ -139,11 +140,6 @@ async def _serve_side(base_url: str, args) -> dict[bool, SideResult]:
         await client.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def measure_reloads(base_url: str, checkpoints: list[Path], args) -> tuple[list[float], list[float]]:
     """Reload latency (admin route, client-side wall time) idle, then with requests in flight."""
@@ -177,7 +173,7 @@ def run_serve(checkpoints: list[Path], args) -> tuple[dict[bool, SideResult], li
     from serve_graph.coder_app import build_coder_app
 
     os.environ.setdefault("CODER_ADMIN_TOKEN", "benchmark-token")
-    port = _free_port()
+    port = free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:

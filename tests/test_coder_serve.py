@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,17 +16,13 @@ from ray import serve
 
 from deployments.coder.tiny_model import write_tiny_coder
 from serve_graph.coder_app import build_coder_app
+from serve_graph.net import free_port
 
 pytestmark = pytest.mark.serve
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN_TOKEN = "test-admin-token"
 MAX_MODEL_LEN = 512
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +42,7 @@ def served(checkpoints):
     args = next(a for a in apps if a["name"] == "coder")["args"]
     args.update(model_source=str(checkpoints["seed0"]), max_model_len=MAX_MODEL_LEN)
     os.environ[args["admin_token_env"]] = ADMIN_TOKEN  # replicas inherit the driver's environment
-    port = _free_port()
+    port = free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_coder_app(args), name="coder", route_prefix="/coder")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import socket
 import time
 from pathlib import Path
 
@@ -17,16 +16,12 @@ from deployments.coder.tiny_model import write_tiny_coder
 from k8s.dashboards import DASHBOARDS, dump
 from serve_graph.app import build_video_app
 from serve_graph.coder_app import build_coder_app
+from serve_graph.net import free_port
 
 pytestmark = pytest.mark.serve
 ROOT = Path(__file__).resolve().parents[1]
 METRIC = re.compile(r"\bray_[a-z0-9_]+")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def dashboard_metrics() -> set[str]:
@@ -48,7 +43,7 @@ def _record_training_step() -> None:
 
 @pytest.fixture(scope="module")
 def scraped(tmp_path_factory) -> str:
-    metrics_port, port = _free_port(), _free_port()
+    metrics_port, port = free_port(), free_port()
     apps = {a["name"]: a["args"] for a in yaml.safe_load((ROOT / "configs/local.yaml").read_text())["applications"]}
     coder_args = {**apps["coder"], "model_source": str(write_tiny_coder(tmp_path_factory.mktemp("coder") / "m")),
                   "max_model_len": 512}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import time
 from pathlib import Path
 
@@ -17,15 +16,11 @@ from ray import serve
 
 from deployments.media import probe_mp4
 from serve_graph.app import build_video_app
+from serve_graph.net import free_port
 
 pytestmark = pytest.mark.serve
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +30,7 @@ def client():
     # Two requests per step so that SRPTF's choice is visible over HTTP.
     args["scheduler"]["budget"]["max_batch_size"] = 2
     args["scheduler"]["max_pool_size"] = 6  # small, so that overload is cheap to reach
-    port = _free_port()
+    port = free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_video_app(args), name="video", route_prefix="/")
