@@ -34,7 +34,7 @@ def measure(pipeline: str, policy: Path, storage: Path, steps: int, epochs: int,
                       algorithm={**base.algorithm.model_dump(), "epochs": epochs},
                       reward={**base.reward.model_dump(), "tests_per_problem": tests})
     run(cfg)
-    rows = [json.loads(line) for line in (storage / cfg.name / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in cfg.metrics_path().read_text().splitlines()]
     return [r for r in rows if r["step"] >= 1]
 
 

@@ -19,8 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _metrics(cfg) -> list[dict]:
-    path = Path(cfg.storage()) / cfg.name / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return [json.loads(line) for line in cfg.metrics_path().read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

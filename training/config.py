@@ -116,6 +116,10 @@ class TrainConfig(_Frozen):
         return str(Path(self.storage_path) if Path(self.storage_path).is_absolute()
                    else PROJECT_ROOT / self.storage_path)
 
+    def metrics_path(self) -> Path:
+        """Per-step metrics of the run, one JSON object a line."""
+        return Path(self.storage()) / self.name / "metrics.jsonl"
+
 
 def load_config(path: Path, **overrides: Any) -> TrainConfig:
     data = yaml.safe_load(Path(path).read_text())

@@ -26,6 +26,12 @@ class Sequences:
     response_mask: torch.Tensor   # (batch, length - 1): 1 where the next token is a response token
 
 
+def chat_prompt(tokenizer, statement: str) -> str:
+    """The one rendering of a problem as a prompt: a single user turn, generation prompt appended."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": statement}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
 class Policy:
     def __init__(self, path: str, dtype: torch.dtype = torch.float32) -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -33,8 +39,7 @@ class Policy:
         self.model.train()
 
     def prompt(self, statement: str) -> str:
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": statement}], tokenize=False,
-                                                  add_generation_prompt=True)
+        return chat_prompt(self.tokenizer, statement)
 
     def pack(self, prompts: list[list[int]], responses: list[list[int]]) -> Sequences:
         lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]

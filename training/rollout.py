@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import ray
 
+from training.policy import chat_prompt
 from training.problems import Problem
 
 
@@ -43,6 +44,11 @@ class RolloutBatch:
     timings: dict = field(default_factory=dict)
 
 
+def _score(rewarders: list, index: int, problem: Problem, text: str):
+    """Start the reward of sample `index` on the reward actors, round-robin."""
+    return rewarders[index % len(rewarders)].score.remote(problem, text)
+
+
 def _chunks(items: list, size: int):
     for start in range(0, len(items), size):
         yield start, items[start:start + size]
@@ -57,10 +63,6 @@ class LocalRollout:
         self.tokenizer = self.llm.get_tokenizer()
         self.version = 0
 
-    def prompt(self, statement: str) -> str:
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": statement}], tokenize=False,
-                                                  add_generation_prompt=True)
-
     def generate(self, problems: list[Problem], group_size: int, max_tokens: int, temperature: float, top_p: float,
                  chunk_problems: int, rewarders: list) -> RolloutBatch:
         from vllm import SamplingParams
@@ -69,13 +71,13 @@ class LocalRollout:
         params = SamplingParams(n=group_size, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
         samples, refs = [], []
         for start, chunk in _chunks(problems, chunk_problems):
-            outputs = self.llm.generate([self.prompt(p.statement) for p in chunk], params, use_tqdm=False)
+            outputs = self.llm.generate([chat_prompt(self.tokenizer, p.statement) for p in chunk], params,
+                                        use_tqdm=False)
             for offset, out in enumerate(outputs):
                 for completion in out.outputs:
                     sample = Sample(start + offset, list(out.prompt_token_ids), list(completion.token_ids),
                                     completion.text, completion.finish_reason == "length")
-                    rewarder = rewarders[len(samples) % len(rewarders)]
-                    refs.append(rewarder.score.remote(problems[sample.problem], sample.text))
+                    refs.append(_score(rewarders, len(samples), problems[sample.problem], sample.text))
                     samples.append(sample)
         return RolloutBatch(problems, samples, refs, self.version, time.perf_counter() - started, max_tokens)
 
@@ -105,8 +107,7 @@ class ServedRollout:
         started = time.perf_counter()
         samples, refs = [], []
         for i, problem in enumerate(problems):
-            prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": problem.statement}],
-                                                        tokenize=False, add_generation_prompt=True)
+            prompt = chat_prompt(self.tokenizer, problem.statement)
             r = self.client.completions.create(model=self.model, prompt=prompt, n=group_size, max_tokens=max_tokens,
                                                temperature=temperature, top_p=top_p)
             prompt_ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
@@ -115,7 +116,7 @@ class ServedRollout:
                 if choice.finish_reason == "stop":
                     ids.append(self.tokenizer.eos_token_id)
                 samples.append(Sample(i, prompt_ids, ids, choice.text, choice.finish_reason == "length"))
-                refs.append(rewarders[len(refs) % len(rewarders)].score.remote(problem, choice.text))
+                refs.append(_score(rewarders, len(refs), problem, choice.text))
         return RolloutBatch(problems, samples, refs, self.version, time.perf_counter() - started, max_tokens)
 
     def load_weights(self, directory: str, version: int) -> float:

@@ -150,7 +150,7 @@ def train_loop(loop_config: dict) -> None:
             demos = noisy_demonstrations(train, cfg.warm_start.label_noise, cfg.data.seed)
         policy.warm_start(demos, cfg.warm_start.steps, cfg.warm_start.batch, cfg.warm_start.lr, cfg.data.seed)
         ray.get(rollout.load_weights.remote(str(policy.save(work / "warm-start")), 0))
-    log = Path(cfg.storage()) / cfg.name / "metrics.jsonl"
+    log = cfg.metrics_path()
     log.parent.mkdir(parents=True, exist_ok=True)
     if held_out and not checkpoint:
         start = {"step": -1, "held_out_reward": evaluate_held_out(rollout, held_out, cfg, rewarders, 0)}
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, steps=args.steps, pipeline=args.pipeline)
     ray.init(include_dashboard=False, ignore_reinit_error=True)
     result = run(cfg, args.resume)
-    print(f"metrics: {Path(cfg.storage()) / cfg.name / 'metrics.jsonl'}")
+    print(f"metrics: {cfg.metrics_path()}")
     print(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}")
     return 0
 
