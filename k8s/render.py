@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-IMAGE = "ghcr.io/dit-serve/dit-serve:0.1.0-gpu"  # built from this repository with EXTRAS=gpu,dev
+IMAGE = "ghcr.io/dit-serve/dit-serve:0.1.0-gpu"  # built by ./Dockerfile
 RAY_VERSION = "2.60.0"
 SERVICE_NAME = "dit-serve"
 PORTS = [{"containerPort": 6379, "name": "gcs"}, {"containerPort": 8265, "name": "dashboard"},

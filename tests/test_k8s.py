@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 
 import jsonschema
@@ -74,3 +75,35 @@ def test_rayjob_runs_the_recipe_on_the_service_cluster():
     assert job["spec"]["entrypoint"].endswith("configs/train/deepcoder-14b.yaml")
     assert (ROOT / "configs/train/deepcoder-14b.yaml").exists()
     assert job["spec"]["clusterSelector"] == {"ray.io/originated-from-cr-name": "dit-serve"}
+
+
+def test_dockerfile_builds_the_manifests_image_on_the_pinned_ray():
+    """The image named in the manifests comes from ./Dockerfile: same Ray version, every package copied."""
+    from k8s.render import IMAGE
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    ray_pin = next(d for d in pyproject["project"]["dependencies"] if d.startswith("ray[")).split("==")[1]
+    base = next(line.split()[1] for line in dockerfile.splitlines() if line.startswith("FROM "))
+    assert base.startswith(f"rayproject/ray:{ray_pin}-py311-") and base.endswith("-gpu")
+    copied = {line.split()[-1] for line in dockerfile.splitlines() if line.startswith("COPY ")}
+    packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    assert packages | {"configs"} <= copied
+    assert f"docker build -t {IMAGE} ." in dockerfile
+
+
+def test_snapshot_scrapes_rays_file_sd_list_on_loopback_only():
+    import re
+
+    from k8s.snapshot import legend, prometheus_config
+
+    config = prometheus_config("2s")
+    job = config["scrape_configs"][0]
+    assert config["global"]["scrape_interval"] == "2s"
+    assert job["file_sd_configs"][0]["files"] == ["/tmp/ray/prom_metrics_service_discovery.json"]
+    rule = job["relabel_configs"][0]
+    # Prometheus anchors relabel regexes and writes $1 as the first group.
+    rewrite = re.fullmatch(rule["regex"], "192.0.2.2:44217").expand(rule["replacement"].replace("$1", r"\1"))
+    assert (rule["source_labels"], rule["target_label"], rewrite) == (["__address__"], "__address__",
+                                                                      "127.0.0.1:44217")
+    assert legend("p95 {{model}} {{resolution}}", {"model": "wan-tiny", "resolution": "720p"}) == "p95 wan-tiny 720p"
