@@ -106,7 +106,7 @@ def deploy_local_apps(http_port: int) -> None:
 
 def video_load(client: httpx.Client, start: float, seconds: float) -> None:
     """Poisson arrivals of a model/resolution/step-count mix: 1 job/s, a 5 jobs/s burst in
-    the middle third (the pool fills, SRPTF reorders, 429s past max_pool_size), then 1 job/s."""
+    the middle third (the pool fills and SRPTF reorders), then 1 job/s."""
     rng = random.Random(0)
     mix = itertools.cycle(VIDEO_MIX)
     while (elapsed := time.time() - start) < seconds:
@@ -259,9 +259,9 @@ def main(argv: list[str] | None = None) -> int:
             dashboard = build()
             series = [panel_series(prom, panel, *windows[name]) for panel in dashboard["panels"]]
             empty += [f"{name}: {p['title']}" for p, s in zip(dashboard["panels"], series) if not s]
-            draw(dashboard, series, args.out / name.replace(".json", ".png"))
-            print(f"{name}: {sum(map(len, series))} series in {len(series)} panels -> "
-                  f"{(args.out / name.replace('.json', '.png')).relative_to(ROOT)}")
+            picture = args.out / name.replace(".json", ".png")
+            draw(dashboard, series, picture)
+            print(f"{name}: {sum(map(len, series))} series in {len(series)} panels -> {picture}")
         if empty:
             raise SystemExit("panels without data: " + "; ".join(empty))
     finally:
