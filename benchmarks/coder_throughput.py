@@ -26,19 +26,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from serve_graph.net import free_port
+from serve_graph.serve_configs import serve_application
 
-ROOT = Path(__file__).resolve().parents[1]
 MAX_MODEL_LEN = 1024
 
 
 def served_args(checkpoint: Path) -> dict:
     """The coder app exactly as configs/local.yaml serves it, on a temporary checkpoint."""
-    apps = yaml.safe_load((ROOT / "configs/local.yaml").read_text())["applications"]
-    args = next(a for a in apps if a["import_path"] == "serve_graph.coder_app:build_coder_app")["args"]
-    return {**args, "model_id": "tiny-coder", "model_source": str(checkpoint), "max_model_len": MAX_MODEL_LEN}
+    return {**serve_application("coder")["args"], "model_id": "tiny-coder", "model_source": str(checkpoint),
+            "max_model_len": MAX_MODEL_LEN}
 
 
 @dataclass

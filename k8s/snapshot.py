@@ -37,6 +37,7 @@ import yaml
 
 from k8s.dashboards import DASHBOARDS
 from serve_graph.net import free_port
+from serve_graph.serve_configs import serve_application
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_SCRAPE_CONFIG = ROOT / "k8s/prometheus/prometheus-local.yaml"
@@ -98,10 +99,10 @@ def deploy_local_apps(http_port: int) -> None:
     from serve_graph.app import build_video_app
     from serve_graph.coder_app import build_coder_app
 
-    apps = {a["name"]: a for a in yaml.safe_load((ROOT / "configs/local.yaml").read_text())["applications"]}
+    video, coder = serve_application("video"), serve_application("coder")
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-    serve.run(build_video_app(apps["video"]["args"]), name="video", route_prefix=apps["video"]["route_prefix"])
-    serve.run(build_coder_app(apps["coder"]["args"]), name="coder", route_prefix=apps["coder"]["route_prefix"])
+    serve.run(build_video_app(video["args"]), name="video", route_prefix=video["route_prefix"])
+    serve.run(build_coder_app(coder["args"]), name="coder", route_prefix=coder["route_prefix"])
 
 
 def video_load(client: httpx.Client, start: float, seconds: float) -> None:

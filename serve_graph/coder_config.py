@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from serve_graph.serve_configs import PROJECT_ROOT
 
 
 class _Frozen(BaseModel):

@@ -11,15 +11,14 @@ import httpx
 import openai
 import pytest
 import ray
-import yaml
 from ray import serve
 
 from deployments.coder.tiny_model import write_tiny_coder
 from serve_graph.coder_app import build_coder_app
 from serve_graph.net import free_port
+from serve_graph.serve_configs import serve_application
 
 pytestmark = pytest.mark.serve
-ROOT = Path(__file__).resolve().parents[1]
 ADMIN_TOKEN = "test-admin-token"
 MAX_MODEL_LEN = 512
 
@@ -38,8 +37,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def served(checkpoints):
-    apps = yaml.safe_load((ROOT / "configs/local.yaml").read_text())["applications"]
-    args = next(a for a in apps if a["name"] == "coder")["args"]
+    args = serve_application("coder")["args"]
     args.update(model_source=str(checkpoints["seed0"]), max_model_len=MAX_MODEL_LEN)
     os.environ[args["admin_token_env"]] = ADMIN_TOKEN  # replicas inherit the driver's environment
     port = free_port()

@@ -17,6 +17,7 @@ from k8s.dashboards import DASHBOARDS, dump
 from serve_graph.app import build_video_app
 from serve_graph.coder_app import build_coder_app
 from serve_graph.net import free_port
+from serve_graph.serve_configs import serve_application
 
 pytestmark = pytest.mark.serve
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,13 +45,13 @@ def _record_training_step() -> None:
 @pytest.fixture(scope="module")
 def scraped(tmp_path_factory) -> str:
     metrics_port, port = free_port(), free_port()
-    apps = {a["name"]: a["args"] for a in yaml.safe_load((ROOT / "configs/local.yaml").read_text())["applications"]}
-    coder_args = {**apps["coder"], "model_source": str(write_tiny_coder(tmp_path_factory.mktemp("coder") / "m")),
+    checkpoint = write_tiny_coder(tmp_path_factory.mktemp("coder") / "m")
+    coder_args = {**serve_application("coder")["args"], "model_source": str(checkpoint),
                   "max_model_len": 512}
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              _metrics_export_port=metrics_port)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_video_app(apps["video"]), name="video", route_prefix="/")
+    serve.run(build_video_app(serve_application("video")["args"]), name="video", route_prefix="/")
     serve.run(build_coder_app(coder_args), name="coder", route_prefix="/coder")
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
         job = client.post("/v1/videos", json={"model": "wan-tiny", "prompt": "a cat", "resolution": "240p",

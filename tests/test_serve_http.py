@@ -5,28 +5,24 @@ from __future__ import annotations
 import base64
 import io
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 import ray
-import yaml
 from PIL import Image
 from ray import serve
 
 from deployments.media import probe_mp4
 from serve_graph.app import build_video_app
 from serve_graph.net import free_port
+from serve_graph.serve_configs import serve_application
 
 pytestmark = pytest.mark.serve
-ROOT = Path(__file__).resolve().parents[1]
-
 
 
 @pytest.fixture(scope="module")
 def client():
-    config = yaml.safe_load((ROOT / "configs/local.yaml").read_text())
-    args = config["applications"][0]["args"]
+    args = serve_application("video")["args"]
     # Two requests per step so that SRPTF's choice is visible over HTTP.
     args["scheduler"]["budget"]["max_batch_size"] = 2
     args["scheduler"]["max_pool_size"] = 6  # small, so that overload is cheap to reach

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from serve_graph.serve_configs import PROJECT_ROOT
 
 
 class _Frozen(BaseModel):

@@ -1,0 +1,28 @@
+"""Where the project lives, and the applications of its `serve run` config files.
+
+Relative paths in configs (checkpoints, training storage) are looked up against the
+project root; tests, benchmarks and k8s/snapshot.py start the applications of
+configs/local.yaml exactly as `serve run` would. Both live here so that no caller
+re-derives the root or re-parses the file its own way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+LOCAL_CONFIG = PROJECT_ROOT / "configs" / "local.yaml"
+
+
+def serve_application(name: str, config_path: Path = LOCAL_CONFIG) -> dict:
+    """The application entry (name, route_prefix, import_path, args) called `name`.
+
+    A fresh parse each call, so a caller may change its `args` for a test.
+    """
+    apps = yaml.safe_load(config_path.read_text())["applications"]
+    for app in apps:
+        if app["name"] == name:
+            return app
+    raise KeyError(f"{config_path} has no application {name!r}; it has {[a['name'] for a in apps]}")
