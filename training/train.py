@@ -61,11 +61,12 @@ class ProblemStream:
         return order
 
     def next(self) -> list[Problem]:
-        out = []
+        out, order = [], self._order()
         while len(out) < self.batch:
             if self.index >= len(self.problems):
                 self.epoch, self.index = self.epoch + 1, 0
-            out.append(self.problems[self._order()[self.index]])
+                order = self._order()
+            out.append(self.problems[order[self.index]])
             self.index += 1
         return out
 
@@ -73,9 +74,14 @@ class ProblemStream:
         return {"epoch": self.epoch, "index": self.index}
 
 
+def _generate(rollout, problems: list[Problem], cfg: TrainConfig, step: int, chunk_problems: int, rewarders):
+    """The rollout of `problems` with step `step`'s response limit and the configured sampling."""
+    return rollout.generate.remote(problems, cfg.rollout.group_size, cfg.max_response_tokens(step),
+                                   cfg.rollout.temperature, cfg.rollout.top_p, chunk_problems, rewarders)
+
+
 def _submit(rollout, stream: ProblemStream, cfg: TrainConfig, step: int, rewarders):
-    return rollout.generate.remote(stream.next(), cfg.rollout.group_size, cfg.max_response_tokens(step),
-                                   cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.chunk_problems, rewarders)
+    return _generate(rollout, stream.next(), cfg, step, cfg.rollout.chunk_problems, rewarders)
 
 
 def _train_step(policy, optimizer, batch, rewards, cfg: TrainConfig) -> dict:
@@ -105,8 +111,7 @@ def _train_step(policy, optimizer, batch, rewards, cfg: TrainConfig) -> dict:
 
 def evaluate_held_out(rollout, problems: list[Problem], cfg: TrainConfig, rewarders, step: int) -> float:
     """Mean reward of the held-out problems (group_size samples each) with the rollout engine's weights."""
-    batch = ray.get(rollout.generate.remote(problems, cfg.rollout.group_size, cfg.max_response_tokens(step),
-                                            cfg.rollout.temperature, cfg.rollout.top_p, len(problems), rewarders))
+    batch = ray.get(_generate(rollout, problems, cfg, step, len(problems), rewarders))
     return sum(r.reward for r in ray.get(batch.reward_refs)) / len(batch.samples)
 
 
