@@ -6,6 +6,8 @@ WORKDIR /home/ray/dit-serve
 COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users serve_graph serve_graph
 COPY --chown=ray:users deployments deployments
+COPY --chown=ray:users engine engine
+COPY --chown=ray:users models models
 COPY --chown=ray:users attention attention
 COPY --chown=ray:users training training
 COPY --chown=ray:users benchmarks benchmarks

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from attention.plan import BrickPlan, LocalShard, single_ring_plan
-from attention.varlen import VarlenBackend, merge_partials, varlen_attention
+from attention.varlen import VarlenBackend, merge_partials, offsets, varlen_attention
 
 
 @dataclass
@@ -69,7 +69,7 @@ def brick_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Bri
             qs = torch.cat([q[shards[i].start:shards[i].start + shards[i].length] for i in active])
             ks = torch.cat([blocks[i][0] for i in active])
             vs = torch.cat([blocks[i][1] for i in active])
-            cu_q, cu_k = _offsets([shards[i].length for i in active]), _offsets([len(blocks[i][0]) for i in active])
+            cu_q, cu_k = offsets([shards[i].length for i in active]), offsets([len(blocks[i][0]) for i in active])
             out, block_lse = varlen_attention(qs, ks, vs, cu_q, cu_k, scale, backend)
             rows = torch.cat([torch.arange(shards[i].start, shards[i].start + shards[i].length, device=q.device)
                               for i in active])
@@ -86,13 +86,6 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, token_coun
                    world_size: int, group: dist.ProcessGroup | None = None, **kwargs) -> torch.Tensor:
     """Classic ring attention: every sequence sharded evenly over all ranks in rank order."""
     return brick_attention(q, k, v, single_ring_plan(token_counts, world_size), rank, group, **kwargs)
-
-
-def _offsets(lengths: list[int]) -> list[int]:
-    out = [0]
-    for n in lengths:
-        out.append(out[-1] + n)
-    return out
 
 
 def _post_exchange(shards, blocks, step, rank, group, like, stats):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -18,9 +19,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from serve_graph.net import free_port
-
 INIT_FAILED = "init_process_group failed:\n"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (process-group rendezvous, local servers)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class _GroupNotFormed(RuntimeError):

@@ -45,6 +45,14 @@ class VarlenBackend(ABC):
         """Return (out like q, lse (total_q, heads) fp32)."""
 
 
+def offsets(lengths: Sequence[int]) -> list[int]:
+    """cu_seqlens of sequences packed back to back: [0, n0, n0+n1, ...]."""
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + n)
+    return out
+
+
 def _empty_result(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros_like(q), torch.full(q.shape[:2], -math.inf, dtype=torch.float32, device=q.device)
 

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from serve_graph.net import free_port
+from attention.spmd import free_port
 from serve_graph.serve_configs import serve_application
 
 MAX_MODEL_LEN = 1024
@@ -73,8 +73,8 @@ async def _bounded(coros, concurrency: int) -> list:
 
 async def run_direct(checkpoint: Path, args) -> dict[bool, SideResult]:
     from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
     from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.async_llm import AsyncLLM
 
     served = served_args(checkpoint)

@@ -1,11 +1,11 @@
 """Packed vs padded batching of one mixed-resolution step on the tiny CogVideoX and Wan models.
 
-The batch: one request per resolution of configs/local.yaml (240p..720p, 16:9, with
-different frame counts, timesteps and text lengths). Three ways to run one step:
+The batch: one request per resolution name at the tests' scaled-down heights (32..96
+pixels for 240p..720p, 16:9, with different frame counts, timesteps and text lengths). Three ways to run one step:
 - packed: one `forward_packed` pass over all requests (varlen attention, no padding);
 - padded: one batched diffusers forward with every request padded to the largest
   shape (what batching without varlen costs; masking the pads would not make it cheaper);
-- per shape: one diffusers forward per distinct shape (the engine's fallback before packing).
+- per shape: one diffusers forward per distinct shape (the engine before packing).
 Prints time per step (median of --repeats), and the FLOPs padding wastes, from the
 models' dimensions (projections, attention, FFN per block; elementwise ops ignored).
 
@@ -19,12 +19,11 @@ import argparse
 import torch
 
 from benchmarks.timing import median_seconds
+from models import load_adapter
+from models.packed import PackedRequest
+from models.spec import ModelSpec
 
-from deployments.models import load_adapter, packed_cogvideox, packed_wan
-from deployments.models.packed import PackedRequest
-from serve_graph.config import ModelSpec
-
-HEIGHTS = {"240p": 32, "360p": 48, "480p": 64, "720p": 96}  # pixels, as configs/local.yaml
+HEIGHTS = {"240p": 32, "360p": 48, "480p": 64, "720p": 96}  # pixels, scaled down as in the tests
 FRAMES = {"240p": 17, "360p": 9, "480p": 5, "720p": 1}
 TEXT = {"240p": 16, "360p": 11, "480p": 16, "720p": 7}
 
@@ -96,7 +95,7 @@ def flops(family: str, model, video_tokens: int, text_tokens: int) -> float:
 
 def run(family: str, repeats: int) -> None:
     adapter, model, requests = build_batch(family)
-    module = {"wan": packed_wan, "cogvideox": packed_cogvideox}[family]
+    module = adapter.packed_module
     lat, text, ts, rot = padded_inputs(family, adapter, requests)
     with torch.no_grad():
         t_packed = median_seconds(lambda: module.forward_packed(model, requests), repeats)

@@ -13,9 +13,8 @@ import argparse
 
 import torch
 
-from benchmarks.timing import median_seconds
-
 from attention.varlen import varlen_attention
+from benchmarks.timing import median_seconds
 
 PACKS = [(64, 16), (32, 64), (8, 256), (4, 1024), (1, 4096)]  # (sequences, tokens each)
 

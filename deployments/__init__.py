@@ -1,4 +1,7 @@
-"""Deployments of the video graph: each module holds a plain core class and its thin Serve shell."""
+"""Serve shells of the video graph (ingress, text encoder, step scheduler, DiT worker, VAE) and the coder app.
+
+The engine the scheduler and worker shells wrap is in `engine/`, the models in `models/`.
+"""
 
 from __future__ import annotations
 

@@ -1,68 +1,51 @@
-"""DiTWorker: holds the transformers and executes one step's BatchPlan.
+"""DiTWorker: the Serve shell of one model runner (`engine.runner.ModelRunner`).
 
-Each sub-batch (same-shaped requests of one model, at possibly different
-timesteps) runs as one transformer forward with classifier-free guidance folded
-in. If a sub-batch's forward raises, its requests are retried one by one so that
-only the request at fault fails and the others keep their step.
+The runner keeps every admitted request's latents, sampler and embeddings on this
+replica's device, so a replica is stateful: exactly one scheduler drives it, and
+plans run in step order (a plan that overtakes its predecessor on the way here
+waits for it, at most `ORDER_TIMEOUT_S`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
 
-import torch
 from ray import serve
 
 from deployments import init_replica
-from deployments.batch_plan import BatchPlan, StepOutput, SubBatch
 from deployments.metrics import ServeMetrics
-from deployments.models import load_adapter
-from serve_graph.config import ModelSpec
+from engine.messages import StepPlan, StepResult
+from engine.runner import ModelRunner
+from models import load_adapter
+from models.spec import ModelSpec
 
-logger = logging.getLogger(__name__)
-
-
-class DiTWorkerCore:
-    def __init__(self, models: list[ModelSpec], device: str = "cpu") -> None:
-        self.adapters = {m.name: load_adapter(m, parts=("transformer",), device=device) for m in models}
-
-    def execute(self, plan: BatchPlan) -> StepOutput:
-        start = time.perf_counter()
-        output = StepOutput()
-        for sub in plan.sub_batches:
-            try:
-                output.predictions.update(zip(sub.request_ids, self._predict(sub)))
-            except Exception:
-                logger.exception("sub-batch forward failed; isolating %d requests", len(sub.request_ids))
-                self._isolate(sub, output)
-        output.execute_seconds = time.perf_counter() - start
-        return output
-
-    def _predict(self, sub: SubBatch) -> list[torch.Tensor]:
-        return self.adapters[sub.model].predict(sub.latents, sub.timesteps, sub.prompts, sub.guidance_scales)
-
-    def _isolate(self, sub: SubBatch, output: StepOutput) -> None:
-        for i, request_id in enumerate(sub.request_ids):
-            alone = SubBatch(sub.model, [request_id], sub.latents[i : i + 1], sub.timesteps[i : i + 1],
-                             sub.prompts[i : i + 1], sub.guidance_scales[i : i + 1])
-            try:
-                output.predictions[request_id] = self._predict(alone)[0]
-            except Exception as exc:
-                output.errors[request_id] = f"transformer forward failed: {exc!r}"
+ORDER_TIMEOUT_S = 10.0
 
 
-@serve.deployment(max_ongoing_requests=4)
+@serve.deployment(max_ongoing_requests=8)
 class DiTWorker:
-    """Serve shell: one replica = one worker group (a single rank in this version)."""
+    """One replica = one worker group (a single rank in this version)."""
 
     def __init__(self, models: list[dict], resources: dict) -> None:
         res = init_replica(resources)
-        self.core = DiTWorkerCore([ModelSpec(**m) for m in models], device=res.device)
+        specs = [ModelSpec(**m) for m in models]
+        self.runner = ModelRunner({s.name: load_adapter(s, parts=("transformer",), device=res.device) for s in specs})
         self.metrics = ServeMetrics()
+        self._order = asyncio.Condition()
+        self._last_step_id: int | None = None
 
-    async def execute(self, plan: BatchPlan) -> StepOutput:
-        output = await asyncio.to_thread(self.core.execute, plan)
-        self.metrics.worker_busy_seconds.inc(output.execute_seconds)
-        return output
+    async def execute(self, plan: StepPlan) -> StepResult:
+        async with self._order:
+            try:
+                await asyncio.wait_for(self._order.wait_for(lambda: self._in_order(plan)), ORDER_TIMEOUT_S)
+            except TimeoutError:  # its predecessor never came (its call failed): run it anyway
+                pass
+            result = await asyncio.to_thread(self.runner.execute, plan)
+            self._last_step_id = plan.step_id
+            self._order.notify_all()
+        self.metrics.worker_busy_seconds.inc(result.forward_seconds)
+        return result
+
+    def _in_order(self, plan: StepPlan) -> bool:
+        # A restarted scheduler numbers its steps from 1 again: anything not ahead of us runs.
+        return self._last_step_id is None or plan.step_id <= self._last_step_id + 1

@@ -6,8 +6,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from engine.request import GenerationSpec
 from serve_graph.schemas import JobStatus, Progress, VideoJob
-from serve_graph.validation import ResolvedRequest
 
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 
@@ -15,7 +15,7 @@ TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 @dataclass
 class Job:
     id: str
-    request: ResolvedRequest
+    request: GenerationSpec
     resolution: str
     status: JobStatus = "queued"
     step: int = 0

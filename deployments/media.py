@@ -17,7 +17,6 @@ import av
 import numpy as np
 from PIL import Image
 
-
 _X264_OPTIONS = {"qp": "16", "preset": "medium", "aq-mode": "0", "x264-params": "psy=0"}
 
 

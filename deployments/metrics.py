@@ -10,6 +10,7 @@ from __future__ import annotations
 from ray.serve import metrics
 
 _SECONDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600]
+_GAPS = [0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1]
 _COUNTS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 _TOKENS = [64, 256, 1024, 4096, 16384, 65536, 262144, 1048576]
 
@@ -26,8 +27,8 @@ class ServeMetrics:
             "dit_batch_tokens", description="Transformer tokens in one denoising step (CFG rows counted).",
             boundaries=_TOKENS)
         self.step_duration = metrics.Histogram(
-            "dit_step_duration_seconds", description="Wall time of one step: schedule + execute + postprocess.",
-            boundaries=_SECONDS)
+            "dit_step_duration_seconds", description="Wall time of one step on the worker: admissions, "
+            "one packed forward per model, CFG, sampler steps.", boundaries=_SECONDS)
         self.time_to_first_step = metrics.Histogram(
             "dit_time_to_first_step_seconds", description="Admission to first denoising step.",
             boundaries=_SECONDS, tag_keys=("model",))
@@ -36,6 +37,18 @@ class ServeMetrics:
             tag_keys=("model", "status"))
         self.worker_busy_seconds = metrics.Counter(
             "dit_worker_busy_seconds", description="Seconds the DiT worker spent executing steps.")
+        self.forwards_per_step = metrics.Histogram(
+            "dit_forwards_per_step", description="Transformer forwards in one step: 1 per model present "
+            "(more only while isolating a failing request).", boundaries=[1, 2, 3, 4, 6, 8, 16, 32])
+        self.step_shapes = metrics.Histogram(
+            "dit_step_shapes", description="Distinct latent shapes packed into one step.",
+            boundaries=[1, 2, 3, 4, 6, 8, 16, 32])
+        self.step_gap = metrics.Histogram(
+            "dit_step_gap_seconds", description="Worker idle time between two consecutive forwards while "
+            "requests wait (the next plan was sent before the previous step ended).", boundaries=_GAPS)
+        self.plan_bytes = metrics.Histogram(
+            "dit_plan_bytes", description="Serialized size of one StepPlan (new requests' embeddings included "
+            "once).", boundaries=[256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216])
         self.request_latency = metrics.Histogram(
             "dit_request_latency_seconds", description="Pool admission to last denoising step.",
             boundaries=_SECONDS, tag_keys=("model", "resolution"))

@@ -1,43 +1,38 @@
-"""Step-level continuous batching: the pool, the step budget and the step loop.
+"""StepScheduler: the Serve shell of `engine.StepSchedulerCore`, and the loop that keeps the worker busy.
 
-`StepSchedulerCore` is plain Python (no Ray): tests and the benchmark simulator
-drive it directly. `StepScheduler` is its thin Serve shell, which owns the async
-step loop and answers one `generate()` call per request when it leaves the pool.
-
-One step reads like a sentence:
-
-    plan = core.schedule()            # pick requests under the budget
-    out = await worker.execute(plan)  # one batched transformer forward (+ CFG)
-    core.postprocess(plan, out)       # per-request sampler.step(); finished ones leave
+One `generate()` call per request stays pending while the request is pooled and
+answers when it leaves (its final latents come back once, from the step it
+finished in). The step loop keeps up to `PIPELINE_DEPTH` plans in flight: plan
+k+1 is built and sent while step k runs, so the worker starts the next forward
+as soon as it ends the last one (`ray_dit_step_gap_seconds` measures what is left).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections import defaultdict
+import pickle
+from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.batch_plan import BatchPlan, StepOutput, SubBatch
 from deployments.metrics import ServeMetrics
-from deployments.models import load_adapter
-from deployments.models.base import DiffusionAdapter, EncodedPrompt
-from deployments.policies import SchedulingPolicy, make_policy
-from deployments.request import GenerationSpec, RequestState, RequestStatus
-from serve_graph.config import BudgetConfig, ModelSpec, SchedulerConfig
+from engine.config import SchedulerConfig
+from engine.messages import NewRequest, StepPlan, StepResult
+from engine.policies import make_policy
+from engine.request import GenerationSpec, RequestMeta, RequestStatus
+from engine.scheduler import Progress, StepSchedulerCore
+from models import load_adapter
+from models.base import EncodedPrompt
+from models.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 
-
-class PoolFullError(RuntimeError):
-    """The pool holds `max_pool_size` requests; the caller should shed load (HTTP 429)."""
-
+PIPELINE_DEPTH = 2
+"""Plans in flight to the worker: the one running and the next one, already planned."""
 
 @dataclass
 class GenerationResult:
@@ -45,201 +40,23 @@ class GenerationResult:
 
     request_id: str
     status: RequestStatus
-    latents: torch.Tensor | None
+    latents: torch.Tensor | None  # final latents (1, *latent_shape) when finished
     error: str | None
     arrival_time: float
     first_step_time: float | None
     finish_time: float | None
 
 
-@dataclass(frozen=True)
-class Progress:
-    status: RequestStatus
-    steps_done: int
-    total_steps: int
-    first_step_time: float | None
-
-
-class StepSchedulerCore:
-    def __init__(
-        self,
-        adapters: Mapping[str, DiffusionAdapter],
-        policy: SchedulingPolicy,
-        budget: BudgetConfig,
-        max_pool_size: int = 256,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.adapters = adapters
-        self.policy = policy
-        self.budget = budget
-        self.max_pool_size = max_pool_size
-        self.clock = clock
-        self.pool: dict[str, RequestState] = {}
-        self._in_flight: set[str] = set()
-        self._done: list[RequestState] = []
-        self._step_id = 0
-
-    # ---- admission / control ------------------------------------------
-    def admit(self, spec: GenerationSpec, prompt: EncodedPrompt) -> RequestState:
-        """Create the request's sampler and seeded latents and add it to the pool."""
-        if len(self.pool) >= self.max_pool_size:
-            raise PoolFullError(f"pool is full ({self.max_pool_size} requests); retry later")
-        if spec.request_id in self.pool:
-            raise ValueError(f"request {spec.request_id!r} is already in the pool")
-        adapter = self.adapters[spec.model]
-        shape = adapter.latent_shape(spec.height, spec.width, spec.num_frames)
-        sampler = adapter.new_sampler(spec.num_inference_steps, shape)
-        state = RequestState(
-            spec=spec,
-            latents=adapter.initial_latents(shape, spec.seed, sampler),
-            sampler=sampler,
-            prompt=prompt,
-            seq_len=adapter.geometry.seq_len(spec.height, spec.width, spec.num_frames),
-            total_steps=len(sampler.timesteps),
-            arrival_time=self.clock(),
-        )
-        self.pool[spec.request_id] = state
-        return state
-
-    def cancel(self, request_id: str) -> bool:
-        """Cancel a pooled request. It leaves at the next step boundary: now if no step holds it."""
-        state = self.pool.get(request_id)
-        if state is None:
-            return False
-        state.cancel_requested = True
-        if request_id not in self._in_flight:
-            self._finish(state, RequestStatus.CANCELLED)
-        return True
-
-    def progress(self, request_id: str) -> Progress | None:
-        state = self.pool.get(request_id)
-        if state is None:
-            return None
-        return Progress(state.status, state.steps_done, state.total_steps, state.first_step_time)
-
-    def pop_done(self) -> list[RequestState]:
-        """Requests that left the pool since the last call (finished, failed or cancelled)."""
-        done, self._done = self._done, []
-        return done
-
-    @property
-    def num_waiting(self) -> int:
-        return sum(1 for r in self.pool.values() if r.status is RequestStatus.WAITING)
-
-    # ---- the step -------------------------------------------------------
-    def schedule(self) -> BatchPlan | None:
-        # Core idea: every step, rank the whole pool by policy and fill the budget
-        # greedily (a request that does not fit is skipped, smaller ones behind it
-        # may still fill the step). Requests join the moment they are admitted and
-        # leave the moment they finish, so batch membership changes every step. The
-        # first request always runs, even if it alone exceeds max_batch_tokens.
-        if not self.pool:
-            return None
-        now = self.clock()
-        picked: list[RequestState] = []
-        tokens = 0
-        for request in self.policy.order(self.pool.values(), now):
-            if len(picked) == self.budget.max_batch_size:
-                break
-            if picked and tokens + request.step_tokens > self.budget.max_batch_tokens:
-                continue
-            picked.append(request)
-            tokens += request.step_tokens
-        groups: dict[tuple, list[RequestState]] = defaultdict(list)
-        for request in picked:
-            request.last_scheduled_time = now
-            groups[request.shape_key].append(request)
-            self._in_flight.add(request.request_id)
-        self._step_id += 1
-        return BatchPlan(
-            step_id=self._step_id,
-            sub_batches=[self._sub_batch(group) for group in groups.values()],
-            num_tokens=tokens,
-        )
-
-    @staticmethod
-    def _sub_batch(group: list[RequestState]) -> SubBatch:
-        return SubBatch(
-            model=group[0].spec.model,
-            request_ids=[r.request_id for r in group],
-            latents=[r.model_input for r in group],
-            timesteps=[r.current_timestep for r in group],
-            prompts=[r.prompt for r in group],
-            guidance_scales=[r.spec.guidance_scale for r in group],
-        )
-
-    def postprocess(self, plan: BatchPlan, output: StepOutput) -> None:
-        """Apply each request's own sampler step; move finished/failed/cancelled requests out."""
-        now = self.clock()
-        for request_id in plan.request_ids:
-            self._in_flight.discard(request_id)
-            state = self.pool.get(request_id)
-            if state is None:
-                continue
-            if state.cancel_requested:
-                self._finish(state, RequestStatus.CANCELLED)
-                continue
-            if request_id in output.errors:
-                self._fail(state, output.errors[request_id])
-                continue
-            try:
-                adapter = self.adapters[state.spec.model]
-                state.latents = adapter.sampler_step(
-                    state.sampler, output.predictions[request_id], state.current_timestep, state.latents,
-                    state.sampler_extra,
-                )
-            except Exception as exc:  # a sampler fault fails this request only
-                logger.exception("sampler step failed for %s", request_id)
-                self._fail(state, f"sampler step failed: {exc!r}")
-                continue
-            if not torch.isfinite(state.latents).all():
-                self._fail(state, f"non-finite latents after step {state.steps_done + 1}")
-                continue
-            state.steps_done += 1
-            if state.first_step_time is None:
-                state.first_step_time = now
-                state.status = RequestStatus.RUNNING
-            if state.remaining_steps == 0:
-                self._finish(state, RequestStatus.FINISHED)
-
-    def fail_plan(self, plan: BatchPlan, reason: str) -> None:
-        """The whole step was lost (e.g. the worker died): fail its requests, keep the rest pooled."""
-        self.postprocess(plan, StepOutput(errors={rid: reason for rid in plan.request_ids}))
-
-    def step(self, execute: Callable[[BatchPlan], StepOutput]) -> BatchPlan | None:
-        """Synchronous step for tests and the simulator."""
-        plan = self.schedule()
-        if plan is not None:
-            self.postprocess(plan, execute(plan))
-        return plan
-
-    # ---- helpers --------------------------------------------------------
-    def _fail(self, state: RequestState, reason: str) -> None:
-        state.error = reason
-        self._finish(state, RequestStatus.FAILED)
-
-    def _finish(self, state: RequestState, status: RequestStatus) -> None:
-        state.status = status
-        state.finish_time = self.clock()
-        del self.pool[state.request_id]
-        self._done.append(state)
-
-
-def result_of(state: RequestState) -> GenerationResult:
-    return GenerationResult(
-        request_id=state.request_id,
-        status=state.status,
-        latents=state.latents if state.status is RequestStatus.FINISHED else None,
-        error=state.error,
-        arrival_time=state.arrival_time,
-        first_step_time=state.first_step_time,
-        finish_time=state.finish_time,
-    )
+@dataclass
+class _InFlight:
+    plan: StepPlan
+    pipelined: bool  # sent while another plan was running: requests were waiting on the worker
+    call: asyncio.Future
 
 
 @serve.deployment(max_ongoing_requests=100_000)
 class StepScheduler:
-    """Serve shell of the core: one async step loop; one pending `generate()` call per pooled request.
+    """One async step loop; one pending `generate()` call per pooled request.
 
     `max_ongoing_requests` is effectively unbounded because every pooled request is an
     ongoing call; admission is bounded by `max_pool_size` instead (PoolFullError).
@@ -247,31 +64,28 @@ class StepScheduler:
 
     def __init__(self, models: list[dict], scheduler: dict, worker: DeploymentHandle) -> None:
         config = SchedulerConfig(**scheduler)
-        specs = [ModelSpec(**m) for m in models]
-        self.core = StepSchedulerCore(
-            adapters={s.name: load_adapter(s, parts=()) for s in specs},
-            policy=make_policy(config.policy, config.starvation_timeout_s),
-            budget=config.budget,
-            max_pool_size=config.max_pool_size,
-        )
+        self.adapters = {s.name: load_adapter(s, parts=()) for s in (ModelSpec(**m) for m in models)}
+        self.core = StepSchedulerCore(make_policy(config.policy, config.starvation_timeout_s), config.budget,
+                                      config.max_pool_size)
         self.worker = worker
         self.metrics = ServeMetrics()
         self._waiters: dict[str, asyncio.Future[GenerationResult]] = {}
+        self._final_latents: dict[str, torch.Tensor] = {}
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
 
-    async def generate(self, spec: GenerationSpec, prompt: EncodedPrompt) -> GenerationResult:
-        """Admit a request and answer when it leaves the pool (raises PoolFullError when full)."""
-        self.core.admit(spec, prompt)
+    async def generate(self, request_id: str, spec: GenerationSpec, prompt: EncodedPrompt) -> GenerationResult:
+        """Admit a request and answer when it leaves the pool (raises engine's PoolFullError when full)."""
+        self.core.admit(NewRequest.from_spec(request_id, spec, prompt, self.adapters[spec.model]))
         waiter = asyncio.get_running_loop().create_future()
-        self._waiters[spec.request_id] = waiter
+        self._waiters[request_id] = waiter
         self._ensure_loop()
         self._wakeup.set()
         self._update_gauges()
         try:
             return await waiter
         except asyncio.CancelledError:  # the caller went away: free the request's slot
-            self.core.cancel(spec.request_id)
+            self.core.cancel(request_id)
             self._resolve_done()
             raise
 
@@ -283,43 +97,75 @@ class StepScheduler:
     async def progress(self, request_id: str) -> Progress | None:
         return self.core.progress(request_id)
 
+    # ---- the loop -------------------------------------------------------------
     def _ensure_loop(self) -> None:
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.get_running_loop().create_task(self._step_loop())
 
     async def _step_loop(self) -> None:
+        in_flight: deque[_InFlight] = deque()
         while True:
-            plan = self.core.schedule()
+            while len(in_flight) < PIPELINE_DEPTH and (plan := self.core.schedule()) is not None:
+                in_flight.append(self._send(plan, pipelined=bool(in_flight)))
             self._resolve_done()
-            if plan is None:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            start = time.perf_counter()
-            try:
-                output = await self.worker.execute.remote(plan)
-            except Exception as exc:  # the worker replica died or the call failed: lose this step only
-                logger.exception("step %d failed on the worker", plan.step_id)
-                self.core.fail_plan(plan, f"worker failed: {exc!r}")
-            else:
-                self.core.postprocess(plan, output)
-            self.metrics.step_duration.observe(time.perf_counter() - start)
-            self.metrics.batch_size.observe(len(plan.request_ids))
-            self.metrics.batch_tokens.observe(plan.num_tokens)
-            self._resolve_done()
+            self._wakeup.clear()
+            wakeup = asyncio.ensure_future(self._wakeup.wait())
+            waits = {wakeup} | ({in_flight[0].call} if in_flight else set())
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            wakeup.cancel()
+            while in_flight and in_flight[0].call.done():
+                self._complete(in_flight.popleft())
+
+    def _send(self, plan: StepPlan, pipelined: bool) -> _InFlight:
+        self.metrics.plan_bytes.observe(len(pickle.dumps(plan, protocol=5)))
+        self.metrics.batch_size.observe(len(plan.scheduled))
+        self.metrics.batch_tokens.observe(plan.num_tokens)
+        call = asyncio.ensure_future(self._execute(plan))
+        return _InFlight(plan, pipelined, call)
+
+    async def _execute(self, plan: StepPlan) -> StepResult:
+        return await self.worker.execute.remote(plan)
+
+    def _complete(self, step: _InFlight) -> None:
+        try:
+            result = step.call.result()
+        except Exception as exc:  # the worker replica died or the call failed: lose this step only
+            logger.exception("step %d failed on the worker", step.plan.step_id)
+            self.core.fail_plan(step.plan, f"worker failed: {exc!r}")
+        else:
+            self.core.postprocess(step.plan, result)
+            self._final_latents.update(result.finished)
+            if step.plan.scheduled:
+                self.metrics.forwards_per_step.observe(result.forwards)
+                self.metrics.step_shapes.observe(result.shapes)
+            self.metrics.step_duration.observe(result.forward_seconds)
+            if step.pipelined:
+                self.metrics.step_gap.observe(result.idle_before_seconds)
+        self._resolve_done()
 
     def _resolve_done(self) -> None:
-        for state in self.core.pop_done():
-            model = state.spec.model
-            self.metrics.requests_finished.inc(tags={"model": model, "status": state.status.value})
-            if state.first_step_time is not None:
-                self.metrics.time_to_first_step.observe(state.first_step_time - state.arrival_time,
-                                                        tags={"model": model})
-            waiter = self._waiters.pop(state.request_id, None)
+        for meta in self.core.pop_done():
+            latents = self._final_latents.pop(meta.request_id, None)
+            self.metrics.requests_finished.inc(tags={"model": meta.model, "status": meta.status.value})
+            if meta.first_step_time is not None:
+                self.metrics.time_to_first_step.observe(meta.first_step_time - meta.arrival_time,
+                                                        tags={"model": meta.model})
+            waiter = self._waiters.pop(meta.request_id, None)
             if waiter is not None and not waiter.done():
-                waiter.set_result(result_of(state))
+                waiter.set_result(_result_of(meta, latents))
+        self._final_latents.clear()  # latents of requests cancelled while their last step ran
         self._update_gauges()
 
     def _update_gauges(self) -> None:
         self.metrics.active_requests.set(len(self.core.pool))
         self.metrics.queue_length.set(self.core.num_waiting)
+
+
+def _result_of(meta: RequestMeta, latents: torch.Tensor | None) -> GenerationResult:
+    status, error = meta.status, meta.error
+    if status is RequestStatus.FINISHED and latents is None:  # never expected: say so rather than hang
+        status, error = RequestStatus.FAILED, "the worker reported the last step without final latents"
+    return GenerationResult(request_id=meta.request_id, status=status,
+                            latents=latents if status is RequestStatus.FINISHED else None, error=error,
+                            arrival_time=meta.arrival_time, first_step_time=meta.first_step_time,
+                            finish_time=meta.finish_time)

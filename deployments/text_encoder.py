@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from ray import serve
 
 from deployments import init_replica
-from deployments.models import load_adapter
-from deployments.models.base import EncodedPrompt
-from serve_graph.config import ModelSpec
+from models import load_adapter
+from models.base import EncodedPrompt
+from models.spec import ModelSpec
 
 
 @dataclass(frozen=True)

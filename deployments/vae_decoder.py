@@ -1,9 +1,8 @@
-"""VaeDecoder: final latents -> frames -> mp4 / png, batched across requests."""
+"""VaeDecoder: final latents -> frames -> mp4 / png (calls batched by Serve, each request decoded alone)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Literal
 
@@ -12,8 +11,8 @@ from ray import serve
 
 from deployments import init_replica
 from deployments.media import encode_mp4, encode_png
-from deployments.models import load_adapter
-from serve_graph.config import ModelSpec
+from models import load_adapter
+from models.spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -29,16 +28,18 @@ class VaeDecoderCore:
         self.adapters = {m.name: load_adapter(m, parts=("vae",), device=device) for m in models}
 
     def decode_batch(self, requests: list[DecodeRequest]) -> list[bytes]:
-        """Same-shaped latents of one model decode in one VAE call; each result is encoded alone."""
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, r in enumerate(requests):
-            groups[(r.model, tuple(r.latents.shape))].append(i)
-        out: list[bytes] = [b""] * len(requests)
-        for (model, _), indices in groups.items():
-            frames = self.adapters[model].decode(torch.cat([requests[i].latents for i in indices]))
-            for i, video in zip(indices, frames):
-                r = requests[i]
-                out[i] = encode_mp4(video, r.fps) if r.media == "mp4" else encode_png(video[0])
+        """Decode and encode each request on its own.
+
+        The API promises the same bytes for the same seed alone or batched, and the VAE's
+        3D convolutions are not batch-invariant on CPU (oneDNN picks kernels by batch
+        size: one level of 255 apart was measured for batch 3 vs 1). Each request's
+        latents are decoded exactly once, so batching would only save call overhead,
+        which the Serve batch already saves.
+        """
+        out = []
+        for r in requests:
+            video = self.adapters[r.model].decode(r.latents)[0]
+            out.append(encode_mp4(video, r.fps) if r.media == "mp4" else encode_png(video[0]))
         return out
 
 

@@ -23,12 +23,14 @@ from ray.serve.handle import DeploymentHandle
 from deployments.errors import openai_error
 from deployments.jobs import Job, JobTable
 from deployments.metrics import ServeMetrics
-from deployments.models import load_adapter
-from deployments.request import GenerationSpec, RequestStatus
-from deployments.step_scheduler import GenerationResult, PoolFullError
+from deployments.step_scheduler import GenerationResult
 from deployments.text_encoder import EncodeRequest
 from deployments.vae_decoder import DecodeRequest
-from serve_graph.config import LimitsConfig, ModelSpec
+from engine.request import GenerationSpec, RequestStatus
+from engine.scheduler import PoolFullError
+from models import load_adapter
+from models.spec import ModelSpec
+from serve_graph.config import LimitsConfig
 from serve_graph.schemas import (
     ImageData,
     ImageGenerationRequest,
@@ -38,7 +40,7 @@ from serve_graph.schemas import (
     VideoGenerationRequest,
     VideoJob,
 )
-from serve_graph.validation import InvalidRequest, RequestValidator, ResolvedRequest, ServedModel
+from serve_graph.validation import InvalidRequest, RequestValidator, ServedModel
 
 logger = logging.getLogger(__name__)
 app = FastAPI(title="DiT-Serve video API")
@@ -65,6 +67,15 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 async def _invalid_request(_: Request, exc: InvalidRequest) -> JSONResponse:
     return openai_error(exc.status_code, exc.message, exc.param,
                         code="invalid_value" if exc.status_code == 400 else "not_found")
+
+
+def _card(served: ServedModel) -> ModelCard:
+    spec, video = served.spec, served.kind == "video"
+    return ModelCard(id=spec.name, family=spec.family, kind=served.kind,
+                     resolutions=dict(spec.resolution_heights) if video else None,
+                     num_frames=served.frame_counts if video else None,
+                     max_image_side=None if video else spec.max_image_side,
+                     size_multiple=served.geometry.pixel_multiple, default_steps=spec.default_steps)
 
 
 class _Overloaded(Exception):
@@ -105,7 +116,7 @@ class VideoIngress:
 
     @app.get("/v1/models")
     async def list_models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=name, family=m.spec.family, kind=m.kind) for name, m in self.served.items()])
+        return ModelList(data=[_card(m) for m in self.served.values()])
 
     @app.post("/v1/videos", status_code=202)
     async def create_video(self, body: VideoGenerationRequest) -> VideoJob:
@@ -176,15 +187,12 @@ class VideoIngress:
             self.metrics.job_completion_time.observe(time.time() - job.created_at, tags=tags)
         self.metrics.jobs.inc(tags={"model": r.model, "status": job.status})
 
-    async def _generate(self, request_id: str, r: ResolvedRequest, media: str, job: Job | None = None) -> bytes:
+    async def _generate(self, request_id: str, r: GenerationSpec, media: str, job: Job | None = None) -> bytes:
         prompt = await self.text_encoder.encode.remote(EncodeRequest(r.model, r.prompt, r.negative_prompt))
         if job is not None and job.done:  # cancelled while encoding: never enters the pool
             raise _Cancelled()
-        spec = GenerationSpec(request_id=request_id, model=r.model, height=r.height, width=r.width,
-                              num_frames=r.num_frames, num_inference_steps=r.num_inference_steps,
-                              guidance_scale=r.guidance_scale, seed=r.seed)
         try:
-            result: GenerationResult = await self.scheduler.generate.remote(spec, prompt)
+            result: GenerationResult = await self.scheduler.generate.remote(request_id, r, prompt)
         except PoolFullError as exc:
             raise RuntimeError(f"overloaded: {exc}") from exc
         if result.status is RequestStatus.CANCELLED:

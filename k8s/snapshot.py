@@ -35,14 +35,14 @@ from pathlib import Path
 import httpx
 import yaml
 
+from attention.spmd import free_port
 from k8s.dashboards import DASHBOARDS
-from serve_graph.net import free_port
 from serve_graph.serve_configs import serve_application
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_SCRAPE_CONFIG = ROOT / "k8s/prometheus/prometheus-local.yaml"
-VIDEO_MIX = [("wan-tiny", "240p"), ("cogvideox-tiny", "360p"), ("mochi-tiny", "240p"), ("wan-tiny", "480p"),
-             ("cogvideox-tiny", "240p"), ("wan-tiny", "720p")]
+VIDEO_MIX = [("wan-tiny", "240p"), ("cogvideox-tiny", "360p"), ("mochi-tiny", "240p"), ("wan-tiny", "360p"),
+             ("cogvideox-tiny", "240p"), ("mochi-tiny", "360p")]
 CODER_PROMPTS = ["def fibonacci(n):", "class LRUCache:", "def parse_csv(text):", "import heapq\n\ndef dijkstra("]
 
 

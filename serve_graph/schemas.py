@@ -11,7 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve_graph.config import AspectRatio, ResolutionName
+from models.spec import ResolutionName
+from serve_graph.config import AspectRatio
 
 JobStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 
@@ -78,11 +79,19 @@ class ImageGenerationResponse(BaseModel):
 
 
 class ModelCard(BaseModel):
+    """A served model and exactly what it accepts (what this deployment renders, not what the family could)."""
+
     id: str
     object: Literal["model"] = "model"
     owned_by: str = "dit-serve"
     family: str
     kind: Literal["video", "image"]
+    resolutions: dict[str, int] | None = Field(
+        default=None, description="Video: accepted resolution names and the pixel height of their short side.")
+    num_frames: list[int] | None = Field(default=None, description="Video: accepted frame counts.")
+    max_image_side: int | None = Field(default=None, description="Image: largest width/height in pixels.")
+    size_multiple: int = Field(description="Width and height are multiples of this many pixels.")
+    default_steps: int
 
 
 class ModelList(BaseModel):

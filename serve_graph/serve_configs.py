@@ -1,9 +1,9 @@
 """Where the project lives, and the applications of its `serve run` config files.
 
-Relative paths in configs (checkpoints, training storage) are looked up against the
-project root; tests, benchmarks and k8s/snapshot.py start the applications of
-configs/local.yaml exactly as `serve run` would. Both live here so that no caller
-re-derives the root or re-parses the file its own way.
+Tests, benchmarks and k8s/snapshot.py start the applications of configs/local.yaml
+exactly as `serve run` would, through `serve_application`, so that no caller
+re-parses the file its own way. Relative paths in configs resolve against
+`PROJECT_ROOT` (defined with the training config, the lowest layer that needs it).
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from pathlib import Path
 
 import yaml
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from training.config import PROJECT_ROOT
+
 LOCAL_CONFIG = PROJECT_ROOT / "configs" / "local.yaml"
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
-from deployments.models.base import Geometry
-from serve_graph.config import ModelSpec
+from engine.request import GenerationSpec
+from models.base import Geometry
+from models.spec import ModelSpec
 from serve_graph.schemas import ImageGenerationRequest, VideoGenerationRequest
 
 _ASPECTS = {"16:9": (16, 9), "9:16": (9, 16), "1:1": (1, 1), "4:3": (4, 3), "3:4": (3, 4)}
@@ -33,21 +34,10 @@ class ServedModel:
     def kind(self) -> str:
         return "video" if self.geometry.is_video else "image"
 
-
-@dataclass(frozen=True)
-class ResolvedRequest:
-    """A validated request with every default filled in."""
-
-    model: str
-    prompt: str
-    negative_prompt: str | None  # None: no classifier-free guidance
-    height: int
-    width: int
-    num_frames: int
-    num_inference_steps: int
-    guidance_scale: float
-    seed: int
-    fps: int
+    @property
+    def frame_counts(self) -> list[int]:
+        """Every frame count a video request may ask for (1 + k x the model's frame multiple, in range)."""
+        return [f for f in range(self.spec.min_frames, self.spec.max_frames + 1) if self.geometry.frames_allowed(f)]
 
 
 def _round_to(value: float, multiple: int) -> int:
@@ -99,7 +89,7 @@ class RequestValidator:
             seed=secrets.randbelow(2**31) if request.seed is None else request.seed,
         )
 
-    def video(self, request: VideoGenerationRequest) -> ResolvedRequest:
+    def video(self, request: VideoGenerationRequest) -> GenerationSpec:
         served = self._model(request.model, "video")
         spec, geometry = served.spec, served.geometry
         if request.resolution not in spec.resolution_heights:
@@ -108,18 +98,18 @@ class RequestValidator:
         frames = request.num_frames or spec.default_frames
         t = geometry.frame_multiple
         if not (spec.min_frames <= frames <= spec.max_frames and geometry.frames_allowed(frames)):
-            allowed = [f for f in range(spec.min_frames, spec.max_frames + 1) if geometry.frames_allowed(f)]
             raise InvalidRequest("num_frames", f"num_frames={frames} not allowed for {spec.name}: must be 1 + {t}k "
-                                               f"in [{spec.min_frames}, {spec.max_frames}], i.e. one of {allowed}")
+                                               f"in [{spec.min_frames}, {spec.max_frames}], i.e. one of "
+                                               f"{served.frame_counts}")
         height, width = video_size(spec, geometry, request.resolution, request.aspect_ratio)
-        return ResolvedRequest(height=height, width=width, num_frames=frames, fps=request.fps or spec.default_fps,
+        return GenerationSpec(height=height, width=width, num_frames=frames, fps=request.fps or spec.default_fps,
                                **self._common(request, served))
 
-    def image(self, request: ImageGenerationRequest) -> ResolvedRequest:
+    def image(self, request: ImageGenerationRequest) -> GenerationSpec:
         served = self._model(request.model, "image")
         spec, m = served.spec, served.geometry.pixel_multiple
         width, height = (int(v) for v in request.size.split("x"))
         if not all(m <= v <= spec.max_image_side and v % m == 0 for v in (width, height)):
             raise InvalidRequest("size", f"size {request.size!r} not allowed for {spec.name}: WIDTHxHEIGHT with each "
                                          f"side a multiple of {m} in [{m}, {spec.max_image_side}]")
-        return ResolvedRequest(height=height, width=width, num_frames=1, fps=1, **self._common(request, served))
+        return GenerationSpec(height=height, width=width, num_frames=1, fps=1, **self._common(request, served))

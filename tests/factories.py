@@ -1,4 +1,4 @@
-"""Factory helpers for scheduler tests: real tiny adapters, requests by shape and step count."""
+"""Factory helpers for engine tests: tensor-free requests for the scheduler, an engine of tiny real models."""
 
 from __future__ import annotations
 
@@ -6,35 +6,57 @@ import itertools
 
 import torch
 
-from deployments.batch_plan import BatchPlan, StepOutput
-from deployments.models.base import DiffusionAdapter, EncodedPrompt
-from deployments.request import GenerationSpec
+from engine.config import BudgetConfig
+from engine.messages import NewRequest, StepResult
+from engine.policies import make_policy
+from engine.request import GenerationSpec, RequestMeta
+from engine.runner import ModelRunner
+from engine.scheduler import StepSchedulerCore
+from models import load_adapter
+from models.base import EncodedPrompt
+from models.spec import ModelSpec
 
 _ids = itertools.count()
 
 
-def prompt_for(seq: int = 16, dim: int = 32, cfg: bool = True) -> EncodedPrompt:
-    cond = {"encoder_hidden_states": torch.zeros(1, seq, dim)}
-    return EncodedPrompt(cond=cond, uncond=dict(cond) if cfg else None)
+def new_request(steps: int = 4, seq_len: int = 100, cfg: bool = True, model: str = "cog",
+                request_id: str | None = None) -> NewRequest:
+    """A request as the scheduler sees it: sizes only (no prompt tensors)."""
+    return NewRequest(request_id=request_id or f"r{next(_ids)}", model=model, latent_shape=(1,), seq_len=seq_len,
+                      seed=0, num_steps=steps, guidance_scale=6.0 if cfg else 1.0, prompt=None, cfg=cfg)
 
 
 def gen_spec(model: str, steps: int = 4, height: int = 32, width: int = 48, frames: int = 9, seed: int = 0,
-             guidance: float = 6.0, request_id: str | None = None) -> GenerationSpec:
-    return GenerationSpec(request_id=request_id or f"r{next(_ids)}", model=model, height=height, width=width,
-                          num_frames=frames, num_inference_steps=steps, guidance_scale=guidance, seed=seed)
+             guidance: float = 6.0, prompt: str = "a cat") -> GenerationSpec:
+    return GenerationSpec(model=model, prompt=prompt, negative_prompt="" if guidance > 1 else None, height=height,
+                          width=width, num_frames=frames, num_inference_steps=steps, guidance_scale=guidance,
+                          seed=seed, fps=8)
 
 
-class ZeroExecutor:
-    """A worker stand-in predicting zeros; records each plan's request ids (to test scheduling alone)."""
+class Engine:
+    """Scheduler core + model runner of tiny real models, stepped synchronously (no Ray)."""
 
-    def __init__(self) -> None:
-        self.steps: list[list[str]] = []
+    def __init__(self, specs: list[ModelSpec], policy: str = "fifo", max_batch_size: int = 8) -> None:
+        self.adapters = {s.name: load_adapter(s, parts=()) for s in specs}
+        self.core = StepSchedulerCore(make_policy(policy), BudgetConfig(max_batch_size=max_batch_size))
+        self.runner = ModelRunner({s.name: load_adapter(s, parts=("transformer",)) for s in specs})
+        self.latents: dict[str, torch.Tensor] = {}
+        self.done: dict[str, RequestMeta] = {}
+        self.results: list[StepResult] = []
 
-    def __call__(self, plan: BatchPlan) -> StepOutput:
-        self.steps.append(plan.request_ids)
-        preds = {rid: torch.zeros_like(x) for sb in plan.sub_batches for rid, x in zip(sb.request_ids, sb.latents)}
-        return StepOutput(predictions=preds)
+    def admit(self, request_id: str, spec: GenerationSpec, prompt: EncodedPrompt) -> RequestMeta:
+        return self.core.admit(NewRequest.from_spec(request_id, spec, prompt, self.adapters[spec.model]))
 
+    def step(self) -> None:
+        plan = self.core.schedule()
+        if plan is None:
+            return
+        result = self.runner.execute(plan)
+        self.core.postprocess(plan, result)
+        self.latents.update(result.finished)
+        self.results.append(result)
+        self.done.update((m.request_id, m) for m in self.core.pop_done())
 
-def config_only(adapter: DiffusionAdapter) -> dict[str, DiffusionAdapter]:
-    return {adapter.spec.name: adapter}
+    def run(self) -> None:
+        while self.core.pool:
+            self.step()

@@ -35,25 +35,14 @@ def brick_cases(rank: int, world_size: int, cases: list) -> list[tuple[torch.Ten
     return results
 
 
-def tiny_transformer(family: str):
-    """The tiny model of `family`, built identically in every process (seeded weights)."""
-    from deployments.models import load_adapter
-    from tests.conftest import tiny_spec
-
-    return load_adapter(tiny_spec(family), ["transformer"]).pipeline.transformer
-
-
 def packed_forward_cases(rank: int, world_size: int, payload) -> list[dict]:
     """This rank's output rows of a sharded packed forward per plan: {request: (token_start, rows)}."""
-    from deployments.models import packed_cogvideox, packed_wan
-    from deployments.models.packed import ShardedAttention, rows_by_request
+    from attention.context import ShardedAttention
+    from models import load_adapter
+    from tests.conftest import tiny_spec
 
     family, requests, plans = payload
-    module = {"wan": packed_wan, "cogvideox": packed_cogvideox}[family]
-    model = tiny_transformer(family)
-    results = []
+    adapter = load_adapter(tiny_spec(family), ["transformer"])  # seeded: the same weights in every process
     with torch.no_grad():
-        for plan in plans:
-            rows, segments = module.forward_rows(model, requests, ShardedAttention(plan, rank))
-            results.append(rows_by_request(rows, segments))
-    return results
+        return [adapter.packed_module.output_rows(adapter.transformer, requests, ShardedAttention(plan, rank))
+                for plan in plans]

@@ -1,34 +1,18 @@
-"""Batched equals unbatched, and the engine equals diffusers' own pipeline, on tiny real models."""
+"""Packed equals alone, and the engine equals diffusers' own pipeline, on tiny real models of all four families."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from deployments.dit_worker import DiTWorkerCore
-from deployments.policies import make_policy
-from deployments.request import RequestStatus
-from deployments.step_scheduler import StepSchedulerCore
 from deployments.text_encoder import EncodeRequest, TextEncoderCore
 from deployments.vae_decoder import DecodeRequest, VaeDecoderCore
-from deployments.models import load_adapter
-from serve_graph.config import BudgetConfig
+from engine.request import RequestStatus
+from models import load_adapter
 from tests.conftest import tiny_spec
-from tests.factories import gen_spec
+from tests.factories import Engine, gen_spec
 
 FAMILIES = ["cogvideox", "mochi", "wan", "sd3"]
-
-
-def _engine(spec, max_batch_size=8):
-    adapters = {spec.name: load_adapter(spec, parts=())}
-    core = StepSchedulerCore(adapters, make_policy("fifo"), BudgetConfig(max_batch_size=max_batch_size))
-    return core, DiTWorkerCore([spec]), TextEncoderCore([spec])
-
-
-def _run_to_completion(core, worker) -> dict:
-    while core.pool:
-        core.step(worker.execute)
-    return {r.request_id: r for r in core.pop_done()}
 
 
 def _frames(family: str, n: int) -> int:
@@ -36,44 +20,41 @@ def _frames(family: str, n: int) -> int:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_batched_equals_unbatched(family):
+def test_packed_with_other_shapes_equals_alone(family):
+    """A request packed with others of other resolutions, frame counts, prompts and timesteps equals itself alone."""
     spec = tiny_spec(family)
-    core, worker, encoder = _engine(spec)
+    encoder = TextEncoderCore([spec])
     prompts = encoder.encode_batch([EncodeRequest(spec.name, "a cat on the moon", ""),
                                     EncodeRequest(spec.name, "red car at night", None),
-                                    EncodeRequest(spec.name, "a bird over the ocean", "blur")])
-    target = gen_spec(spec.name, steps=6, height=32, width=48, frames=_frames(family, 9), seed=7, request_id="t")
-    alone = _run_to_completion_single(core, worker, target, prompts[0])
+                                    EncodeRequest(spec.name, "a bird flying over the dark ocean at sunset", "blur")])
+    target = gen_spec(spec.name, steps=6, height=32, width=48, frames=_frames(family, 9), seed=7)
+    alone = Engine([spec])
+    alone.admit("t", target, prompts[0])
+    alone.run()
 
-    core, worker, _ = _engine(spec)
-    core.admit(gen_spec(spec.name, steps=9, height=64, width=48, frames=_frames(family, 17), seed=1), prompts[1])
-    core.admit(gen_spec(spec.name, steps=6, height=32, width=48, frames=_frames(family, 9), seed=2), prompts[2])
-    core.step(worker.execute)
-    core.step(worker.execute)  # the target joins two steps late: its timesteps differ from its batch mates'
-    core.admit(target, prompts[0])
-    plan_sizes = []
-    while core.pool:
-        plan_sizes.append(len(core.step(worker.execute).request_ids))
-    batched = next(r for r in core.pop_done() if r.request_id == "t")
-    assert max(plan_sizes) == 3
-    assert batched.status is RequestStatus.FINISHED
-    torch.testing.assert_close(batched.latents, alone.latents, rtol=0, atol=1e-5)
-
-
-def _run_to_completion_single(core, worker, spec, prompt):
-    core.admit(spec, prompt)
-    return _run_to_completion(core, worker)[spec.request_id]
+    batched = Engine([spec])
+    batched.admit("a", gen_spec(spec.name, steps=9, height=64, width=48, frames=_frames(family, 17), seed=1,
+                                guidance=1.0), prompts[1])
+    batched.admit("b", gen_spec(spec.name, steps=6, height=48, width=32, frames=_frames(family, 5), seed=2), prompts[2])
+    batched.step()
+    batched.step()  # the target joins two steps late: its timesteps differ from its batch mates'
+    batched.admit("t", target, prompts[0])
+    batched.run()
+    assert batched.done["t"].status is RequestStatus.FINISHED
+    mixed = [r for r in batched.results if len(r.stepped) == 3]
+    assert mixed and all(r.forwards == 1 and r.shapes == 3 for r in mixed)  # three shapes, one forward
+    torch.testing.assert_close(batched.latents["t"], alone.latents["t"], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_engine_matches_diffusers_pipeline(family):
-    """One request through encoder -> scheduler -> worker equals the diffusers pipeline's own loop."""
+    """One request through encoder -> scheduler -> runner equals the diffusers pipeline's own loop."""
     spec = tiny_spec(family)
-    core, worker, encoder = _engine(spec)
-    prompt = encoder.encode_batch([EncodeRequest(spec.name, "a cat on the moon", "")])[0]
+    prompt = TextEncoderCore([spec]).encode_batch([EncodeRequest(spec.name, "a cat on the moon", "")])[0]
     frames = _frames(family, 9)
-    result = _run_to_completion_single(core, worker, gen_spec(spec.name, steps=5, frames=frames, seed=3,
-                                                              guidance=6.0, request_id="x"), prompt)
+    engine = Engine([spec])
+    engine.admit("x", gen_spec(spec.name, steps=5, frames=frames, seed=3, guidance=6.0), prompt)
+    engine.run()
     pipeline = load_adapter(spec, parts=("text", "transformer", "vae")).pipeline
     kwargs = dict(prompt="a cat on the moon", negative_prompt="", height=32, width=48, num_inference_steps=5,
                   guidance_scale=6.0, generator=torch.Generator().manual_seed(3), output_type="latent",
@@ -82,19 +63,47 @@ def test_engine_matches_diffusers_pipeline(family):
         kwargs["num_frames"] = frames
     out = pipeline(**kwargs)
     reference = out.images if family == "sd3" else out.frames
-    torch.testing.assert_close(result.latents, reference, rtol=0, atol=1e-5)
+    torch.testing.assert_close(engine.latents["x"], reference, rtol=0, atol=1e-5)
+
+
+def test_two_models_one_forward_each():
+    specs = [tiny_spec("cogvideox"), tiny_spec("wan")]
+    engine = Engine(specs)
+    for spec in specs:
+        prompt = TextEncoderCore([spec]).encode_batch([EncodeRequest(spec.name, "a cat", "")])[0]
+        for i, height in enumerate((32, 64)):
+            engine.admit(f"{spec.name}-{i}", gen_spec(spec.name, steps=2, height=height, seed=i), prompt)
+    engine.run()
+    assert [(r.forwards, r.shapes, len(r.stepped)) for r in engine.results] == [(2, 4, 4)] * 2
+    assert set(engine.latents) == {"cogvideox-tiny-0", "cogvideox-tiny-1", "wan-tiny-0", "wan-tiny-1"}
 
 
 def test_failing_request_fails_alone():
     spec = tiny_spec("cogvideox")
-    core, worker, encoder = _engine(spec)
-    good, bad = encoder.encode_batch([EncodeRequest(spec.name, "a cat", ""), EncodeRequest(spec.name, "a dog", "")])
+    engine = Engine([spec])
+    good, bad = TextEncoderCore([spec]).encode_batch([EncodeRequest(spec.name, "a cat", ""),
+                                                      EncodeRequest(spec.name, "a dog", "")])
     bad.cond["encoder_hidden_states"] = torch.zeros(1, 16, 7)  # wrong width: its forward raises
-    core.admit(gen_spec(spec.name, steps=3, request_id="good"), good)
-    core.admit(gen_spec(spec.name, steps=3, request_id="bad"), bad)
-    done = _run_to_completion(core, worker)
-    assert done["good"].status is RequestStatus.FINISHED and done["good"].steps_done == 3
-    assert done["bad"].status is RequestStatus.FAILED and "transformer forward failed" in done["bad"].error
+    engine.admit("good", gen_spec(spec.name, steps=3), good)
+    engine.admit("bad", gen_spec(spec.name, steps=3), bad)
+    engine.run()
+    assert engine.done["good"].status is RequestStatus.FINISHED and engine.done["good"].steps_done == 3
+    bad = engine.done["bad"]
+    assert bad.status is RequestStatus.FAILED and "transformer forward failed" in bad.error
+    assert "bad" not in engine.runner.requests and not engine.runner.requests  # state freed on the worker
+
+
+def test_state_stays_on_the_runner_and_plans_carry_ids_only():
+    spec = tiny_spec("cogvideox")
+    engine = Engine([spec])
+    prompt = TextEncoderCore([spec]).encode_batch([EncodeRequest(spec.name, "a cat", "")])[0]
+    engine.admit("a", gen_spec(spec.name, steps=3, height=96, width=160), prompt)
+    first = engine.core.schedule()
+    assert first.new_requests[0].prompt is prompt
+    engine.core.postprocess(first, engine.runner.execute(first))
+    later = engine.core.schedule()
+    assert not later.new_requests and [(s.request_id, s.step_index) for s in later.scheduled] == [("a", 1)]
+    assert engine.runner.requests["a"].step == 1
 
 
 def test_vae_batched_decode_equals_alone():

@@ -12,11 +12,12 @@ import ray
 import yaml
 from ray import serve
 
+from attention.spmd import free_port
 from deployments.coder.tiny_model import write_tiny_coder
+from deployments.media import probe_mp4
 from k8s.dashboards import DASHBOARDS, dump
 from serve_graph.app import build_video_app
 from serve_graph.coder_app import build_coder_app
-from serve_graph.net import free_port
 from serve_graph.serve_configs import serve_application
 
 pytestmark = pytest.mark.serve
@@ -55,7 +56,7 @@ def scraped(tmp_path_factory) -> str:
     serve.run(build_coder_app(coder_args), name="coder", route_prefix="/coder")
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
         job = client.post("/v1/videos", json={"model": "wan-tiny", "prompt": "a cat", "resolution": "240p",
-                                              "num_frames": 5, "num_inference_steps": 2}).json()
+                                              "num_frames": 5, "num_inference_steps": 3}).json()
         with client.stream("POST", "/coder/v1/completions", json={"model": "tiny-coder", "prompt": "def f():",
                                                                    "max_tokens": 16, "stream": True}) as r:
             assert r.status_code == 200 and "data:" in r.read().decode()
@@ -63,6 +64,7 @@ def scraped(tmp_path_factory) -> str:
         while client.get(f"/v1/videos/{job['id']}").json()["status"] != "completed":
             assert time.time() < deadline
             time.sleep(0.2)
+        mp4 = client.get(f"/v1/videos/{job['id']}/content").content
     training = _record_training_step.remote()
     wanted, text = dashboard_metrics(), ""
     deadline = time.time() + 90
@@ -72,17 +74,24 @@ def scraped(tmp_path_factory) -> str:
             break
         time.sleep(2)
     ray.get(training)
-    yield text
+    yield text, mp4
     serve.shutdown()
     ray.shutdown()
 
 
 def test_every_dashboard_metric_is_exported(scraped):
-    exported = {line.split("{")[0].split(" ")[0] for line in scraped.splitlines() if line and line[0] != "#"}
+    text, _ = scraped
+    exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and line[0] != "#"}
     wanted = dashboard_metrics()
     assert {"ray_dit_step_duration_seconds_bucket", "ray_vllm_time_to_first_token_seconds_bucket",
             "ray_grpo_mean_reward"} <= wanted
     assert sorted(wanted - exported) == []
+
+
+def test_cpu_default_renders_240p_at_240_pixels(scraped):
+    """configs/local.yaml as served: a 240p 16:9 request is a 240-pixel-high video."""
+    _, mp4 = scraped
+    assert probe_mp4(mp4) == (5, 240, 432)
 
 
 def test_committed_dashboards_equal_their_rendering():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deployments.models import load_adapter
+from models import load_adapter
 from tests.conftest import tiny_spec
 
 
@@ -28,8 +28,8 @@ def test_checkpoint_round_trip_loads_only_requested_parts(family, tmp_path):
     sampler = reference.new_sampler(4, shape)
     x = reference.initial_latents(shape, seed=0, sampler=sampler)
     t = sampler.timesteps[1]
-    expected = reference.predict([x], [t], [prompt], [5.0])[0]
-    torch.testing.assert_close(worker.predict([x], [t], [prompt], [5.0])[0], expected, rtol=0, atol=1e-6)
+    expected = reference.forward_packed([x[0]], [t], [prompt.cond])[0]
+    torch.testing.assert_close(worker.forward_packed([x[0]], [t], [prompt.cond])[0], expected, rtol=0, atol=1e-6)
 
 
 def test_unknown_checkpoint_path_fails_clearly(tmp_path):

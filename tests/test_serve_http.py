@@ -12,10 +12,11 @@ import ray
 from PIL import Image
 from ray import serve
 
+from attention.spmd import free_port
 from deployments.media import probe_mp4
 from serve_graph.app import build_video_app
-from serve_graph.net import free_port
 from serve_graph.serve_configs import serve_application
+from tests.conftest import TEST_HEIGHTS
 
 pytestmark = pytest.mark.serve
 
@@ -23,6 +24,10 @@ pytestmark = pytest.mark.serve
 @pytest.fixture(scope="module")
 def client():
     args = serve_application("video")["args"]
+    for model in args["models"]:  # scaled-down sizes keep 720p, 60-step requests quick; mochi stops at 480p
+        if model["family"] != "sd3":
+            model["resolution_heights"] = {k: v for k, v in TEST_HEIGHTS.items()
+                                           if not (model["family"] == "mochi" and k == "720p")}
     # Two requests per step so that SRPTF's choice is visible over HTTP.
     args["scheduler"]["budget"]["max_batch_size"] = 2
     args["scheduler"]["max_pool_size"] = 6  # small, so that overload is cheap to reach
@@ -55,8 +60,13 @@ def wait(client, video_id: str, until=("completed", "failed", "cancelled"), time
 
 def test_models_and_health(client):
     assert client.get("/healthz").json() == {"status": "ok"}
-    models = {m["id"]: m["kind"] for m in client.get("/v1/models").json()["data"]}
-    assert models == {"cogvideox-tiny": "video", "wan-tiny": "video", "mochi-tiny": "video", "sd3-tiny": "image"}
+    cards = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert {name: card["kind"] for name, card in cards.items()} == {
+        "cogvideox-tiny": "video", "wan-tiny": "video", "mochi-tiny": "video", "sd3-tiny": "image"}
+    assert cards["mochi-tiny"]["resolutions"] == {"240p": 32, "360p": 48, "480p": 64}
+    assert cards["mochi-tiny"]["num_frames"] == [1, 7, 13]
+    assert cards["cogvideox-tiny"]["num_frames"] == [1, 9, 17] and cards["wan-tiny"]["num_frames"][:3] == [1, 5, 9]
+    assert cards["sd3-tiny"]["max_image_side"] == 512 and cards["sd3-tiny"]["resolutions"] is None
 
 
 def test_mixed_concurrent_requests_complete_with_valid_mp4(client):

@@ -12,7 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from serve_graph.serve_configs import PROJECT_ROOT
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+"""The checkout: relative checkpoint, data and storage paths in configs resolve against it."""
 
 
 class _Frozen(BaseModel):

@@ -1,18 +1,18 @@
-"""Registry of model adapters; a family's module is imported only when a config names it."""
+"""Model adapters (one per diffusers family) and their packed forwards; a family is imported only when named."""
 
 from __future__ import annotations
 
 import importlib
 from typing import Iterable
 
-from deployments.models.base import DiffusionAdapter, Part
-from serve_graph.config import ModelSpec
+from models.base import DiffusionAdapter, Part
+from models.spec import ModelSpec
 
 _REGISTRY: dict[str, str] = {
-    "cogvideox": "deployments.models.cogvideox:CogVideoXAdapter",
-    "mochi": "deployments.models.mochi:MochiAdapter",
-    "wan": "deployments.models.wan:WanAdapter",
-    "sd3": "deployments.models.sd3:SD3Adapter",
+    "cogvideox": "models.cogvideox:CogVideoXAdapter",
+    "mochi": "models.mochi:MochiAdapter",
+    "wan": "models.wan:WanAdapter",
+    "sd3": "models.sd3:SD3Adapter",
 }
 
 

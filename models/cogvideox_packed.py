@@ -15,9 +15,8 @@ import torch
 from diffusers import CogVideoXTransformer3DModel
 from diffusers.models.embeddings import apply_rotary_emb
 
-from deployments.models.packed import (
-    AttentionContext, LocalAttention, PackedRequest, Segment, gather_rows, per_row, rows_by_request,
-)
+from attention.context import AttentionContext, LocalAttention, Segment, gather_rows, per_row, rows_by_request
+from models.packed import PackedRequest
 
 
 def _video_tokens(model: CogVideoXTransformer3DModel, latents: torch.Tensor) -> int:
@@ -105,9 +104,15 @@ def unpatchify(model: CogVideoXTransformer3DModel, request: PackedRequest, rows:
     return video.permute(0, 3, 1, 4, 2, 5).flatten(4, 5).flatten(2, 3)
 
 
+def output_rows(model: CogVideoXTransformer3DModel, requests: list[PackedRequest],
+                ctx: AttentionContext) -> dict[int, tuple[int, torch.Tensor]]:
+    """{request: (first token, output rows)} of the tokens this process holds, ready for unpatchify."""
+    rows, segments = forward_rows(model, requests, ctx)
+    return rows_by_request(rows, segments)
+
+
 def forward_packed(model: CogVideoXTransformer3DModel, requests: list[PackedRequest],
                    ctx: AttentionContext | None = None) -> list[torch.Tensor]:
-    """Noise predictions of every request, computed in one packed pass in this process."""
-    rows, segments = forward_rows(model, requests, ctx or LocalAttention())
-    by_request = rows_by_request(rows, segments)
+    """Predictions of every request, computed in one packed pass in this process."""
+    by_request = output_rows(model, requests, ctx or LocalAttention())
     return [unpatchify(model, r, by_request[i][1]) for i, r in enumerate(requests)]

@@ -8,15 +8,18 @@ import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 from transformers import UMT5Config, UMT5EncoderModel
 
-from deployments.models.base import Condition, DiffusionAdapter, EncodedPrompt, Geometry, Part, split_rows
-from deployments.models.tokenizer import TINY_VOCAB_SIZE, build_tiny_tokenizer
-from serve_graph.config import ModelSpec
+from models import wan_packed
+from models.base import Condition, DiffusionAdapter, EncodedPrompt, Geometry, Part, split_rows
+from models.packed import PackedRequest
+from models.spec import ModelSpec
+from models.tokenizer import TINY_VOCAB_SIZE, build_tiny_tokenizer
 
 
 class WanAdapter(DiffusionAdapter):
     """Latents are (C, F, H, W) per request. Wan 2.2's two-expert checkpoints are refused at load."""
 
     family = "wan"
+    packed_module = wan_packed
     pipeline_cls = WanPipeline
     transformer_cls = WanTransformer3DModel
     vae_cls = AutoencoderKLWan
@@ -37,7 +40,7 @@ class WanAdapter(DiffusionAdapter):
             "transformer": dict(
                 patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
                 text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-                qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+                qk_norm="rms_norm_across_heads", rope_max_seq_len=1024,
             ),
             "vae": dict(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                         temperal_downsample=[False, True, True]),
@@ -75,11 +78,8 @@ class WanAdapter(DiffusionAdapter):
         return (self.transformer_config["in_channels"], g.latent_frames(num_frames),
                 height // g.spatial_factor, width // g.spatial_factor)
 
-    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Condition) -> torch.Tensor:
-        return self.pipeline.transformer(
-            hidden_states=latents, timestep=timesteps, encoder_hidden_states=cond["encoder_hidden_states"],
-            return_dict=False,
-        )[0]
+    def packed_request(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Condition) -> PackedRequest:
+        return PackedRequest(latents, timestep, cond["encoder_hidden_states"][0])
 
     def decode_to_pixels(self, latents: torch.Tensor) -> torch.Tensor:
         config = self.pipeline.vae.config

@@ -13,9 +13,8 @@ from __future__ import annotations
 import torch
 from diffusers import WanTransformer3DModel
 
-from deployments.models.packed import (
-    AttentionContext, LocalAttention, PackedRequest, Segment, gather_rows, per_row, rows_by_request,
-)
+from attention.context import AttentionContext, LocalAttention, Segment, gather_rows, per_row, rows_by_request
+from models.packed import PackedRequest
 
 
 def _grid(model: WanTransformer3DModel, latents: torch.Tensor) -> tuple[int, int, int]:
@@ -101,9 +100,15 @@ def unpatchify(model: WanTransformer3DModel, request: PackedRequest, rows: torch
     return out.flatten(5, 6).flatten(3, 4).flatten(1, 2)
 
 
+def output_rows(model: WanTransformer3DModel, requests: list[PackedRequest],
+                ctx: AttentionContext) -> dict[int, tuple[int, torch.Tensor]]:
+    """{request: (first token, output rows)} of the tokens this process holds, ready for unpatchify."""
+    rows, segments = forward_rows(model, requests, ctx)
+    return rows_by_request(rows, segments)
+
+
 def forward_packed(model: WanTransformer3DModel, requests: list[PackedRequest],
                    ctx: AttentionContext | None = None) -> list[torch.Tensor]:
-    """Noise predictions of every request, computed in one packed pass in this process."""
-    rows, segments = forward_rows(model, requests, ctx or LocalAttention())
-    by_request = rows_by_request(rows, segments)
+    """Predictions of every request, computed in one packed pass in this process."""
+    by_request = output_rows(model, requests, ctx or LocalAttention())
     return [unpatchify(model, r, by_request[i][1]) for i, r in enumerate(requests)]

@@ -10,10 +10,12 @@ from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, Mochi
 from diffusers.pipelines.mochi.pipeline_mochi import linear_quadratic_schedule
 from transformers import T5EncoderModel
 
-from deployments.models.base import Condition, DiffusionAdapter, EncodedPrompt, Geometry, Part, split_rows
-from deployments.models.cogvideox import tiny_t5_config
-from deployments.models.tokenizer import build_tiny_tokenizer
-from serve_graph.config import ModelSpec
+from models import mochi_packed
+from models.base import Condition, DiffusionAdapter, EncodedPrompt, Geometry, Part, split_rows
+from models.cogvideox import tiny_t5_config
+from models.packed import PackedRequest
+from models.spec import ModelSpec
+from models.tokenizer import build_tiny_tokenizer
 
 # Mochi's pipeline hard-codes its VAE's compression (8x spatial, 6x temporal) and sigma schedule.
 _SPATIAL, _TEMPORAL, _THRESHOLD_NOISE = 8, 6, 0.025
@@ -23,6 +25,7 @@ class MochiAdapter(DiffusionAdapter):
     """Latents are (C, F, H, W) per request; text rows carry an attention mask."""
 
     family = "mochi"
+    packed_module = mochi_packed
     pipeline_cls = MochiPipeline
     transformer_cls = MochiTransformer3DModel
     vae_cls = AutoencoderKLMochi
@@ -73,12 +76,10 @@ class MochiAdapter(DiffusionAdapter):
         sigmas = np.array(linear_quadratic_schedule(num_steps, _THRESHOLD_NOISE))
         sampler.set_timesteps(sigmas=sigmas, device="cpu")
 
-    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Condition) -> torch.Tensor:
-        return self.pipeline.transformer(
-            hidden_states=latents, encoder_hidden_states=cond["encoder_hidden_states"],
-            timestep=timesteps.to(latents.dtype), encoder_attention_mask=cond["encoder_attention_mask"],
-            return_dict=False,
-        )[0]
+    def packed_request(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Condition) -> PackedRequest:
+        """Only the unmasked text tokens: what Mochi's joint attention attends to."""
+        valid = cond["encoder_attention_mask"][0].bool()
+        return PackedRequest(latents, timestep.to(latents.dtype), cond["encoder_hidden_states"][0][valid])
 
     def decode_to_pixels(self, latents: torch.Tensor) -> torch.Tensor:
         config = self.pipeline.vae.config

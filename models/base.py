@@ -4,12 +4,12 @@ The engine never calls a diffusers pipeline's `__call__` (that loop denoises one
 batch of same-shaped requests from start to end). Instead an adapter exposes the
 pieces of that loop one at a time, so the step scheduler can interleave requests:
 
-    encode()          prompt -> Condition                (TextEncoder)
-    new_sampler()     a fresh diffusers scheduler per request (StepScheduler)
-    initial_latents() seeded noise                       (StepScheduler)
-    predict()         one transformer forward + CFG      (DiTWorker)
-    sampler_step()    x_t -> x_{t-1} for one request     (StepScheduler)
-    decode()          latents -> uint8 frames            (VaeDecoder)
+    encode()          prompt -> Condition                          (TextEncoder)
+    new_sampler()     a fresh diffusers scheduler per request      (ModelRunner)
+    initial_latents() seeded noise                                 (ModelRunner)
+    forward_packed()  one packed transformer pass, any shapes      (ModelRunner)
+    sampler_step()    x_t -> x_{t-1} for one request               (ModelRunner)
+    decode()          latents -> uint8 frames                      (VaeDecoder)
 
 Each deployment loads only the parts it needs (`parts=`), so a replica of the
 text encoder never holds the transformer's weights. The tiny variant builds every
@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, ClassVar, Iterable, Literal
 
 import numpy as np
@@ -30,7 +31,8 @@ from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
-from serve_graph.config import ModelSpec
+from models.packed import PackedRequest
+from models.spec import ModelSpec
 
 Part = Literal["text", "transformer", "vae"]
 Condition = dict[str, torch.Tensor]
@@ -81,6 +83,15 @@ class EncodedPrompt:
     cond: Condition
     uncond: Condition | None
 
+    @property
+    def rows_in_order(self) -> list[Condition]:
+        """The forward rows as a step lays them out: [uncond, cond] with CFG, [cond] without."""
+        return [self.cond] if self.uncond is None else [self.uncond, self.cond]
+
+    def to(self, device: torch.device) -> "EncodedPrompt":
+        move = lambda c: {k: v.to(device) for k, v in c.items()}  # noqa: E731
+        return EncodedPrompt(move(self.cond), None if self.uncond is None else move(self.uncond))
+
 
 def split_rows(negative_prompts: list[str | None], cond: dict[str, torch.Tensor],
                uncond: dict[str, torch.Tensor]) -> list[EncodedPrompt]:
@@ -94,7 +105,7 @@ def split_rows(negative_prompts: list[str | None], cond: dict[str, torch.Tensor]
 
 
 class DiffusionAdapter(ABC):
-    """Abstract base of a model family; subclasses register in `deployments.models`."""
+    """Abstract base of a model family; subclasses register in `models`."""
 
     family: ClassVar[str]
     pipeline_cls: ClassVar[type[DiffusionPipeline]]
@@ -194,38 +205,27 @@ class DiffusionAdapter(ABC):
         return sampler.step(noise_pred, t, latents, return_dict=False)[0]
 
     # ---- transformer ----------------------------------------------------
+    packed_module: ClassVar[ModuleType]
+    """The family's packed forward (`models/<family>_packed.py`)."""
+
     @abstractmethod
-    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Condition) -> torch.Tensor:
-        """One transformer forward over same-shaped rows at (possibly) different timesteps."""
+    def packed_request(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Condition) -> PackedRequest:
+        """One forward row's input in the packed forward's per-sample layout (no batch dim)."""
 
-    @torch.no_grad()
-    def predict(self, latents: list[torch.Tensor], timesteps: list[torch.Tensor],
-                prompts: list[EncodedPrompt], guidance_scales: list[float]) -> list[torch.Tensor]:
-        """Guided noise predictions for same-shaped requests in one forward.
+    @property
+    def transformer(self) -> torch.nn.Module:
+        return self.pipeline.transformer
 
-        Rows are laid out request by request: [uncond, cond] with CFG, [cond] without.
-        Returns one float32 prediction per request, shaped like its latents.
+    def forward_packed(self, latents: list[torch.Tensor], timesteps: list[torch.Tensor],
+                       conds: list[Condition]) -> list[torch.Tensor]:
+        """Predictions of many rows of any shapes, text lengths and timesteps in one transformer pass.
+
+        latents[i] has this family's per-request layout without the batch dim; the result
+        is one prediction per row shaped like it, in the transformer's dtype.
         """
-        rows_x, rows_t, rows_c = [], [], []
-        for x, t, prompt in zip(latents, timesteps, prompts):
-            for c in ([prompt.uncond] if prompt.uncond is not None else []) + [prompt.cond]:
-                rows_x.append(x)
-                rows_t.append(t.reshape(1))
-                rows_c.append(c)
-        cond = {k: torch.cat([c[k] for c in rows_c]).to(self.device) for k in rows_c[0]}
-        x = torch.cat(rows_x).to(self.device, self.dtype)
-        t = torch.cat(rows_t).to(self.device)
-        out = self.forward(x, t, cond).float().cpu()
-        preds, row = [], 0
-        for prompt, scale in zip(prompts, guidance_scales):
-            if prompt.uncond is not None:
-                uncond, text = out[row : row + 1], out[row + 1 : row + 2]
-                preds.append(uncond + scale * (text - uncond))
-                row += 2
-            else:
-                preds.append(out[row : row + 1])
-                row += 1
-        return preds
+        rows = [self.packed_request(x.to(self.device), t.to(self.device), c)
+                for x, t, c in zip(latents, timesteps, conds)]
+        return self.packed_module.forward_packed(self.transformer, rows)
 
     # ---- vae ------------------------------------------------------------
     @abstractmethod

@@ -9,10 +9,12 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5EncoderModel
 
-from deployments.models.base import Condition, DiffusionAdapter, EncodedPrompt, Geometry, Part, split_rows
-from deployments.models.cogvideox import tiny_t5_config
-from deployments.models.tokenizer import TINY_VOCAB_SIZE, build_tiny_tokenizer
-from serve_graph.config import ModelSpec
+from models import sd3_packed
+from models.base import Condition, DiffusionAdapter, EncodedPrompt, Geometry, Part, split_rows
+from models.cogvideox import tiny_t5_config
+from models.packed import PackedRequest
+from models.spec import ModelSpec
+from models.tokenizer import TINY_VOCAB_SIZE, build_tiny_tokenizer
 
 _CLIP_TOKENS = 77  # SD3 always encodes 77 CLIP tokens in front of the T5 tokens
 
@@ -21,6 +23,7 @@ class SD3Adapter(DiffusionAdapter):
     """Latents are (C, H, W) per request; the condition adds CLIP's pooled projection."""
 
     family = "sd3"
+    packed_module = sd3_packed
     pipeline_cls = StableDiffusion3Pipeline
     transformer_cls = SD3Transformer2DModel
     vae_cls = AutoencoderKL
@@ -84,11 +87,9 @@ class SD3Adapter(DiffusionAdapter):
                              config.get("base_shift", 0.5), config.get("max_shift", 1.16))
         sampler.set_timesteps(num_steps, device="cpu", mu=mu)
 
-    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Condition) -> torch.Tensor:
-        return self.pipeline.transformer(
-            hidden_states=latents, encoder_hidden_states=cond["encoder_hidden_states"],
-            pooled_projections=cond["pooled_projections"], timestep=timesteps, return_dict=False,
-        )[0]
+    def packed_request(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Condition) -> PackedRequest:
+        return PackedRequest(latents, timestep, cond["encoder_hidden_states"][0],
+                             pooled=cond["pooled_projections"][0])
 
     def decode_to_pixels(self, latents: torch.Tensor) -> torch.Tensor:
         config = self.pipeline.vae.config

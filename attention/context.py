@@ -1,17 +1,15 @@
-"""Packed DiT forward: one transformer pass over requests of different shapes, no padding.
+"""Attention contexts: which tokens of a packed step this process holds, and how they attend.
 
-A step's requests differ in resolution, frame count, text length and timestep.
-Their tokens are concatenated into one (rows, hidden) tensor; everything
-token-wise (projections, norms, FFN, per-token timestep modulation, RoPE) runs on
-all rows at once, and attention runs per request through an `AttentionContext`:
+A packed DiT forward (`models/*_packed.py`) concatenates the tokens of many
+requests into one (rows, hidden) tensor. Everything token-wise runs on all rows
+at once; attention runs per request through an `AttentionContext`:
 
 - `LocalAttention`: every request whole in this process, varlen attention;
 - `ShardedAttention`: this rank holds the shards a `BrickPlan` gives it, and
   self-attention is Brick Attention over each request's ring.
 
-The family modules (`packed_wan.py`, `packed_cogvideox.py`) reuse the diffusers
-model's own submodules and weights, so any diffusers checkpoint works, and their
-results equal diffusers' forward run on each request alone (tested).
+A `Segment` says which rows hold which tokens of which request; the helpers below
+move per-request tensors to rows and back.
 """
 
 from __future__ import annotations
@@ -24,17 +22,7 @@ import torch.distributed as dist
 
 from attention.plan import BrickPlan
 from attention.ring import brick_attention
-from attention.varlen import VarlenBackend, varlen_attention
-
-
-@dataclass(frozen=True)
-class PackedRequest:
-    """One request's transformer input, without a batch dimension (diffusers' per-sample layout)."""
-
-    latents: torch.Tensor
-    timestep: torch.Tensor
-    text: torch.Tensor  # (text_tokens, text_dim)
-    rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # CogVideoX 5b-style RoPE (cos, sin) of video tokens
+from attention.varlen import VarlenBackend, offsets, varlen_attention
 
 
 @dataclass(frozen=True)
@@ -49,13 +37,6 @@ class Segment:
     @property
     def tokens(self) -> slice:
         return slice(self.token_start, self.token_start + self.length)
-
-
-def offsets(lengths: list[int]) -> list[int]:
-    out = [0]
-    for n in lengths:
-        out.append(out[-1] + n)
-    return out
 
 
 class AttentionContext(ABC):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -14,9 +15,11 @@ from diffusers import (
 )
 from transformers import T5Config, T5EncoderModel
 
-from deployments.models.base import Condition, DiffusionAdapter, EncodedPrompt, Geometry, Part, split_rows
-from deployments.models.tokenizer import TINY_VOCAB_SIZE, build_tiny_tokenizer
-from serve_graph.config import ModelSpec
+from models import cogvideox_packed
+from models.base import Condition, DiffusionAdapter, EncodedPrompt, Geometry, Part, split_rows
+from models.packed import PackedRequest
+from models.spec import ModelSpec
+from models.tokenizer import TINY_VOCAB_SIZE, build_tiny_tokenizer
 
 
 def tiny_t5_config() -> T5Config:
@@ -28,6 +31,7 @@ class CogVideoXAdapter(DiffusionAdapter):
     """Latents are (F, C, H, W) per request, as CogVideoX's transformer takes them."""
 
     family = "cogvideox"
+    packed_module = cogvideox_packed
     pipeline_cls = CogVideoXPipeline
     transformer_cls = CogVideoXTransformer3DModel
     vae_cls = AutoencoderKLCogVideoX
@@ -102,18 +106,19 @@ class CogVideoXAdapter(DiffusionAdapter):
         extra["prev_timestep"] = t
         return latents
 
-    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Condition) -> torch.Tensor:
+    def packed_request(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Condition) -> PackedRequest:
         rotary = None
         if self.transformer_config.get("use_rotary_positional_embeddings"):
-            frames, _, h, w = latents.shape[1:]
-            self.pipeline.vae_scale_factor_spatial = self.geometry.spatial_factor
-            rotary = self.pipeline._prepare_rotary_positional_embeddings(
-                h * self.geometry.spatial_factor, w * self.geometry.spatial_factor, frames, self.device
-            )
-        return self.pipeline.transformer(
-            hidden_states=latents, encoder_hidden_states=cond["encoder_hidden_states"], timestep=timesteps,
-            image_rotary_emb=rotary, return_dict=False,
-        )[0]
+            frames, _, h, w = latents.shape
+            rotary = self._rotary(frames, h, w)
+        return PackedRequest(latents, timestep, cond["encoder_hidden_states"][0], rotary)
+
+    @lru_cache(maxsize=64)
+    def _rotary(self, frames: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """CogVideoX 5b-style 3D RoPE of one latent shape (the same for every request of that shape)."""
+        self.pipeline.vae_scale_factor_spatial = self.geometry.spatial_factor
+        f = self.geometry.spatial_factor
+        return self.pipeline._prepare_rotary_positional_embeddings(height * f, width * f, frames, self.device)
 
     def decode_to_pixels(self, latents: torch.Tensor) -> torch.Tensor:
         latents = latents.permute(0, 2, 1, 3, 4) / self.pipeline.vae.config.scaling_factor

@@ -1,15 +1,17 @@
 """Scheduling policies: which pooled requests run in the next denoising step.
 
-A policy only orders the pool; the step scheduler then fills the step budget in
-that order. New policies subclass `SchedulingPolicy` and register in `POLICIES`.
+A policy only ranks requests (`priority`, smaller runs first); the run queue keeps
+the pool in that order, starved requests first when `starvation_timeout_s` is set,
+and the step scheduler fills the step budget in that order. New policies subclass
+`SchedulingPolicy` and register in `POLICIES`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar, Iterable
+from typing import ClassVar
 
-from deployments.request import RequestState
+from engine.request import RequestMeta
 
 
 class SchedulingPolicy(ABC):
@@ -19,21 +21,8 @@ class SchedulingPolicy(ABC):
         self.starvation_timeout_s = starvation_timeout_s
 
     @abstractmethod
-    def priority(self, request: RequestState) -> tuple:
+    def priority(self, request: RequestMeta) -> tuple:
         """Sort key: smaller runs first."""
-
-    def order(self, pool: Iterable[RequestState], now: float) -> list[RequestState]:
-        """Pool in run order. Starved requests (not stepped for `starvation_timeout_s`) go first, oldest first."""
-        timeout = self.starvation_timeout_s
-        if timeout is None:
-            return sorted(pool, key=self.priority)
-
-        def key(r: RequestState) -> tuple:
-            since = r.last_scheduled_time if r.last_scheduled_time is not None else r.arrival_time
-            starved = now - since >= timeout
-            return (0, since) if starved else (1, *self.priority(r))
-
-        return sorted(pool, key=key)
 
 
 class FIFOPolicy(SchedulingPolicy):
@@ -41,12 +30,15 @@ class FIFOPolicy(SchedulingPolicy):
 
     name = "fifo"
 
-    def priority(self, request: RequestState) -> tuple:
+    def priority(self, request: RequestMeta) -> tuple:
         return (request.arrival_time,)
 
 
 class SRPTFPolicy(SchedulingPolicy):
     """Shortest remaining processing time first: L = remaining steps x sequence length.
+
+    `priority` spells out `RequestMeta.remaining_cost` inline: it is the hottest line of
+    the scheduler (one call per pooled request per step).
 
     Without a starvation timeout a long request can wait forever while shorter ones
     keep arriving; set `starvation_timeout_s` to bound its wait.
@@ -54,8 +46,8 @@ class SRPTFPolicy(SchedulingPolicy):
 
     name = "srptf"
 
-    def priority(self, request: RequestState) -> tuple:
-        return (request.remaining_cost, request.arrival_time)
+    def priority(self, request: RequestMeta) -> tuple:
+        return ((request.total_steps - request.steps_scheduled) * request.seq_len, request.arrival_time)
 
 
 POLICIES: dict[str, type[SchedulingPolicy]] = {p.name: p for p in (FIFOPolicy, SRPTFPolicy)}

@@ -1,0 +1,90 @@
+"""Typed messages between the step scheduler and the model runner (vLLM v1's new / cached / finished split).
+
+- `NewRequest` travels once, in the first plan that schedules the request: the
+  runner creates its latents and sampler on its device and keeps its embeddings.
+- `StepPlan` is every later step's payload: ids in packed order with the step
+  index each runs, and ids to free. Ids and small integers only (~100 bytes per
+  request), where the previous design shipped every latent and embedding per step.
+- `StepResult` answers with the ids stepped, per-request errors, and the final
+  latents of requests that finished in this step (each request's latents cross
+  processes exactly once, on their way to the VAE).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+from engine.request import GenerationSpec
+from models.base import DiffusionAdapter, EncodedPrompt
+
+
+@dataclass(frozen=True)
+class NewRequest:
+    request_id: str
+    model: str
+    latent_shape: tuple[int, ...]
+    seq_len: int  # transformer tokens of one forward row (latent patches + text), for the budget and SRPTF
+    seed: int
+    num_steps: int
+    guidance_scale: float
+    prompt: EncodedPrompt | None  # None only where no runner exists (the simulator)
+    cfg: bool
+
+    @classmethod
+    def from_spec(cls, request_id: str, spec: GenerationSpec, prompt: EncodedPrompt | None,
+                  adapter: DiffusionAdapter) -> "NewRequest":
+        """The engine's view of a validated request; `adapter` needs only its configs (parts=())."""
+        return cls(request_id=request_id, model=spec.model,
+                   latent_shape=adapter.latent_shape(spec.height, spec.width, spec.num_frames),
+                   seq_len=adapter.geometry.seq_len(spec.height, spec.width, spec.num_frames), seed=spec.seed,
+                   num_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale, prompt=prompt,
+                   cfg=spec.uses_cfg)
+
+    def __post_init__(self) -> None:
+        if self.prompt is not None and (self.prompt.uncond is not None) != self.cfg:
+            raise ValueError(f"{self.request_id}: cfg={self.cfg} but the prompt "
+                             f"{'has' if self.prompt.uncond is not None else 'lacks'} an unconditional row")
+
+    @property
+    def rows(self) -> int:
+        """Forward rows per step: 2 with classifier-free guidance (uncond + cond), else 1."""
+        return 2 if self.cfg else 1
+
+
+@dataclass(frozen=True)
+class ScheduledStep:
+    request_id: str
+    step_index: int  # the runner checks it against its own counter
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    step_id: int
+    new_requests: tuple[NewRequest, ...]
+    scheduled: tuple[ScheduledStep, ...]  # packed order
+    free: tuple[str, ...]  # cancelled requests whose state the runner drops
+    num_tokens: int
+
+    @property
+    def request_ids(self) -> list[str]:
+        return [s.request_id for s in self.scheduled]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step_id: int
+    stepped: tuple[str, ...]
+    errors: Mapping[str, str] = field(default_factory=dict)
+    finished: Mapping[str, torch.Tensor] = field(default_factory=dict)  # final latents (1, *shape), on CPU
+    forwards: int = 0  # transformer forwards run (1 per model present; more only when isolating a fault)
+    shapes: int = 0  # distinct latent shapes packed in this step
+    forward_seconds: float = 0.0
+    idle_before_seconds: float = 0.0  # runner idle time between the previous step's end and this one's start
+
+    @classmethod
+    def all_stepped(cls, plan: StepPlan) -> "StepResult":
+        """Every scheduled request ran: what the scheduler sees of a step when no model runs (simulator, tests)."""
+        return cls(plan.step_id, tuple(plan.request_ids))

@@ -1,0 +1,180 @@
+"""The model runner: one rank's persistent batch and its step.
+
+Request state lives here, on the runner's device, from admission to finish: the
+latents, the request's own diffusers sampler (they are stateful), per-request
+sampler extras and the prompt embeddings. A `StepPlan` names which requests run
+this step and in which order; `execute` then
+
+    frees cancelled requests and admits new ones (seeded noise, a fresh sampler),
+    prepare_inputs()   groups the scheduled requests by model, packed order kept,
+    one packed transformer forward per model (all shapes, text lengths, timesteps),
+    classifier-free guidance, then each request's own sampler.step() on the device,
+
+and answers with a `StepResult`: ids stepped, per-request errors, and the final
+latents of the requests that finished (their only trip off the device). If a
+model's packed forward raises, its requests are retried one by one so only the
+request at fault fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from engine.messages import NewRequest, StepPlan, StepResult
+from models.base import DiffusionAdapter, EncodedPrompt
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class RunnerRequest:
+    """One request's device state."""
+
+    request: NewRequest
+    prompt: EncodedPrompt  # on the runner's device
+    latents: torch.Tensor  # (1, *latent_shape), float32, on the runner's device
+    sampler: Any
+    step: int = 0
+    sampler_extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def timestep(self) -> torch.Tensor:
+        return self.sampler.timesteps[self.step]
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.sampler.timesteps)
+
+
+class ModelRunner:
+    def __init__(self, adapters: Mapping[str, DiffusionAdapter]) -> None:
+        self.adapters = adapters
+        self.requests: dict[str, RunnerRequest] = {}
+        self._last_step_end: float | None = None
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        start = time.perf_counter()
+        idle = 0.0 if self._last_step_end is None else start - self._last_step_end
+        for request_id in plan.free:
+            self.requests.pop(request_id, None)
+        errors: dict[str, str] = {}
+        for new in plan.new_requests:
+            try:
+                self.requests[new.request_id] = self._admit(new)
+            except Exception as exc:  # a bad request fails alone
+                logger.exception("admitting %s failed", new.request_id)
+                errors[new.request_id] = f"admission failed on the worker: {exc!r}"
+        batch = self.prepare_inputs(plan, errors)
+        stepped: list[str] = []
+        finished: dict[str, torch.Tensor] = {}
+        forwards = 0
+        for model, requests in batch.items():
+            predictions, runs = self._predict(model, requests, errors)
+            forwards += runs
+            for request, prediction in predictions:
+                self._advance(model, request, prediction, errors, stepped, finished)
+        for request_id in errors:
+            self.requests.pop(request_id, None)
+        shapes = {(r.request.model, r.request.latent_shape) for group in batch.values() for r in group}
+        self._last_step_end = time.perf_counter()
+        return StepResult(plan.step_id, tuple(stepped), errors, finished, forwards, len(shapes),
+                          self._last_step_end - start, idle)
+
+    # ---- admission --------------------------------------------------------
+    def _admit(self, new: NewRequest) -> RunnerRequest:
+        if new.request_id in self.requests:
+            raise ValueError(f"request {new.request_id!r} is already held by this runner")
+        if new.prompt is None:
+            raise ValueError("a NewRequest without prompt embeddings cannot run")
+        adapter = self.adapters[new.model]
+        sampler = adapter.new_sampler(new.num_steps, new.latent_shape)
+        if len(sampler.timesteps) != new.num_steps:
+            raise ValueError(f"the sampler made {len(sampler.timesteps)} timesteps for {new.num_steps} steps")
+        latents = adapter.initial_latents(new.latent_shape, new.seed, sampler).to(adapter.device)
+        return RunnerRequest(new, new.prompt.to(adapter.device), latents, sampler)
+
+    # ---- the step ---------------------------------------------------------
+    def prepare_inputs(self, plan: StepPlan, errors: dict[str, str]) -> dict[str, list[RunnerRequest]]:
+        """Scheduled requests grouped by model, in packed order; unknown or out-of-step ones fail."""
+        batch: dict[str, list[RunnerRequest]] = defaultdict(list)
+        for scheduled in plan.scheduled:
+            if scheduled.request_id in errors:
+                continue
+            request = self.requests.get(scheduled.request_id)
+            if request is None:
+                errors[scheduled.request_id] = "the worker holds no state for this request (lost in a worker restart)"
+            elif request.step != scheduled.step_index:
+                errors[scheduled.request_id] = (f"step index mismatch: planned {scheduled.step_index}, "
+                                                f"the worker is at {request.step}")
+            else:
+                batch[request.request.model].append(request)
+        return batch
+
+    @torch.no_grad()
+    def _predict(self, model: str, requests: list[RunnerRequest], errors: dict[str, str],
+                 ) -> tuple[list[tuple[RunnerRequest, torch.Tensor]], int]:
+        """Guided predictions of one model's requests in one packed forward (isolating faults if it raises)."""
+        try:
+            return list(zip(requests, self._guided(model, requests))), 1
+        except Exception:
+            logger.exception("packed forward of %s failed; isolating %d requests", model, len(requests))
+        out = []
+        for request in requests:
+            try:
+                out.append((request, self._guided(model, [request])[0]))
+            except Exception as exc:
+                errors[request.request.request_id] = f"transformer forward failed: {exc!r}"
+        return out, 1 + len(requests)
+
+    def _guided(self, model: str, requests: list[RunnerRequest]) -> list[torch.Tensor]:
+        """One packed forward over every CFG row ([uncond, cond] per request with CFG); float32 predictions."""
+        adapter = self.adapters[model]
+        latents, timesteps, conds = [], [], []
+        for r in requests:
+            x = _model_input(r).to(adapter.dtype)
+            for cond in r.prompt.rows_in_order:
+                latents.append(x)
+                timesteps.append(r.timestep)
+                conds.append(cond)
+        out = adapter.forward_packed(latents, timesteps, conds)
+        preds, row = [], 0
+        for r in requests:
+            if r.request.cfg:
+                uncond, text = out[row].float(), out[row + 1].float()
+                preds.append(uncond + r.request.guidance_scale * (text - uncond))
+            else:
+                preds.append(out[row].float())
+            row += r.request.rows
+        return preds
+
+    def _advance(self, model: str, request: RunnerRequest, prediction: torch.Tensor, errors: dict[str, str],
+                 stepped: list[str], finished: dict[str, torch.Tensor]) -> None:
+        request_id = request.request.request_id
+        try:
+            request.latents = self.adapters[model].sampler_step(request.sampler, prediction, request.timestep,
+                                                                request.latents, request.sampler_extra)
+        except Exception as exc:  # a sampler fault fails this request only
+            logger.exception("sampler step failed for %s", request_id)
+            errors[request_id] = f"sampler step failed: {exc!r}"
+            return
+        if not torch.isfinite(request.latents).all():
+            errors[request_id] = f"non-finite latents after step {request.step + 1}"
+            return
+        request.step += 1
+        stepped.append(request_id)
+        if request.step == request.total_steps:
+            finished[request_id] = request.latents.cpu()
+            del self.requests[request_id]
+
+
+def _model_input(request: RunnerRequest) -> torch.Tensor:
+    """Latents as the transformer takes them at this step (some samplers rescale them), without the batch dim."""
+    scale = getattr(request.sampler, "scale_model_input", None)  # flow-matching samplers have none
+    latents = scale(request.latents, request.timestep) if scale is not None else request.latents
+    return latents[0]

@@ -1,0 +1,175 @@
+"""Step-level continuous batching: the pool, the step budget, and plans that run ahead of results.
+
+`StepSchedulerCore` is plain Python with no Ray and no tensors: it keeps one
+`RequestMeta` per pooled request and turns the pool into `StepPlan`s. The Serve
+shell (`deployments.step_scheduler`) and the benchmark simulator drive it the same
+way, one step reading like a sentence:
+
+    plan = core.schedule()            # policy + budget over the pool
+    result = runner.execute(plan)     # one packed forward per model, samplers on the device
+    core.postprocess(plan, result)    # counters; finished / failed requests leave
+
+`schedule()` may be called again before the previous plan's result is back: it
+assumes in-flight steps succeed (a request's next step index is `steps_scheduled`),
+so the worker never waits for the scheduler between two forwards.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from engine.config import BudgetConfig
+from engine.messages import NewRequest, ScheduledStep, StepPlan, StepResult
+from engine.policies import SchedulingPolicy
+from engine.request import RequestMeta, RequestStatus
+from engine.run_queue import RunQueue
+
+
+class PoolFullError(RuntimeError):
+    """The pool holds `max_pool_size` requests; the caller should shed load (HTTP 429)."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    status: RequestStatus
+    steps_done: int
+    total_steps: int
+    first_step_time: float | None
+
+
+class StepSchedulerCore:
+    def __init__(self, policy: SchedulingPolicy, budget: BudgetConfig, max_pool_size: int = 256,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.policy = policy
+        self.budget = budget
+        self.max_pool_size = max_pool_size
+        self.clock = clock
+        self.pool: dict[str, RequestMeta] = {}
+        self.queue = RunQueue(policy)  # the pooled requests that still have a step to schedule
+        self._unsent: dict[str, NewRequest] = {}  # admitted, not yet handed to the runner
+        self._to_free: list[str] = []
+        self._done: list[RequestMeta] = []
+        self._step_id = 0
+
+    # ---- admission / control ------------------------------------------
+    def admit(self, request: NewRequest) -> RequestMeta:
+        """Add a request to the pool; its `NewRequest` goes to the runner with the first plan that runs it."""
+        if len(self.pool) >= self.max_pool_size:
+            raise PoolFullError(f"pool is full ({self.max_pool_size} requests); retry later")
+        if request.request_id in self.pool:
+            raise ValueError(f"request {request.request_id!r} is already in the pool")
+        meta = RequestMeta(request_id=request.request_id, model=request.model, seq_len=request.seq_len,
+                           rows=request.rows, total_steps=request.num_steps, arrival_time=self.clock())
+        self.pool[request.request_id] = meta
+        self.queue.add(meta)
+        self._unsent[request.request_id] = request
+        return meta
+
+    def cancel(self, request_id: str) -> bool:
+        """Remove a request now; the runner drops its state with the next plan (a step in flight is discarded)."""
+        meta = self.pool.get(request_id)
+        if meta is None:
+            return False
+        self._finish(meta, RequestStatus.CANCELLED)
+        return True
+
+    def progress(self, request_id: str) -> Progress | None:
+        meta = self.pool.get(request_id)
+        if meta is None:
+            return None
+        return Progress(meta.status, meta.steps_done, meta.total_steps, meta.first_step_time)
+
+    def pop_done(self) -> list[RequestMeta]:
+        """Requests that left the pool since the last call (finished, failed or cancelled)."""
+        done, self._done = self._done, []
+        return done
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(1 for r in self.pool.values() if r.status is RequestStatus.WAITING)
+
+    # ---- the step -------------------------------------------------------
+    def schedule(self) -> StepPlan | None:
+        # Core idea: every step, take the pool in policy order (the run queue keeps it
+        # sorted) and fill the budget greedily (a request that does not fit is skipped, smaller ones behind it
+        # may still fill the step). Requests join the moment they are admitted and
+        # leave the moment they finish, so batch membership changes every step. The
+        # first pick always runs, even if it alone exceeds max_batch_tokens. A request
+        # whose every step is already scheduled (its last one in flight) is not a candidate.
+        now = self.clock()
+        picked: list[RequestMeta] = []
+        tokens = 0
+        max_size, max_tokens = self.budget.max_batch_size, self.budget.max_batch_tokens
+        for request in self.queue.in_order(now):
+            if len(picked) == max_size:
+                break
+            step_tokens = request.step_tokens
+            if picked and tokens + step_tokens > max_tokens:
+                continue
+            picked.append(request)
+            tokens += step_tokens
+        if not picked and not self._to_free:
+            return None
+        new, scheduled = [], []
+        for request in picked:
+            if not request.sent:
+                new.append(self._unsent.pop(request.request_id))
+                request.sent = True
+            scheduled.append(ScheduledStep(request.request_id, request.steps_scheduled))
+            self.queue.discard(request)  # its key changes: out, update, back in (unless its last step is planned)
+            request.steps_scheduled += 1
+            request.last_scheduled_time = now
+            if request.steps_scheduled < request.total_steps:
+                self.queue.add(request)
+        free, self._to_free = tuple(self._to_free), []
+        self._step_id += 1
+        return StepPlan(self._step_id, tuple(new), tuple(scheduled), free, tokens)
+
+    def postprocess(self, plan: StepPlan, result: StepResult) -> None:
+        """Count the steps that ran; finished and failed requests leave the pool."""
+        now = self.clock()
+        stepped = set(result.stepped)
+        for step in plan.scheduled:
+            meta = self.pool.get(step.request_id)
+            if meta is None:  # cancelled, or failed in an earlier in-flight step
+                continue
+            if step.request_id in result.errors:
+                self._fail(meta, result.errors[step.request_id])
+                continue
+            if step.request_id not in stepped:
+                self._fail(meta, f"step {step.step_index} was not run by the worker")
+                continue
+            meta.steps_done += 1
+            if meta.first_step_time is None:
+                meta.first_step_time = now
+                meta.status = RequestStatus.RUNNING
+            if meta.steps_done == meta.total_steps:
+                self._finish(meta, RequestStatus.FINISHED, freed_by_runner=True)
+
+    def fail_plan(self, plan: StepPlan, reason: str) -> None:
+        """The whole step was lost (e.g. the worker died): fail its requests, keep the rest pooled."""
+        self.postprocess(plan, StepResult(plan.step_id, (), errors={s.request_id: reason for s in plan.scheduled}))
+
+    def step(self, execute: Callable[[StepPlan], StepResult]) -> StepPlan | None:
+        """Synchronous step for tests and the simulator."""
+        plan = self.schedule()
+        if plan is not None:
+            self.postprocess(plan, execute(plan))
+        return plan
+
+    # ---- helpers --------------------------------------------------------
+    def _fail(self, meta: RequestMeta, reason: str) -> None:
+        meta.error = reason
+        self._finish(meta, RequestStatus.FAILED)  # freed by name too: the runner may not know it failed
+
+    def _finish(self, meta: RequestMeta, status: RequestStatus, freed_by_runner: bool = False) -> None:
+        meta.status = status
+        meta.finish_time = self.clock()
+        del self.pool[meta.request_id]
+        self.queue.discard(meta)
+        self._unsent.pop(meta.request_id, None)
+        if meta.sent and not freed_by_runner:
+            self._to_free.append(meta.request_id)
+        self._done.append(meta)

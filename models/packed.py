@@ -1,0 +1,104 @@
+"""What every family's packed forward shares: the per-request input and the dual-stream joint layout.
+
+A packed forward takes a list of `PackedRequest` (one per forward row: with
+classifier-free guidance a request gives two, its cond and uncond text over the
+same latents) and returns one prediction per entry, computed in one pass.
+
+Single-stream families (CogVideoX, Wan) keep all tokens of a request in one row
+tensor. Dual-stream (MMDiT) families (Mochi, SD3) keep video and text tokens in
+two tensors with different widths and weights, joined only inside attention: a
+`JointLayout` maps this process's rows of the joint sequence [video; text] of every
+request to positions in `cat([video_rows, text_rows])`, so the joint q/k/v is one
+`index_select` and the split back is another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attention.context import Segment
+
+
+@dataclass(frozen=True)
+class PackedRequest:
+    """One forward row's transformer input, without a batch dimension (diffusers' per-sample layout)."""
+
+    latents: torch.Tensor
+    timestep: torch.Tensor  # 0-d
+    text: torch.Tensor  # (text_tokens, text_dim): only the tokens the model attends to
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # CogVideoX 5b-style RoPE (cos, sin) of video tokens
+    pooled: torch.Tensor | None = None  # SD3's pooled text projection (pooled_dim,)
+
+
+@dataclass(frozen=True)
+class JointLayout:
+    """Where this process's joint rows come from: video rows first, then text rows (two streams).
+
+    `segments` are over joint token positions of each request ([video; text]);
+    `video` / `text` list (request, token slice) pieces in the order of the stream tensors.
+    """
+
+    segments: list[Segment]
+    video: list[tuple[int, slice]]
+    text: list[tuple[int, slice]]
+    index: torch.Tensor  # joint row j comes from cat([video_rows, text_rows])[index[j]]
+    inverse: torch.Tensor  # cat([video_rows, text_rows])[i] is joint row inverse[i]
+
+    @property
+    def video_rows(self) -> int:
+        return sum(s.stop - s.start for _, s in self.video)
+
+    def join(self, video: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return torch.cat([video, text]).index_select(0, self.index)
+
+    def split(self, joint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        both = joint.index_select(0, self.inverse)
+        return both[:self.video_rows], both[self.video_rows:]
+
+
+def joint_layout(segments: list[Segment], video_tokens: list[int], device: torch.device) -> JointLayout:
+    """Split each joint segment at its request's video/text boundary and index the two streams."""
+    video, text, sources = [], [], []  # sources: per joint row piece, (stream, position in stream, length)
+    v_at = t_at = 0
+    for s in segments:
+        n_video = video_tokens[s.request]
+        v_start, v_stop = min(s.token_start, n_video), min(s.token_start + s.length, n_video)
+        if v_stop > v_start:
+            video.append((s.request, slice(v_start, v_stop)))
+            sources.append(("video", v_at, v_stop - v_start))
+            v_at += v_stop - v_start
+        t_start, t_stop = max(s.token_start, n_video) - n_video, s.token_start + s.length - n_video
+        if t_stop > t_start:
+            text.append((s.request, slice(t_start, t_stop)))
+            sources.append(("text", t_at, t_stop - t_start))
+            t_at += t_stop - t_start
+    index = torch.cat([torch.arange(at, at + n) + (0 if stream == "video" else v_at)
+                       for stream, at, n in sources]) if sources else torch.zeros(0, dtype=torch.long)
+    inverse = torch.empty_like(index)
+    inverse[index] = torch.arange(len(index))
+    return JointLayout(segments, video, text, index.to(device), inverse.to(device))
+
+
+def gather_pieces(per_request: dict[int, torch.Tensor], pieces: list[tuple[int, slice]]) -> torch.Tensor:
+    """Rows of per-request token tensors for the pieces of one stream (a rank may hold none of a stream)."""
+    if not pieces:
+        return next(iter(per_request.values()))[:0]
+    return torch.cat([per_request[r][tokens] for r, tokens in pieces])
+
+
+def expand_pieces(per_request: dict[int, torch.Tensor], pieces: list[tuple[int, slice]]) -> torch.Tensor:
+    """Repeat a per-request vector over that request's rows of one stream."""
+    if not pieces:
+        return next(iter(per_request.values())).unsqueeze(0)[:0]
+    return torch.cat([per_request[r].unsqueeze(0).expand(tokens.stop - tokens.start, -1) for r, tokens in pieces])
+
+
+def video_rows_by_request(rows: torch.Tensor, layout: JointLayout) -> dict[int, tuple[int, torch.Tensor]]:
+    """{request: (first video token, rows)} of this process's video-stream output (one contiguous shard each)."""
+    out, at = {}, 0
+    for request, tokens in layout.video:
+        out[request] = (tokens.start, rows[at:at + tokens.stop - tokens.start])
+        at += tokens.stop - tokens.start
+    return out

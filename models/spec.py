@@ -1,0 +1,54 @@
+"""The typed description of one served diffusion model (what `models/` builds and the API accepts).
+
+Validated once from the `models:` list of a Serve config and frozen: deployments
+receive it and never mutate it (a changed knob means a redeploy).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ModelFamily = Literal["cogvideox", "mochi", "wan", "sd3"]
+ResolutionName = Literal["240p", "360p", "480p", "720p"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelSpec(_Frozen):
+    """One served diffusion model and the request range it accepts."""
+
+    name: str = Field(description="Model id clients pass as `model` (and listed by GET /v1/models).")
+    family: ModelFamily = Field(description="diffusers pipeline family that builds and runs the model.")
+    source: str = Field(
+        default="tiny",
+        description="'tiny' builds random weights from a small config (no download); otherwise a local "
+        "directory or hub id of a diffusers checkpoint, loaded with `from_pretrained`.",
+    )
+    weights_seed: int = Field(default=0, description="Seed of the tiny variant's random weights.")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    resolution_heights: dict[ResolutionName, int] = Field(
+        default={"240p": 240, "360p": 360, "480p": 480, "720p": 720},
+        description="Pixel height each resolution name renders at; the keys are the allowed names. "
+        "The CPU config maps them to small heights so tiny models stay fast.",
+    )
+    max_image_side: int = Field(default=1024, ge=16, description="Largest width/height of an image request.")
+    min_frames: int = Field(default=1, ge=1)
+    max_frames: int = Field(default=49, ge=1, description="Most frames a video request may ask for.")
+    default_frames: int = Field(default=9, ge=1)
+    default_steps: int = Field(default=50, ge=1, le=200)
+    default_guidance_scale: float = Field(default=6.0, ge=0.0, le=50.0)
+    default_fps: int = Field(default=8, ge=1, le=120)
+    default_negative_prompt: str = ""
+    max_sequence_length: int = Field(
+        default=226, ge=1, description="Text tokens fed to the transformer (longer prompts are truncated)."
+    )
+
+    @model_validator(mode="after")
+    def _check_frames(self) -> "ModelSpec":
+        if not self.min_frames <= self.default_frames <= self.max_frames:
+            raise ValueError("default_frames must lie in [min_frames, max_frames]")
+        return self
