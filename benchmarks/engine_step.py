@@ -3,19 +3,22 @@
 Starts the video application of configs/local.yaml on a local Ray Serve (the
 tiny models at the tests' scaled-down heights, so 240p-720p all fit in a CPU
 run), submits `--requests` jobs at once (CogVideoX and Wan, four resolutions,
-three frame counts, 8-16 steps, fixed seeds), waits for all of them and prints:
+three frame counts, 20-40 steps so that denoising dominates the VAE, fixed seeds),
+waits for all of them and prints:
 
 - requests/s (jobs / time from first submission to last completion) and mean job
-  latency (the server's created_at -> completed_at: encode, denoise, decode);
+  latency (the server's created_at -> completed_at: encode, denoise, decode), and
+  the mean time in the step scheduler's pool (admission -> last step);
 - from the scheduler's Prometheus metrics: steps, mean requests and distinct
-  shapes per step, transformer forwards per step, mean StepPlan bytes and bytes
-  per scheduled request in plans without new requests, and the worker's idle gap
-  between forwards as a fraction of the mean step time.
+  shapes per step, transformer forwards per step, mean StepPlan bytes (a new
+  request's embeddings included once), and the worker's idle gap between forwards
+  as a fraction of the mean step time.
 
-The same script runs unchanged against an older checkout (metrics it does not
-export print as n/a), which is how the previous design's figures were taken:
+The same script runs against an older checkout (metrics it does not export print
+as n/a); the previous design's figures were taken that way at commit 6d66141 and are
+kept in benchmarks/results/engine_step_previous_design.json for `--baseline`:
 
-    python -m benchmarks.engine_step [--requests 24] [--json out.json]
+    python -m benchmarks.engine_step --baseline benchmarks/results/engine_step_previous_design.json
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from serve_graph.app import build_video_app
 from serve_graph.serve_configs import serve_application
 
 HEIGHTS = {"240p": 32, "360p": 48, "480p": 64, "720p": 96}
-MIX = list(itertools.product(["cogvideox-tiny", "wan-tiny"], HEIGHTS, [1, 9, 17], [8, 12, 16]))
+MIX = list(itertools.product(["cogvideox-tiny", "wan-tiny"], HEIGHTS, [1, 9, 17], [20, 30, 40]))
 
 
 def _app_args() -> dict:
@@ -88,6 +91,7 @@ def run(n_requests: int) -> dict:
         "requests": n_requests,
         "requests_per_s": n_requests / elapsed,
         "mean_latency_s": sum(j["completed_at"] - j["created_at"] for j in jobs) / len(jobs),
+        "mean_pool_latency_s": _mean(text, "dit_request_latency_seconds"),
         "steps": steps[1] if steps else None,
         "requests_per_step": _mean(text, "dit_batch_size"),
         "shapes_per_step": _mean(text, "dit_step_shapes"),
@@ -115,7 +119,7 @@ def _wait(client: httpx.Client, ids: list[str], timeout: float = 1800) -> list[d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=24)
+    parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--baseline", help="JSON written by --json on the previous design, for the ratios")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
@@ -124,8 +128,11 @@ def main() -> None:
         print(f"{key:>22}: {'n/a' if value is None else round(value, 4)}")
     if args.baseline:
         base = json.load(open(args.baseline))
-        print(f"\nvs baseline: {figures['requests_per_s'] / base['requests_per_s']:.2f}x requests/s, "
-              f"{base['mean_latency_s'] / figures['mean_latency_s']:.2f}x lower mean latency")
+        print(f"\nvs {args.baseline} ({base.get('measured_at', '')}):\n"
+              f"  {figures['requests_per_s'] / base['requests_per_s']:.2f}x requests/s, "
+              f"{base['mean_latency_s'] / figures['mean_latency_s']:.2f}x lower mean job latency, "
+              f"{base['mean_pool_latency_s'] / figures['mean_pool_latency_s']:.2f}x lower mean time in the pool, "
+              f"{base['step_time_s'] / figures['step_time_s']:.2f}x shorter steps")
     if args.json:
         json.dump(figures, open(args.json, "w"), indent=1)
 
