@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from attention.plan import BrickPlan
-from attention.ring import brick_attention
+from attention.ring import CommStats, brick_attention
 from attention.varlen import VarlenBackend, offsets, varlen_attention
 
 
@@ -51,6 +51,11 @@ class AttentionContext(ABC):
     def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, token_counts: list[int],
                        scale: float | None = None) -> torch.Tensor: ...
 
+    @abstractmethod
+    def gather_outputs(self, pieces: dict[int, tuple[int, torch.Tensor]], n_requests: int,
+                       like: torch.Tensor) -> list[torch.Tensor]:
+        """Every request's full output rows, in token order, from this process's `{request: (start, rows)}`."""
+
     def cross_attention(self, q: torch.Tensor, k: dict[int, torch.Tensor], v: dict[int, torch.Tensor],
                         segments: list[Segment], scale: float | None = None) -> torch.Tensor:
         """Each segment's queries over its request's whole text (text is never sharded)."""
@@ -74,11 +79,17 @@ class LocalAttention(AttentionContext):
         out, _ = varlen_attention(q, k, v, cu, cu, scale, self.backend)
         return out
 
+    def gather_outputs(self, pieces, n_requests, like):
+        return [pieces[i][1] for i in range(n_requests)]
+
 
 class ShardedAttention(AttentionContext):
+    """This rank's shards of a `BrickPlan`; `stats` counts the KV bytes it sends along its rings."""
+
     def __init__(self, plan: BrickPlan, rank: int, group: dist.ProcessGroup | None = None,
                  backend: str | VarlenBackend = "auto") -> None:
         self.plan, self.rank, self.group, self.backend = plan, rank, group, backend
+        self.stats = CommStats()
 
     def segments(self, token_counts):
         planned = [a.tokens for a in self.plan.assignments]
@@ -88,7 +99,37 @@ class ShardedAttention(AttentionContext):
                 for s in self.plan.local_shards(self.rank)]
 
     def self_attention(self, q, k, v, token_counts, scale=None):
-        return brick_attention(q, k, v, self.plan, self.rank, self.group, scale, self.backend)
+        return brick_attention(q, k, v, self.plan, self.rank, self.group, scale, self.backend, self.stats)
+
+    def gather_outputs(self, pieces, n_requests, like):
+        """All-gather every rank's output rows so that each rank holds every request whole.
+
+        Two collectives: each rank's (first token, row count) per request, then its rows,
+        padded to the largest rank's count (all_gather needs equal sizes on every backend).
+        """
+        world = self.plan.world_size
+        held = torch.zeros(n_requests, 2, dtype=torch.int64, device=like.device)
+        for i, (start, rows) in pieces.items():
+            held[i, 0], held[i, 1] = start, len(rows)
+        everyone = [torch.empty_like(held) for _ in range(world)]
+        dist.all_gather(everyone, held, group=self.group)
+        width = like.shape[1:]
+        local = torch.cat([pieces[i][1] for i in sorted(pieces)]) if pieces else like.new_empty((0, *width))
+        size = max(int(h[:, 1].sum()) for h in everyone)
+        padded = like.new_zeros((size, *width))
+        padded[:len(local)] = local
+        buffers = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(buffers, padded, group=self.group)
+        parts: dict[int, list[tuple[int, torch.Tensor]]] = {i: [] for i in range(n_requests)}
+        for h, buffer in zip(everyone, buffers):
+            at = 0
+            for i in range(n_requests):
+                n = int(h[i, 1])
+                if n:
+                    parts[i].append((int(h[i, 0]), buffer[at:at + n]))
+                    at += n
+        return [torch.cat([rows for _, rows in sorted(parts[i], key=lambda piece: piece[0])])
+                for i in range(n_requests)]
 
 
 def gather_rows(per_request: dict[int, torch.Tensor], segments: list[Segment]) -> torch.Tensor:

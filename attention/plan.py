@@ -70,6 +70,12 @@ class BrickPlan:
     def local_tokens(self, rank: int) -> int:
         return sum(s.length for s in self.local_shards(rank))
 
+    def subset(self, requests: list[int]) -> "BrickPlan":
+        """The plan of only these requests (ascending), renumbered 0..n-1; rings and shards unchanged."""
+        by_request = {a.request: a for a in self.assignments}
+        return BrickPlan(self.world_size, tuple(RingAssignment(i, by_request[r].ranks, by_request[r].bounds)
+                                                for i, r in enumerate(requests)))
+
 
 def even_bounds(tokens: int, ring_size: int) -> tuple[int, ...]:
     """Split `tokens` into `ring_size` contiguous shards whose lengths differ by at most one."""

@@ -55,13 +55,16 @@ def plan_brick(token_counts: list[int], world_size: int, cost: BrickCostModel = 
         raise ValueError(f"every request needs at least one token, got {token_counts}")
     loads = [0.0] * world_size
     sizes = [cost.ring_size(n, world_size) for n in token_counts]
-    order = sorted(range(len(token_counts)), key=lambda i: (-cost.request_cost(token_counts[i]) / sizes[i], i))
-    rings: dict[int, tuple[int, ...]] = {}
-    for i in order:
-        ranks = tuple(sorted(sorted(range(world_size), key=lambda r: (loads[r], r))[:sizes[i]]))
-        for r in ranks:
-            loads[r] += cost.request_cost(token_counts[i]) / sizes[i]
-        rings[i] = ranks
+    shares = [cost.request_cost(n) / r for n, r in zip(token_counts, sizes)]  # each ring rank's part
+    ranks = range(world_size)
+    rings: list[tuple[int, ...]] = [()] * len(token_counts)
+    for i in sorted(range(len(token_counts)), key=lambda i: (-shares[i], i)):
+        if sizes[i] == 1:
+            rings[i] = (min(ranks, key=loads.__getitem__),)  # the least loaded; ties go to the lowest rank
+        else:
+            rings[i] = tuple(sorted(sorted(ranks, key=loads.__getitem__)[:sizes[i]]))
+        for r in rings[i]:
+            loads[r] += shares[i]
     return BrickPlan(world_size, tuple(RingAssignment(i, rings[i], even_bounds(n, sizes[i]))
                                        for i, n in enumerate(token_counts)))
 

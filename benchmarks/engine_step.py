@@ -41,11 +41,14 @@ HEIGHTS = {"240p": 32, "360p": 48, "480p": 64, "720p": 96}
 MIX = list(itertools.product(["cogvideox-tiny", "wan-tiny"], HEIGHTS, [1, 9, 17], [20, 30, 40]))
 
 
-def _app_args() -> dict:
+def app_args(heights: dict[str, int], **overrides: dict) -> dict:
+    """configs/local.yaml's video app with CogVideoX and Wan only, at `heights`; `overrides` update its sections."""
     args = serve_application("video")["args"]
-    args["models"] = [dict(m, resolution_heights=HEIGHTS) for m in args["models"]
+    args["models"] = [dict(m, resolution_heights=heights) for m in args["models"]
                       if m["name"] in ("cogvideox-tiny", "wan-tiny")]
     args["scheduler"]["max_pool_size"] = 256
+    for section, values in overrides.items():
+        args[section] = {**args.get(section, {}), **values}
     return args
 
 
@@ -56,19 +59,25 @@ def _histogram(text: str, name: str) -> tuple[float, float] | None:
     return (sum(sums), sum(counts)) if counts else None
 
 
+def _counter(text: str, name: str) -> float | None:
+    values = [float(v) for v in re.findall(rf"^ray_{name}_total(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M)]
+    return sum(values) if values else None
+
+
 def _mean(text: str, name: str) -> float | None:
     h = _histogram(text, name)
     return h[0] / h[1] if h and h[1] else None
 
 
-def run(n_requests: int) -> dict:
+def run(n_requests: int, args: dict, mix: list[tuple] = MIX) -> dict:
+    """Serve the video app with `args`, submit `n_requests` jobs of `mix` at once, and measure."""
     metrics_port, port = free_port(), free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              _metrics_export_port=metrics_port)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_video_app(_app_args()), name="video", route_prefix="/")
+    serve.run(build_video_app(args), name="video", route_prefix="/")
     asks = [dict(model=m, prompt=f"scene {i}", resolution=r, num_frames=f, num_inference_steps=s, seed=i)
-            for i, (m, r, f, s) in enumerate(itertools.islice(itertools.cycle(MIX[::7] + MIX), n_requests))]
+            for i, (m, r, f, s) in enumerate(itertools.islice(itertools.cycle(mix[::7] + mix), n_requests))]
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
             warm = client.post("/v1/videos", json=dict(asks[0], num_inference_steps=2)).json()
@@ -100,6 +109,7 @@ def run(n_requests: int) -> dict:
         "step_time_s": step_time,
         "step_gap_s": gap,
         "gap_fraction_of_step": gap / step_time if gap is not None and step_time else None,
+        "ring_mib": (_counter(text, "dit_ring_bytes") or 0) / 2**20,
     }
 
 
@@ -123,7 +133,9 @@ def main() -> None:
     parser.add_argument("--baseline", help="JSON written by --json on the previous design, for the ratios")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
-    figures = run(args.requests)
+    # One rank, as the previous design's single DiT worker: the comparison is of the engine, not of Brick
+    # (benchmarks/brick_serving.py compares ring plans on the 2-rank group).
+    figures = run(args.requests, app_args(HEIGHTS, worker_group={"ranks": 1, "num_cpus_per_rank": 0.6}))
     for key, value in figures.items():
         print(f"{key:>22}: {'n/a' if value is None else round(value, 4)}")
     if args.baseline:

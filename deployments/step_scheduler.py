@@ -1,42 +1,63 @@
-"""StepScheduler: the Serve shell of `engine.StepSchedulerCore`, and the loop that keeps the worker busy.
+"""StepScheduler: the Serve shell of `engine.StepSchedulerCore` and the owner of one DiT worker group.
 
-One `generate()` call per request stays pending while the request is pooled and
-answers when it leaves (its final latents come back once, from the step it
-finished in). The step loop keeps up to `PIPELINE_DEPTH` plans in flight: plan
-k+1 is built and sent while step k runs, so the worker starts the next forward
-as soon as it ends the last one (`ray_dit_step_gap_seconds` measures what is left).
+One replica = one scheduler + one worker group of N rank actors (its placement
+group). `generate()` streams a request's progress while it is pooled and ends
+with its result, so a job's calls never need to find "its" replica again: the
+ingress reads progress from the stream and cancels by cancelling the stream.
+Scaling out adds replicas, each with its own group.
+
+The step loop keeps up to `PIPELINE_DEPTH` plans in flight: plan k+1 is built and
+sent while step k runs, so the ranks start the next forward as soon as they end the
+last one (`ray_dit_step_gap_seconds` measures what is left). If a rank dies or a
+step fails on the group, the group is rebuilt and every request it held restarts
+from step 0 (same seed, same result); results of plans sent to the old group are
+dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import pickle
-from collections import deque
-from dataclasses import dataclass
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator
 
 import torch
 from ray import serve
-from ray.serve.handle import DeploymentHandle
 
 from deployments.metrics import ServeMetrics
+from deployments.worker_group import WorkerGroup
 from engine.config import SchedulerConfig
 from engine.messages import NewRequest, StepPlan, StepResult
 from engine.policies import make_policy
 from engine.request import GenerationSpec, RequestMeta, RequestStatus
-from engine.scheduler import Progress, StepSchedulerCore
+from engine.scheduler import StepSchedulerCore
 from models import load_adapter
 from models.base import EncodedPrompt
 from models.spec import ModelSpec
+from serve_graph.config import WorkerGroupConfig
 
 logger = logging.getLogger(__name__)
 
+GAUGE_REFRESH_S = 5.0
 PIPELINE_DEPTH = 2
-"""Plans in flight to the worker: the one running and the next one, already planned."""
+"""Plans in flight to the group: the one running and the next one, already planned."""
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Streamed by `generate()` when a request's step count changes (coalesced: the latest is sent)."""
+
+    steps_done: int
+    total_steps: int
+    first_step_time: float | None
+
 
 @dataclass
 class GenerationResult:
-    """What `generate()` answers when a request leaves the pool."""
+    """The last item `generate()` streams, when the request leaves the pool."""
 
     request_id: str
     status: RequestStatus
@@ -45,57 +66,78 @@ class GenerationResult:
     arrival_time: float
     first_step_time: float | None
     finish_time: float | None
+    restarts: int = 0
+
+
+@dataclass
+class _Waiter:
+    new: NewRequest  # kept while pooled: a group failure re-admits it from step 0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    result: GenerationResult | None = None
 
 
 @dataclass
 class _InFlight:
     plan: StepPlan
-    pipelined: bool  # sent while another plan was running: requests were waiting on the worker
+    pipelined: bool  # sent while another plan was running: requests were waiting on the group
     call: asyncio.Future
 
 
 @serve.deployment(max_ongoing_requests=100_000)
 class StepScheduler:
-    """One async step loop; one pending `generate()` call per pooled request.
+    """`max_ongoing_requests` is effectively unbounded because every pooled request is an ongoing
+    call; admission is bounded by `max_pool_size` instead (engine's PoolFullError)."""
 
-    `max_ongoing_requests` is effectively unbounded because every pooled request is an
-    ongoing call; admission is bounded by `max_pool_size` instead (PoolFullError).
-    """
-
-    def __init__(self, models: list[dict], scheduler: dict, worker: DeploymentHandle) -> None:
+    async def __init__(self, models: list[dict], scheduler: dict, worker_group: dict) -> None:
         config = SchedulerConfig(**scheduler)
+        group = WorkerGroupConfig(**worker_group)
         self.adapters = {s.name: load_adapter(s, parts=()) for s in (ModelSpec(**m) for m in models)}
         self.core = StepSchedulerCore(make_policy(config.policy, config.starvation_timeout_s), config.budget,
-                                      config.max_pool_size)
-        self.worker = worker
+                                      config.max_pool_size, world_size=group.ranks,
+                                      cost_model=config.planner.cost_model())
+        self.max_restarts = config.max_request_restarts
+        self.group = WorkerGroup(models, group)
         self.metrics = ServeMetrics()
-        self._waiters: dict[str, asyncio.Future[GenerationResult]] = {}
+        self._waiters: dict[str, _Waiter] = {}
         self._final_latents: dict[str, torch.Tensor] = {}
+        self._ring_sizes: Counter[int] = Counter()  # forward rows per ring size, since start
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
-
-    async def generate(self, request_id: str, spec: GenerationSpec, prompt: EncodedPrompt) -> GenerationResult:
-        """Admit a request and answer when it leaves the pool (raises engine's PoolFullError when full)."""
-        self.core.admit(NewRequest.from_spec(request_id, spec, prompt, self.adapters[spec.model]))
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters[request_id] = waiter
+        await self.group.start()  # the replica is ready when its group is (models loaded on every rank)
         self._ensure_loop()
+
+    async def generate(self, request_id: str, spec: GenerationSpec,
+                       prompt: EncodedPrompt) -> AsyncIterator[ProgressEvent | GenerationResult]:
+        """Admit a request (PoolFullError when full); stream its progress, then its result.
+
+        Cancelling the stream (the caller went away or cancelled the job) cancels the request.
+        """
+        self._ensure_loop()
+        new = NewRequest.from_spec(request_id, spec, prompt, self.adapters[spec.model])
+        meta = self.core.admit(new)
+        waiter = self._waiters[request_id] = _Waiter(new)
         self._wakeup.set()
         self._update_gauges()
         try:
-            return await waiter
-        except asyncio.CancelledError:  # the caller went away: free the request's slot
-            self.core.cancel(request_id)
-            self._resolve_done()
-            raise
+            sent = -1
+            while waiter.result is None:
+                await waiter.changed.wait()
+                waiter.changed.clear()
+                if waiter.result is None and meta.steps_done != sent:
+                    sent = meta.steps_done
+                    yield ProgressEvent(meta.steps_done, meta.total_steps, meta.first_step_time)
+            yield waiter.result
+        finally:
+            if waiter.result is None:  # cancelled: free the request's slot
+                self.core.cancel(request_id)
+                self._resolve_done()
+            self._waiters.pop(request_id, None)
 
-    async def cancel(self, request_id: str) -> bool:
-        cancelled = self.core.cancel(request_id)
-        self._resolve_done()
-        return cancelled
-
-    async def progress(self, request_id: str) -> Progress | None:
-        return self.core.progress(request_id)
+    async def stats(self) -> dict:
+        """The group's shape and history (tests and operators)."""
+        return {"pid": os.getpid(), "ranks": self.group.config.ranks, "pids": list(self.group.pids),
+                "group_restarts": self.group.generation, "pooled": len(self.core.pool),
+                "ring_sizes": dict(self._ring_sizes)}
 
     # ---- the loop -------------------------------------------------------------
     def _ensure_loop(self) -> None:
@@ -111,37 +153,72 @@ class StepScheduler:
             self._wakeup.clear()
             wakeup = asyncio.ensure_future(self._wakeup.wait())
             waits = {wakeup} | ({in_flight[0].call} if in_flight else set())
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            # Wake at least every GAUGE_REFRESH_S: Ray drops gauges that are not set for a while.
+            await asyncio.wait(waits, timeout=GAUGE_REFRESH_S, return_when=asyncio.FIRST_COMPLETED)
             wakeup.cancel()
             while in_flight and in_flight[0].call.done():
-                self._complete(in_flight.popleft())
+                step = in_flight.popleft()
+                try:
+                    ok = await self._complete(step)
+                except Exception as exc:  # a bug here must not stall every pooled request: fail this step's
+                    logger.exception("accounting step %d failed", step.plan.step_id)
+                    self.core.fail_plan(step.plan, f"scheduler error: {exc!r}")
+                    self._resolve_done()
+                    ok = True
+                if not ok:  # the group failed: what else was in flight is lost too
+                    for lost in in_flight:
+                        lost.call.cancel()
+                    in_flight.clear()
 
     def _send(self, plan: StepPlan, pipelined: bool) -> _InFlight:
         self.metrics.plan_bytes.observe(len(pickle.dumps(plan, protocol=5)))
         self.metrics.batch_size.observe(len(plan.scheduled))
         self.metrics.batch_tokens.observe(plan.num_tokens)
-        call = asyncio.ensure_future(self._execute(plan))
-        return _InFlight(plan, pipelined, call)
+        return _InFlight(plan, pipelined, asyncio.ensure_future(self.group.execute(plan)))
 
-    async def _execute(self, plan: StepPlan) -> StepResult:
-        return await self.worker.execute.remote(plan)
-
-    def _complete(self, step: _InFlight) -> None:
+    async def _complete(self, step: _InFlight) -> bool:
+        """Account one step's result; on a group failure rebuild the group and restart its requests."""
         try:
-            result = step.call.result()
-        except Exception as exc:  # the worker replica died or the call failed: lose this step only
-            logger.exception("step %d failed on the worker", step.plan.step_id)
-            self.core.fail_plan(step.plan, f"worker failed: {exc!r}")
-        else:
-            self.core.postprocess(step.plan, result)
-            self._final_latents.update(result.finished)
-            if step.plan.scheduled:
-                self.metrics.forwards_per_step.observe(result.forwards)
-                self.metrics.step_shapes.observe(result.shapes)
-            self.metrics.step_duration.observe(result.forward_seconds)
-            if step.pipelined:
-                self.metrics.step_gap.observe(result.idle_before_seconds)
+            result, rank_seconds, _ = step.call.result()
+        except Exception as exc:
+            logger.exception("step %d failed on the worker group; rebuilding it", step.plan.step_id)
+            await self._recover(f"worker group failed: {exc!r}")
+            return False
+        self.core.postprocess(step.plan, result)
+        self._final_latents.update(result.finished)
+        self._observe(step, result, rank_seconds)
         self._resolve_done()
+        return True
+
+    async def _recover(self, reason: str) -> None:
+        seconds = await self.group.rebuild()
+        self.metrics.group_restarts.inc()
+        lost = [self._waiters[i].new for i in self.core.sent_ids() if i in self._waiters]
+        self.core.restart(lost, self.max_restarts, reason)
+        logger.warning("worker group rebuilt in %.1f s; %d requests restart from step 0", seconds, len(lost))
+        self._resolve_done()
+
+    def _observe(self, step: _InFlight, result: StepResult, rank_seconds: list[float]) -> None:
+        m = self.metrics
+        if step.plan.scheduled:
+            m.forwards_per_step.observe(result.forwards)
+            m.step_shapes.observe(result.shapes)
+            m.step_duration.observe(max(rank_seconds))
+            if step.pipelined:
+                m.step_gap.observe(result.idle_before_seconds)
+        for rank, seconds in enumerate(rank_seconds):
+            if seconds > 0:  # Ray counters refuse 0
+                m.rank_busy_seconds.inc(seconds, tags={"rank": str(rank)})
+        if result.ring_bytes:
+            m.ring_bytes.inc(result.ring_bytes)
+        for rings in step.plan.rings.values():
+            for assignment in rings.assignments:
+                m.ring_size.observe(assignment.size)
+                self._ring_sizes[assignment.size] += 1
+        for request_id in result.stepped:
+            waiter = self._waiters.get(request_id)
+            if waiter is not None:
+                waiter.changed.set()
 
     def _resolve_done(self) -> None:
         for meta in self.core.pop_done():
@@ -150,9 +227,10 @@ class StepScheduler:
             if meta.first_step_time is not None:
                 self.metrics.time_to_first_step.observe(meta.first_step_time - meta.arrival_time,
                                                         tags={"model": meta.model})
-            waiter = self._waiters.pop(meta.request_id, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(_result_of(meta, latents))
+            waiter = self._waiters.get(meta.request_id)
+            if waiter is not None:
+                waiter.result = _result_of(meta, latents)
+                waiter.changed.set()
         self._final_latents.clear()  # latents of requests cancelled while their last step ran
         self._update_gauges()
 
@@ -168,4 +246,4 @@ def _result_of(meta: RequestMeta, latents: torch.Tensor | None) -> GenerationRes
     return GenerationResult(request_id=meta.request_id, status=status,
                             latents=latents if status is RequestStatus.FINISHED else None, error=error,
                             arrival_time=meta.arrival_time, first_step_time=meta.first_step_time,
-                            finish_time=meta.finish_time)
+                            finish_time=meta.finish_time, restarts=meta.restarts)

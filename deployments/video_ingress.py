@@ -1,9 +1,9 @@
 """VideoIngress: the HTTP front door (FastAPI) of the video graph.
 
 POST /v1/videos validates, answers 202 with a job id at once, and starts one
-coroutine per job: encode prompt -> step scheduler (which owns the denoising loop,
-so no per-step round trip passes through here) -> VAE decode -> mp4 in the job
-table. Progress is read from the scheduler when a client asks for it.
+coroutine per job: encode prompt -> step scheduler (which owns the denoising loop
+and streams the job's progress back) -> VAE decode -> mp4 in the job table.
+DELETE cancels the job's coroutine, whose cancelled stream drops the request.
 """
 
 
@@ -18,12 +18,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.errors import openai_error
 from deployments.jobs import Job, JobTable
 from deployments.metrics import ServeMetrics
-from deployments.step_scheduler import GenerationResult
+from deployments.step_scheduler import GenerationResult, ProgressEvent
 from deployments.text_encoder import EncodeRequest
 from deployments.vae_decoder import DecodeRequest
 from engine.request import GenerationSpec, RequestStatus
@@ -106,7 +107,7 @@ class VideoIngress:
         self.jobs = JobTable(self.limits.max_retained_jobs)
         self.text_encoder, self.scheduler, self.vae = text_encoder, scheduler, vae
         self.metrics = ServeMetrics()
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: dict[str, asyncio.Task] = {}  # job id -> the coroutine driving it
         self._active_images = 0
 
     # ---- routes ----------------------------------------------------------
@@ -125,18 +126,13 @@ class VideoIngress:
         job = Job(id=f"video_{uuid.uuid4().hex}", request=resolved, resolution=body.resolution)
         self.jobs.add(job)
         task = asyncio.get_running_loop().create_task(self._run_job(job))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[job.id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(job.id, None))
         return job.view()
 
     @app.get("/v1/videos/{video_id}")
     async def get_video(self, video_id: str) -> VideoJob:
-        job = self._job(video_id)
-        if not job.done:
-            progress = await self.scheduler.progress.remote(job.id)
-            if progress is not None:
-                job.observe_progress(progress.steps_done, progress.first_step_time)
-        return job.view()
+        return self._job(video_id).view()  # progress arrives on the job's stream from the scheduler
 
     @app.get("/v1/videos/{video_id}/content")
     async def get_video_content(self, video_id: str) -> Response:
@@ -152,7 +148,9 @@ class VideoIngress:
             raise InvalidRequest("video_id", f"video {video_id} already completed", 409)
         if not job.done:
             job.finish("cancelled")
-            await self.scheduler.cancel.remote(job.id)
+            task = self._tasks.get(job.id)
+            if task is not None:
+                task.cancel()  # cancels its stream: the scheduler drops the request at once
         return job.view()
 
     @app.post("/v1/images/generations")
@@ -177,7 +175,7 @@ class VideoIngress:
         tags = {"model": r.model, "resolution": job.resolution}
         try:
             mp4 = await self._generate(job.id, r, "mp4", job=job)
-        except _Cancelled:
+        except (_Cancelled, asyncio.CancelledError):
             pass
         except Exception as exc:
             logger.warning("job %s failed: %s", job.id, exc)
@@ -191,10 +189,24 @@ class VideoIngress:
         prompt = await self.text_encoder.encode.remote(EncodeRequest(r.model, r.prompt, r.negative_prompt))
         if job is not None and job.done:  # cancelled while encoding: never enters the pool
             raise _Cancelled()
+        result: GenerationResult | None = None
+        stream = self.scheduler.options(stream=True).generate.remote(request_id, r, prompt)
         try:
-            result: GenerationResult = await self.scheduler.generate.remote(request_id, r, prompt)
+            async for item in stream:
+                if isinstance(item, ProgressEvent):
+                    if job is not None:
+                        job.observe_progress(item.steps_done, item.first_step_time)
+                else:
+                    result = item
+        except asyncio.CancelledError:
+            stream.cancel()  # the job was cancelled: the scheduler drops the request
+            raise
         except PoolFullError as exc:
             raise RuntimeError(f"overloaded: {exc}") from exc
+        except RayActorError as exc:
+            raise RuntimeError(f"the step scheduler replica holding this request died: {exc}") from exc
+        if result is None:
+            raise RuntimeError("the step scheduler ended the request's stream without a result")
         if result.status is RequestStatus.CANCELLED:
             raise _Cancelled()
         if result.status is not RequestStatus.FINISHED:

@@ -10,13 +10,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from attention.planner import BrickCostModel
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class BudgetConfig(_Frozen):
-    """What one denoising step may hold (see deployments.step_scheduler)."""
+    """What one denoising step may hold (see engine.scheduler)."""
 
     max_batch_size: int = Field(default=8, ge=1, description="Most requests in one step.")
     max_batch_tokens: int = Field(
@@ -25,6 +27,20 @@ class BudgetConfig(_Frozen):
         description="Most transformer tokens in one step: sum over picked requests of sequence length x "
         "forward rows (2 with classifier-free guidance). A lone request over it still runs.",
     )
+
+
+class PlannerConfig(_Frozen):
+    """The Brick planner's cost model (attention.planner.BrickCostModel): which ring each forward row gets."""
+
+    min_shard_tokens: int = Field(
+        default=1024, ge=1, description="A row is sharded over r ranks only if every rank keeps at least this many "
+        "tokens (1024: where a shard's attention hides the transfer of its next KV block on H100/NVLink).")
+    ring_sizes: tuple[int, ...] = Field(default=(1, 2, 4, 8), description="Ring sizes allowed (must include 1).")
+    linear_tokens: int = Field(
+        default=9216, ge=0, description="Token-wise cost relative to attention: 6 x the model's hidden size.")
+
+    def cost_model(self) -> BrickCostModel:
+        return BrickCostModel(self.min_shard_tokens, tuple(self.ring_sizes), self.linear_tokens)
 
 
 class SchedulerConfig(_Frozen):
@@ -39,3 +55,7 @@ class SchedulerConfig(_Frozen):
     max_pool_size: int = Field(
         default=256, ge=1, description="Requests admitted (queued + running); more answer HTTP 429."
     )
+    planner: PlannerConfig = PlannerConfig()
+    max_request_restarts: int = Field(
+        default=2, ge=0, description="Times a request may be restarted from step 0 after its worker group failed "
+        "before it fails with that reason.")

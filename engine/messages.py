@@ -17,6 +17,7 @@ from typing import Mapping
 
 import torch
 
+from attention.plan import BrickPlan
 from engine.request import GenerationSpec
 from models.base import DiffusionAdapter, EncodedPrompt
 
@@ -27,6 +28,7 @@ class NewRequest:
     model: str
     latent_shape: tuple[int, ...]
     seq_len: int  # transformer tokens of one forward row (latent patches + text), for the budget and SRPTF
+    row_tokens: tuple[int, ...]  # self-attention tokens of each forward row ([uncond, cond]), for the Brick planner
     seed: int
     num_steps: int
     guidance_scale: float
@@ -37,9 +39,12 @@ class NewRequest:
     def from_spec(cls, request_id: str, spec: GenerationSpec, prompt: EncodedPrompt | None,
                   adapter: DiffusionAdapter) -> "NewRequest":
         """The engine's view of a validated request; `adapter` needs only its configs (parts=())."""
-        return cls(request_id=request_id, model=spec.model,
-                   latent_shape=adapter.latent_shape(spec.height, spec.width, spec.num_frames),
-                   seq_len=adapter.geometry.seq_len(spec.height, spec.width, spec.num_frames), seed=spec.seed,
+        shape = adapter.latent_shape(spec.height, spec.width, spec.num_frames)
+        seq_len = adapter.geometry.seq_len(spec.height, spec.width, spec.num_frames)
+        rows = prompt.rows_in_order if prompt is not None else [None] * (2 if spec.uses_cfg else 1)
+        return cls(request_id=request_id, model=spec.model, latent_shape=shape, seq_len=seq_len,
+                   row_tokens=tuple(adapter.row_tokens(shape, cond) if cond is not None else seq_len for cond in rows),
+                   seed=spec.seed,
                    num_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale, prompt=prompt,
                    cfg=spec.uses_cfg)
 
@@ -47,6 +52,8 @@ class NewRequest:
         if self.prompt is not None and (self.prompt.uncond is not None) != self.cfg:
             raise ValueError(f"{self.request_id}: cfg={self.cfg} but the prompt "
                              f"{'has' if self.prompt.uncond is not None else 'lacks'} an unconditional row")
+        if len(self.row_tokens) != self.rows:
+            raise ValueError(f"{self.request_id}: {len(self.row_tokens)} row token counts for {self.rows} rows")
 
     @property
     def rows(self) -> int:
@@ -62,11 +69,18 @@ class ScheduledStep:
 
 @dataclass(frozen=True)
 class StepPlan:
+    """One step, the same for every rank of the worker group.
+
+    `rings` has one Brick plan per model: its assignments index that model's forward
+    rows in packed order (a request with CFG has two rows, uncond then cond).
+    """
+
     step_id: int
     new_requests: tuple[NewRequest, ...]
     scheduled: tuple[ScheduledStep, ...]  # packed order
     free: tuple[str, ...]  # cancelled requests whose state the runner drops
     num_tokens: int
+    rings: Mapping[str, BrickPlan] = field(default_factory=dict)
 
     @property
     def request_ids(self) -> list[str]:
@@ -83,6 +97,7 @@ class StepResult:
     shapes: int = 0  # distinct latent shapes packed in this step
     forward_seconds: float = 0.0
     idle_before_seconds: float = 0.0  # runner idle time between the previous step's end and this one's start
+    ring_bytes: int = 0  # KV bytes this rank sent to its ring neighbours
 
     @classmethod
     def all_stepped(cls, plan: StepPlan) -> "StepResult":

@@ -59,6 +59,7 @@ class RequestMeta:
     model: str
     seq_len: int
     rows: int
+    row_tokens: tuple[int, ...]  # self-attention tokens per forward row, for the Brick planner
     total_steps: int
     arrival_time: float
     status: RequestStatus = RequestStatus.WAITING
@@ -69,6 +70,7 @@ class RequestMeta:
     first_step_time: float | None = None
     finish_time: float | None = None
     error: str | None = None
+    restarts: int = 0  # times restarted from step 0 because the worker group lost its state
 
     @property
     def remaining_steps(self) -> int:

@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
+import torch.distributed as dist
 
+from attention.context import AttentionContext, LocalAttention, ShardedAttention
 from engine.messages import NewRequest, StepPlan, StepResult
 from models.base import DiffusionAdapter, EncodedPrompt
 
@@ -53,8 +55,15 @@ class RunnerRequest:
 
 
 class ModelRunner:
-    def __init__(self, adapters: Mapping[str, DiffusionAdapter]) -> None:
+    """One rank's runner. With `world_size` > 1 every rank of the group holds every request (replicated
+    state), computes its Brick shards of each forward row, all-gathers the outputs inside the group, and
+    runs the same sampler steps: ranks stay identical without any tensor leaving the group.
+    """
+
+    def __init__(self, adapters: Mapping[str, DiffusionAdapter], rank: int = 0, world_size: int = 1,
+                 group: dist.ProcessGroup | None = None) -> None:
         self.adapters = adapters
+        self.rank, self.world_size, self.group = rank, world_size, group
         self.requests: dict[str, RunnerRequest] = {}
         self._last_step_end: float | None = None
 
@@ -73,10 +82,12 @@ class ModelRunner:
         batch = self.prepare_inputs(plan, errors)
         stepped: list[str] = []
         finished: dict[str, torch.Tensor] = {}
-        forwards = 0
+        forwards = ring_bytes = 0
         for model, requests in batch.items():
-            predictions, runs = self._predict(model, requests, errors)
+            ctx = self._context(plan, model, requests)
+            predictions, runs = self._predict(model, requests, errors, ctx)
             forwards += runs
+            ring_bytes += ctx.stats.bytes_sent if isinstance(ctx, ShardedAttention) else 0
             for request, prediction in predictions:
                 self._advance(model, request, prediction, errors, stepped, finished)
         for request_id in errors:
@@ -84,7 +95,7 @@ class ModelRunner:
         shapes = {(r.request.model, r.request.latent_shape) for group in batch.values() for r in group}
         self._last_step_end = time.perf_counter()
         return StepResult(plan.step_id, tuple(stepped), errors, finished, forwards, len(shapes),
-                          self._last_step_end - start, idle)
+                          self._last_step_end - start, idle, ring_bytes)
 
     # ---- admission --------------------------------------------------------
     def _admit(self, new: NewRequest) -> RunnerRequest:
@@ -93,6 +104,8 @@ class ModelRunner:
         if new.prompt is None:
             raise ValueError("a NewRequest without prompt embeddings cannot run")
         adapter = self.adapters[new.model]
+        for cond in new.prompt.rows_in_order:
+            adapter.check_condition(cond)
         sampler = adapter.new_sampler(new.num_steps, new.latent_shape)
         if len(sampler.timesteps) != new.num_steps:
             raise ValueError(f"the sampler made {len(sampler.timesteps)} timesteps for {new.num_steps} steps")
@@ -116,23 +129,45 @@ class ModelRunner:
                 batch[request.request.model].append(request)
         return batch
 
+    def _context(self, plan: StepPlan, model: str, requests: list[RunnerRequest]) -> AttentionContext:
+        """Local attention on one rank; on a group, the model's Brick plan restricted to the rows still running."""
+        if self.world_size == 1:
+            return LocalAttention()
+        running = {r.request.request_id for r in requests}
+        rows, row = [], 0
+        for scheduled in plan.scheduled:
+            request = self.requests.get(scheduled.request_id)
+            if request is None or request.request.model != model:
+                continue
+            if scheduled.request_id in running:
+                rows.extend(range(row, row + request.request.rows))
+            row += request.request.rows
+        return ShardedAttention(plan.rings[model].subset(rows), self.rank, self.group)
+
     @torch.no_grad()
-    def _predict(self, model: str, requests: list[RunnerRequest], errors: dict[str, str],
+    def _predict(self, model: str, requests: list[RunnerRequest], errors: dict[str, str], ctx: AttentionContext,
                  ) -> tuple[list[tuple[RunnerRequest, torch.Tensor]], int]:
-        """Guided predictions of one model's requests in one packed forward (isolating faults if it raises)."""
+        """Guided predictions of one model's requests in one packed forward.
+
+        On one rank a forward that raises is retried request by request, so only the request at
+        fault fails. On a group the ranks are inside collectives together: a raise there is a
+        group fault (the shell rebuilds the group); bad inputs are refused at admission instead.
+        """
+        if self.world_size > 1:
+            return list(zip(requests, self._guided(model, requests, ctx))), 1
         try:
-            return list(zip(requests, self._guided(model, requests))), 1
+            return list(zip(requests, self._guided(model, requests, ctx))), 1
         except Exception:
             logger.exception("packed forward of %s failed; isolating %d requests", model, len(requests))
         out = []
         for request in requests:
             try:
-                out.append((request, self._guided(model, [request])[0]))
+                out.append((request, self._guided(model, [request], ctx)[0]))
             except Exception as exc:
                 errors[request.request.request_id] = f"transformer forward failed: {exc!r}"
         return out, 1 + len(requests)
 
-    def _guided(self, model: str, requests: list[RunnerRequest]) -> list[torch.Tensor]:
+    def _guided(self, model: str, requests: list[RunnerRequest], ctx: AttentionContext) -> list[torch.Tensor]:
         """One packed forward over every CFG row ([uncond, cond] per request with CFG); float32 predictions."""
         adapter = self.adapters[model]
         latents, timesteps, conds = [], [], []
@@ -142,7 +177,7 @@ class ModelRunner:
                 latents.append(x)
                 timesteps.append(r.timestep)
                 conds.append(cond)
-        out = adapter.forward_packed(latents, timesteps, conds)
+        out = adapter.forward_packed(latents, timesteps, conds, ctx)
         preds, row = [], 0
         for r in requests:
             if r.request.cfg:

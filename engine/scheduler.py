@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from attention.plan import BrickPlan
+from attention.planner import BrickCostModel, plan_brick
 from engine.config import BudgetConfig
 from engine.messages import NewRequest, ScheduledStep, StepPlan, StepResult
 from engine.policies import SchedulingPolicy
@@ -41,11 +43,14 @@ class Progress:
 
 class StepSchedulerCore:
     def __init__(self, policy: SchedulingPolicy, budget: BudgetConfig, max_pool_size: int = 256,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, world_size: int = 1,
+                 cost_model: BrickCostModel = BrickCostModel()) -> None:
         self.policy = policy
         self.budget = budget
         self.max_pool_size = max_pool_size
         self.clock = clock
+        self.world_size = world_size  # ranks of the worker group the plans are for
+        self.cost_model = cost_model
         self.pool: dict[str, RequestMeta] = {}
         self.queue = RunQueue(policy)  # the pooled requests that still have a step to schedule
         self._unsent: dict[str, NewRequest] = {}  # admitted, not yet handed to the runner
@@ -61,7 +66,8 @@ class StepSchedulerCore:
         if request.request_id in self.pool:
             raise ValueError(f"request {request.request_id!r} is already in the pool")
         meta = RequestMeta(request_id=request.request_id, model=request.model, seq_len=request.seq_len,
-                           rows=request.rows, total_steps=request.num_steps, arrival_time=self.clock())
+                           rows=request.rows, row_tokens=request.row_tokens, total_steps=request.num_steps,
+                           arrival_time=self.clock())
         self.pool[request.request_id] = meta
         self.queue.add(meta)
         self._unsent[request.request_id] = request
@@ -125,7 +131,14 @@ class StepSchedulerCore:
                 self.queue.add(request)
         free, self._to_free = tuple(self._to_free), []
         self._step_id += 1
-        return StepPlan(self._step_id, tuple(new), tuple(scheduled), free, tokens)
+        return StepPlan(self._step_id, tuple(new), tuple(scheduled), free, tokens, self._rings(picked))
+
+    def _rings(self, picked: list[RequestMeta]) -> dict[str, BrickPlan]:
+        """The Brick plan of each model's forward: its rows (packed order, CFG rows each) over the group's ranks."""
+        rows: dict[str, list[int]] = {}
+        for request in picked:
+            rows.setdefault(request.model, []).extend(request.row_tokens)
+        return {model: plan_brick(tokens, self.world_size, self.cost_model) for model, tokens in rows.items()}
 
     def postprocess(self, plan: StepPlan, result: StepResult) -> None:
         """Count the steps that ran; finished and failed requests leave the pool."""
@@ -147,6 +160,28 @@ class StepSchedulerCore:
                 meta.status = RequestStatus.RUNNING
             if meta.steps_done == meta.total_steps:
                 self._finish(meta, RequestStatus.FINISHED, freed_by_runner=True)
+
+    def sent_ids(self) -> list[str]:
+        """Pooled requests whose state the runners hold (what a worker-group failure loses)."""
+        return [r.request_id for r in self.pool.values() if r.sent]
+
+    def restart(self, requests: list[NewRequest], max_restarts: int, reason: str) -> None:
+        """The runners lost these requests' state: run them again from step 0 (same seed, same result),
+        or fail those already restarted `max_restarts` times."""
+        for new in requests:
+            meta = self.pool.get(new.request_id)
+            if meta is None:
+                continue
+            meta.sent = False  # nothing to free: the state is gone
+            if meta.restarts >= max_restarts:
+                self._fail(meta, f"{reason}; restarted {meta.restarts} times already")
+                continue
+            self.queue.discard(meta)
+            meta.restarts += 1
+            meta.steps_done = meta.steps_scheduled = 0
+            meta.status, meta.first_step_time = RequestStatus.WAITING, None
+            self.queue.add(meta)
+            self._unsent[meta.request_id] = new
 
     def fail_plan(self, plan: StepPlan, reason: str) -> None:
         """The whole step was lost (e.g. the worker died): fail its requests, keep the rest pooled."""

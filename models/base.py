@@ -31,6 +31,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
+from attention.context import AttentionContext, LocalAttention
 from models.packed import PackedRequest
 from models.spec import ModelSpec
 
@@ -209,6 +210,10 @@ class DiffusionAdapter(ABC):
     """The family's packed forward (`models/<family>_packed.py`)."""
 
     @abstractmethod
+    def row_tokens(self, latent_shape: tuple[int, ...], cond: Condition) -> int:
+        """Tokens of one forward row in the transformer's self-attention: what the Brick planner shards."""
+
+    @abstractmethod
     def packed_request(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Condition) -> PackedRequest:
         """One forward row's input in the packed forward's per-sample layout (no batch dim)."""
 
@@ -216,16 +221,37 @@ class DiffusionAdapter(ABC):
     def transformer(self) -> torch.nn.Module:
         return self.pipeline.transformer
 
-    def forward_packed(self, latents: list[torch.Tensor], timesteps: list[torch.Tensor],
-                       conds: list[Condition]) -> list[torch.Tensor]:
+    def forward_packed(self, latents: list[torch.Tensor], timesteps: list[torch.Tensor], conds: list[Condition],
+                       ctx: AttentionContext | None = None) -> list[torch.Tensor]:
         """Predictions of many rows of any shapes, text lengths and timesteps in one transformer pass.
 
         latents[i] has this family's per-request layout without the batch dim; the result
-        is one prediction per row shaped like it, in the transformer's dtype.
+        is one prediction per row shaped like it, in the transformer's dtype. With a
+        `ShardedAttention` context this rank computes its shards (Brick Attention) and the
+        group all-gathers the outputs, so every rank returns every row whole.
         """
         rows = [self.packed_request(x.to(self.device), t.to(self.device), c)
                 for x, t, c in zip(latents, timesteps, conds)]
-        return self.packed_module.forward_packed(self.transformer, rows)
+        ctx = ctx or LocalAttention()
+        held = ctx.segments(self.packed_module.token_counts(self.transformer, rows))
+        pieces = self.packed_module.output_rows(self.transformer, rows, ctx) if held else {}  # none here: only gather
+        like = self.transformer.proj_out.weight.new_empty((0, self.transformer.proj_out.out_features))
+        full = ctx.gather_outputs(pieces, len(rows), like)
+        return [self.packed_module.unpatchify(self.transformer, r, full[i]) for i, r in enumerate(rows)]
+
+    def check_condition(self, cond: Condition) -> None:
+        """Refuse embeddings the transformer cannot take (before any rank enters a collective with them)."""
+        config = self.transformer_config
+        widths = {"encoder_hidden_states": config.get("text_embed_dim") or config.get("text_dim")
+                  or config.get("joint_attention_dim"), "pooled_projections": config.get("pooled_projection_dim")}
+        for key, tensor in cond.items():
+            if tensor.shape[0] != 1:
+                raise ValueError(f"{key}: one row expected, got batch {tensor.shape[0]}")
+            width = widths.get(key)
+            if width is not None and tensor.shape[-1] != width:
+                raise ValueError(f"{key}: width {tensor.shape[-1]}, the transformer takes {width}")
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise ValueError(f"{key}: non-finite values")
 
     # ---- vae ------------------------------------------------------------
     @abstractmethod

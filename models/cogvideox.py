@@ -106,6 +106,11 @@ class CogVideoXAdapter(DiffusionAdapter):
         extra["prev_timestep"] = t
         return latents
 
+    def row_tokens(self, latent_shape: tuple[int, ...], cond: Condition) -> int:
+        frames, _, height, width = latent_shape
+        p = self.transformer_config["patch_size"]
+        return frames * (height // p) * (width // p) + cond["encoder_hidden_states"].shape[1]
+
     def packed_request(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Condition) -> PackedRequest:
         rotary = None
         if self.transformer_config.get("use_rotary_positional_embeddings"):

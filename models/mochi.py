@@ -76,6 +76,11 @@ class MochiAdapter(DiffusionAdapter):
         sigmas = np.array(linear_quadratic_schedule(num_steps, _THRESHOLD_NOISE))
         sampler.set_timesteps(sigmas=sigmas, device="cpu")
 
+    def row_tokens(self, latent_shape: tuple[int, ...], cond: Condition) -> int:
+        _, frames, height, width = latent_shape
+        p = self.transformer_config["patch_size"]
+        return frames * (height // p) * (width // p) + int(cond["encoder_attention_mask"].sum())
+
     def packed_request(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Condition) -> PackedRequest:
         """Only the unmasked text tokens: what Mochi's joint attention attends to."""
         valid = cond["encoder_attention_mask"][0].bool()

@@ -87,6 +87,11 @@ class SD3Adapter(DiffusionAdapter):
                              config.get("base_shift", 0.5), config.get("max_shift", 1.16))
         sampler.set_timesteps(num_steps, device="cpu", mu=mu)
 
+    def row_tokens(self, latent_shape: tuple[int, ...], cond: Condition) -> int:
+        _, height, width = latent_shape
+        p = self.transformer_config["patch_size"]
+        return (height // p) * (width // p) + cond["encoder_hidden_states"].shape[1]
+
     def packed_request(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Condition) -> PackedRequest:
         return PackedRequest(latents, timestep, cond["encoder_hidden_states"][0],
                              pooled=cond["pooled_projections"][0])

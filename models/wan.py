@@ -78,6 +78,12 @@ class WanAdapter(DiffusionAdapter):
         return (self.transformer_config["in_channels"], g.latent_frames(num_frames),
                 height // g.spatial_factor, width // g.spatial_factor)
 
+    def row_tokens(self, latent_shape: tuple[int, ...], cond: Condition) -> int:
+        """Video tokens only: Wan's text enters through cross-attention."""
+        _, frames, height, width = latent_shape
+        p_t, p_h, p_w = self.transformer_config["patch_size"]
+        return (frames // p_t) * (height // p_h) * (width // p_w)
+
     def packed_request(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Condition) -> PackedRequest:
         return PackedRequest(latents, timestep, cond["encoder_hidden_states"][0])
 

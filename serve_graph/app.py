@@ -12,7 +12,6 @@ from typing import Any
 
 from ray.serve import Application
 
-from deployments.dit_worker import DiTWorker
 from deployments.step_scheduler import StepScheduler
 from deployments.text_encoder import TextEncoder
 from deployments.vae_decoder import VaeDecoder
@@ -25,17 +24,21 @@ def _actor_options(res: DeploymentResources) -> dict[str, Any]:
 
 
 def build_video_app(args: dict[str, Any]) -> Application:
-    """VideoIngress -> TextEncoder, StepScheduler -> DiTWorker, VaeDecoder (see README's graph)."""
+    """VideoIngress -> TextEncoder, StepScheduler (+ its worker group), VaeDecoder (see README's graph)."""
     config = VideoAppConfig(**args)
     models = [m.model_dump() for m in config.models]
 
     def bind(deployment: Any, res: DeploymentResources, *init_args: Any) -> Application:
         return deployment.options(**_actor_options(res)).bind(*init_args)
 
-    worker = bind(DiTWorker, config.dit_worker, models, config.dit_worker.model_dump())
-    scheduler = bind(StepScheduler, config.step_scheduler, models, config.scheduler.model_dump(), worker)
+    group = config.worker_group
+    scheduler = StepScheduler.options(
+        ray_actor_options={"num_cpus": config.step_scheduler.num_cpus},
+        placement_group_bundles=group.bundles(config.step_scheduler.num_cpus),
+        placement_group_strategy="STRICT_PACK" if group.backend == "nccl" else "PACK",
+        autoscaling_config=config.step_scheduler_replicas.autoscaling_config(),
+    ).bind(models, config.scheduler.model_dump(), group.model_dump())
     text_encoder = bind(TextEncoder, config.text_encoder, models, config.text_encoder.model_dump())
     vae = bind(VaeDecoder, config.vae_decoder, models, config.vae_decoder.model_dump())
     return bind(VideoIngress, config.ingress, models, config.limits.model_dump(), config.scheduler.max_pool_size,
                 text_encoder, scheduler, vae)
-

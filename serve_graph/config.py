@@ -38,6 +38,46 @@ class DeploymentResources(_Frozen):
     device: str = Field(default="cpu", description="torch device the deployment's model runs on.")
 
 
+class ReplicaRange(_Frozen):
+    """Serve autoscaling of the step scheduler: each replica owns one worker group, so scaling out adds groups."""
+
+    min_replicas: int = Field(default=1, ge=1)
+    max_replicas: int = Field(default=1, ge=1)
+    target_ongoing_requests: float = Field(
+        default=32, gt=0, description="Pooled requests per replica above which Serve adds a replica.")
+
+    def autoscaling_config(self) -> dict[str, float]:
+        return self.model_dump()
+
+
+class WorkerGroupConfig(_Frozen):
+    """The DiT worker group of each step-scheduler replica: `ranks` actors in the replica's placement group."""
+
+    ranks: int = Field(default=1, ge=1, le=8, description="Ranks (GPUs) per group; Brick rings of 1..ranks.")
+    num_cpus_per_rank: float = Field(default=1, ge=0)
+    num_gpus_per_rank: float = Field(default=0, ge=0, description="GPU share per rank; above 0.5 so that no two "
+                                     "ranks share a GPU (NCCL needs a GPU each).")
+    torch_threads: int | None = Field(default=None, ge=1, description="torch.set_num_threads in each rank.")
+    device: str = Field(default="cpu", description="'cpu' or 'cuda'; each rank's torch device.")
+    backend: Literal["gloo", "nccl"] = Field(default="gloo", description="torch.distributed backend of the group.")
+    timeout_s: float = Field(
+        default=60, gt=0, description="Process-group timeout: a rank stuck this long in a collective fails the step "
+        "(a killed rank usually fails it at once: its peers see the connection close).")
+
+    @model_validator(mode="after")
+    def _nccl_needs_gpus(self) -> "WorkerGroupConfig":
+        if self.backend == "nccl" and (self.num_gpus_per_rank <= 0.5 or not self.device.startswith("cuda")):
+            raise ValueError("backend nccl needs device 'cuda' and num_gpus_per_rank > 0.5 (one rank per GPU)")
+        return self
+
+    def bundles(self, replica_cpus: float) -> list[dict[str, float]]:
+        """The replica's placement group: bundle i holds rank i; the replica actor itself sits in bundle 0."""
+        def bundle(extra_cpus: float) -> dict[str, float]:
+            out = {"CPU": self.num_cpus_per_rank + extra_cpus}
+            return out | ({"GPU": self.num_gpus_per_rank} if self.num_gpus_per_rank else {})
+        return [bundle(replica_cpus)] + [bundle(0) for _ in range(self.ranks - 1)]
+
+
 class VideoAppConfig(_Frozen):
     """The `args:` of the video application."""
 
@@ -47,7 +87,8 @@ class VideoAppConfig(_Frozen):
     ingress: DeploymentResources = DeploymentResources(num_cpus=0.1)
     text_encoder: DeploymentResources = DeploymentResources(num_cpus=0.25)
     step_scheduler: DeploymentResources = DeploymentResources(num_cpus=0.1)
-    dit_worker: DeploymentResources = DeploymentResources(num_cpus=1)
+    step_scheduler_replicas: ReplicaRange = ReplicaRange()
+    worker_group: WorkerGroupConfig = WorkerGroupConfig()
     vae_decoder: DeploymentResources = DeploymentResources(num_cpus=0.5)
 
     @model_validator(mode="after")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import ray
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 
@@ -25,3 +26,11 @@ def tiny_spec(family: str, name: str | None = None, **overrides) -> ModelSpec:
 @pytest.fixture(scope="session")
 def cog_spec() -> ModelSpec:
     return tiny_spec("cogvideox")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_ray_left_over():
+    """A module whose Ray fixture died mid-setup (e.g. a timeout) must not make every later `ray.init` fail."""
+    if ray.is_initialized():
+        ray.shutdown()
+    yield

@@ -23,7 +23,8 @@ def new_request(steps: int = 4, seq_len: int = 100, cfg: bool = True, model: str
                 request_id: str | None = None) -> NewRequest:
     """A request as the scheduler sees it: sizes only (no prompt tensors)."""
     return NewRequest(request_id=request_id or f"r{next(_ids)}", model=model, latent_shape=(1,), seq_len=seq_len,
-                      seed=0, num_steps=steps, guidance_scale=6.0 if cfg else 1.0, prompt=None, cfg=cfg)
+                      row_tokens=(seq_len,) * (2 if cfg else 1), seed=0, num_steps=steps,
+                      guidance_scale=6.0 if cfg else 1.0, prompt=None, cfg=cfg)
 
 
 def gen_spec(model: str, steps: int = 4, height: int = 32, width: int = 48, frames: int = 9, seed: int = 0,

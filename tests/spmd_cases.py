@@ -46,3 +46,40 @@ def packed_forward_cases(rank: int, world_size: int, payload) -> list[dict]:
     with torch.no_grad():
         return [adapter.packed_module.output_rows(adapter.transformer, requests, ShardedAttention(plan, rank))
                 for plan in plans]
+
+
+def engine_group_case(rank: int, world_size: int, payload) -> dict:
+    """Scheduler core + this rank's model runner over a gloo group; every rank runs an identical core.
+
+    Returns the final latents, the ring sizes the plans used, and this rank's KV bytes sent.
+    """
+    from attention.planner import BrickCostModel
+    from deployments.text_encoder import EncodeRequest, TextEncoderCore
+    from engine.config import BudgetConfig
+    from engine.messages import NewRequest
+    from engine.policies import make_policy
+    from engine.runner import ModelRunner
+    from engine.scheduler import StepSchedulerCore
+    from models import load_adapter
+    from tests.conftest import tiny_spec
+
+    specs, asks, min_shard_tokens = payload
+    specs = [tiny_spec(family) for family in specs]
+    core = StepSchedulerCore(make_policy("fifo"), BudgetConfig(), world_size=world_size,
+                             cost_model=BrickCostModel(min_shard_tokens=min_shard_tokens, linear_tokens=0))
+    runner = ModelRunner({s.name: load_adapter(s, ["transformer"]) for s in specs}, rank, world_size)
+    config_only = {s.name: load_adapter(s, ()) for s in specs}
+    encoders = {s.name: TextEncoderCore([s]) for s in specs}
+    for request_id, spec in asks:
+        prompt = encoders[spec.model].encode_batch([EncodeRequest(spec.model, spec.prompt, spec.negative_prompt)])[0]
+        core.admit(NewRequest.from_spec(request_id, spec, prompt, config_only[spec.model]))
+    latents, rings, ring_bytes = {}, set(), 0
+    while core.pool:
+        plan = core.schedule()
+        rings |= {a.size for p in plan.rings.values() for a in p.assignments}
+        result = runner.execute(plan)
+        core.postprocess(plan, result)
+        latents.update(result.finished)
+        ring_bytes += result.ring_bytes
+        assert not result.errors, result.errors
+    return {"latents": latents, "rings": rings, "ring_bytes": ring_bytes}

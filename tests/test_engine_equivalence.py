@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from deployments.text_encoder import EncodeRequest, TextEncoderCore
 from deployments.vae_decoder import DecodeRequest, VaeDecoderCore
+from engine.messages import NewRequest
 from engine.request import RequestStatus
 from models import load_adapter
 from tests.conftest import tiny_spec
@@ -78,19 +81,23 @@ def test_two_models_one_forward_each():
     assert set(engine.latents) == {"cogvideox-tiny-0", "cogvideox-tiny-1", "wan-tiny-0", "wan-tiny-1"}
 
 
-def test_failing_request_fails_alone():
+def test_failing_requests_fail_alone():
+    """Bad embeddings are refused at admission; a forward that raises is retried request by request."""
     spec = tiny_spec("cogvideox")
     engine = Engine([spec])
-    good, bad = TextEncoderCore([spec]).encode_batch([EncodeRequest(spec.name, "a cat", ""),
-                                                      EncodeRequest(spec.name, "a dog", "")])
-    bad.cond["encoder_hidden_states"] = torch.zeros(1, 16, 7)  # wrong width: its forward raises
+    good, bad, odd = TextEncoderCore([spec]).encode_batch([EncodeRequest(spec.name, p, "") for p in "abc"])
+    bad.cond["encoder_hidden_states"] = torch.zeros(1, 16, 7)  # the transformer takes width 32
     engine.admit("good", gen_spec(spec.name, steps=3), good)
     engine.admit("bad", gen_spec(spec.name, steps=3), bad)
+    new = NewRequest.from_spec("odd", gen_spec(spec.name, steps=3), odd, engine.adapters[spec.name])
+    engine.core.admit(replace(new, latent_shape=(3, 5, 4, 6)))  # 5 channels: the patch embedding takes 4
     engine.run()
     assert engine.done["good"].status is RequestStatus.FINISHED and engine.done["good"].steps_done == 3
-    bad = engine.done["bad"]
-    assert bad.status is RequestStatus.FAILED and "transformer forward failed" in bad.error
-    assert "bad" not in engine.runner.requests and not engine.runner.requests  # state freed on the worker
+    refused, broken = engine.done["bad"], engine.done["odd"]
+    assert refused.status is RequestStatus.FAILED and "width 7, the transformer takes 32" in refused.error
+    assert broken.status is RequestStatus.FAILED and "transformer forward failed" in broken.error
+    assert engine.results[0].forwards == 1 + 2  # the packed forward, then each request alone
+    assert not engine.runner.requests  # state freed on the worker
 
 
 def test_state_stays_on_the_runner_and_plans_carry_ids_only():

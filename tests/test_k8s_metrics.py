@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -36,11 +38,25 @@ def dashboard_metrics() -> set[str]:
 
 
 @ray.remote(num_cpus=0)
-def _record_training_step() -> None:
-    from training.metrics import PHASES, STEP_FIELDS, TrainingMetrics
+class _TrainingSteps:
+    """Records a GRPO+ step's gauges every 2 s until killed (Ray drops gauges that stop being set)."""
 
-    TrainingMetrics("test-run").record({**{k: 0.5 for k in STEP_FIELDS}, **{k: 1.0 for k in PHASES}, "step": 3})
-    time.sleep(12)  # stay alive until Ray's metrics agent has exported the values
+    async def run(self) -> None:
+        import asyncio
+
+        from training.metrics import PHASES, STEP_FIELDS, TrainingMetrics
+
+        metrics = TrainingMetrics("test-run")
+        while True:
+            metrics.record({**{k: 0.5 for k in STEP_FIELDS}, **{k: 1.0 for k in PHASES}, "step": 3})
+            await asyncio.sleep(2)
+
+
+def _wait_status(client: httpx.Client, video_id: str, status: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while (job := client.get(f"/v1/videos/{video_id}").json())["status"] != status:
+        assert time.time() < deadline and job["status"] not in ("failed", "cancelled"), job
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -54,26 +70,35 @@ def scraped(tmp_path_factory) -> str:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_video_app(serve_application("video")["args"]), name="video", route_prefix="/")
     serve.run(build_coder_app(coder_args), name="coder", route_prefix="/coder")
+    scheduler = serve.get_deployment_handle("StepScheduler", app_name="video")
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
         job = client.post("/v1/videos", json={"model": "wan-tiny", "prompt": "a cat", "resolution": "240p",
                                               "num_frames": 5, "num_inference_steps": 3}).json()
+        # 2,640 tokens per row: sharded over both ranks (KV traffic); one rank is killed while it runs.
+        sharded = client.post("/v1/videos", json={"model": "wan-tiny", "prompt": "waves", "resolution": "360p",
+                                                  "num_frames": 9, "num_inference_steps": 6}).json()
+        _wait_status(client, sharded["id"], "running")
+        os.kill(scheduler.stats.remote().result()["pids"][1], signal.SIGKILL)
+        for video in (job, sharded):
+            _wait_status(client, video["id"], "completed")
+        mp4 = client.get(f"/v1/videos/{job['id']}/content").content
         with client.stream("POST", "/coder/v1/completions", json={"model": "tiny-coder", "prompt": "def f():",
                                                                    "max_tokens": 16, "stream": True}) as r:
             assert r.status_code == 200 and "data:" in r.read().decode()
-        deadline = time.time() + 60
-        while client.get(f"/v1/videos/{job['id']}").json()["status"] != "completed":
-            assert time.time() < deadline
-            time.sleep(0.2)
-        mp4 = client.get(f"/v1/videos/{job['id']}/content").content
-    training = _record_training_step.remote()
+    training = _TrainingSteps.remote()
+    training.run.remote()
     wanted, text = dashboard_metrics(), ""
     deadline = time.time() + 90
     while time.time() < deadline:
         text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
-        if all(name in text for name in wanted):
+        missing = [name for name in wanted if name not in text]
+        if not missing:
             break
+        if any(name.startswith("ray_vllm_") for name in missing):  # vLLM sets its gauges only while serving
+            httpx.post(f"http://127.0.0.1:{port}/coder/v1/completions", timeout=60,
+                       json={"model": "tiny-coder", "prompt": "def g():", "max_tokens": 8})
         time.sleep(2)
-    ray.get(training)
+    ray.kill(training)
     yield text, mp4
     serve.shutdown()
     ray.shutdown()
@@ -86,6 +111,15 @@ def test_every_dashboard_metric_is_exported(scraped):
     assert {"ray_dit_step_duration_seconds_bucket", "ray_vllm_time_to_first_token_seconds_bucket",
             "ray_grpo_mean_reward"} <= wanted
     assert sorted(wanted - exported) == []
+
+
+def test_killed_rank_counted_as_one_group_restart(scraped):
+    text, _ = scraped
+    restarts = [float(v) for v in re.findall(r"^ray_dit_group_restarts_total(?:{[^}]*})? (\S+)$", text, re.M)]
+    assert sum(restarts) == 1
+    ring_sizes = re.findall(r'^ray_dit_ring_size_bucket{[^}]*le="1\.0"[^}]*} (\S+)$', text, re.M)
+    rows = re.findall(r"^ray_dit_ring_size_count(?:{[^}]*})? (\S+)$", text, re.M)
+    assert 0 < sum(map(float, ring_sizes)) < sum(map(float, rows))  # rows on 1-rank and on 2-rank rings
 
 
 def test_cpu_default_renders_240p_at_240_pixels(scraped):

@@ -170,3 +170,31 @@ def test_plan_payload_is_ids_and_integers():
     assert not plan.new_requests and len(plan.scheduled) == len(metas)
     per_request = len(pickle.dumps(plan, protocol=5)) / len(metas)
     assert per_request < 1024, per_request
+
+
+def test_plans_carry_a_brick_plan_per_model_over_its_rows():
+    from attention.planner import BrickCostModel
+
+    core = StepSchedulerCore(make_policy("fifo"), BudgetConfig(), world_size=2,
+                             cost_model=BrickCostModel(min_shard_tokens=100, linear_tokens=0))
+    core.admit(new_request(seq_len=1000, model="a"))  # CFG: two rows of 1000 tokens
+    core.admit(new_request(seq_len=50, cfg=False, model="a"))
+    core.admit(new_request(seq_len=300, model="b"))
+    plan = core.schedule()
+    assert [(a.tokens, a.size) for a in plan.rings["a"].assignments] == [(1000, 2), (1000, 2), (50, 1)]
+    assert [(a.tokens, a.size) for a in plan.rings["b"].assignments] == [(300, 2), (300, 2)]
+
+
+def test_restart_runs_lost_requests_again_from_step_zero_then_fails_them():
+    core = make_core()
+    new = new_request(steps=3)
+    meta = core.admit(new)
+    plan = core.schedule()
+    core.postprocess(plan, StepResult.all_stepped(plan))
+    assert core.sent_ids() == [new.request_id] and meta.steps_done == 1
+    core.restart([new], max_restarts=1, reason="worker group failed")
+    assert (meta.steps_done, meta.restarts, meta.status, meta.sent) == (0, 1, RequestStatus.WAITING, False)
+    again = core.schedule()
+    assert again.new_requests == (new,) and again.scheduled[0].step_index == 0 and not again.free
+    core.restart([new], max_restarts=1, reason="worker group failed")
+    assert meta.status is RequestStatus.FAILED and meta.error == "worker group failed; restarted 1 times already"

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import signal
 import time
 
+import av
 import httpx
+import numpy as np
 import pytest
 import ray
 from PIL import Image
@@ -28,9 +32,11 @@ def client():
         if model["family"] != "sd3":
             model["resolution_heights"] = {k: v for k, v in TEST_HEIGHTS.items()
                                            if not (model["family"] == "mochi" and k == "720p")}
+    # Rows of >= 128 tokens (e.g. 720p CogVideoX here) shard over both ranks of the group; small ones stay on one.
+    args["scheduler"]["planner"]["min_shard_tokens"] = 64
     # Two requests per step so that SRPTF's choice is visible over HTTP.
     args["scheduler"]["budget"]["max_batch_size"] = 2
-    args["scheduler"]["max_pool_size"] = 6  # small, so that overload is cheap to reach
+    args["scheduler"]["max_pool_size"] = 8  # small, so that overload is cheap to reach
     port = free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -90,6 +96,55 @@ def test_mixed_concurrent_requests_complete_with_valid_mp4(client):
     assert (jobs[1]["height"], jobs[1]["width"]) == (80, 48)  # 360p 9:16: short side 48, 48*16/9 -> 80
 
 
+def _frames(mp4: bytes) -> np.ndarray:
+    with av.open(io.BytesIO(mp4)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]).astype(int)
+
+
+def test_mixed_requests_on_brick_rings_equal_each_alone(client):
+    """4 resolutions, 2 models, different steps, submitted together == each alone; rings of 1 and 2 ranks ran.
+
+    Sharding changes the order of the attention reductions, so decoded frames are compared to 1 level of 255.
+    """
+    asks = [dict(model="cogvideox-tiny", prompt="a big city", resolution="720p", num_frames=17, num_inference_steps=4),
+            dict(model="cogvideox-tiny", prompt="a cat", resolution="240p", num_frames=9, num_inference_steps=3),
+            dict(model="wan-tiny", prompt="waves", resolution="480p", num_frames=9, num_inference_steps=3),
+            dict(model="wan-tiny", prompt="a red car", resolution="360p", num_frames=5, num_inference_steps=2)]
+    asks = [dict(a, seed=100 + i) for i, a in enumerate(asks)]
+    scheduler = serve.get_deployment_handle("StepScheduler", app_name="video")
+    before = scheduler.stats.remote().result()["ring_sizes"]
+    alone = []
+    for ask in asks:
+        job = submit(client, **ask)
+        assert wait(client, job["id"])["status"] == "completed"
+        alone.append(client.get(f"/v1/videos/{job['id']}/content").content)
+    jobs = [submit(client, **ask) for ask in asks]
+    together = []
+    for job in jobs:
+        assert wait(client, job["id"])["status"] == "completed"
+        together.append(client.get(f"/v1/videos/{job['id']}/content").content)
+    for a, b in zip(alone, together):
+        assert np.abs(_frames(a) - _frames(b)).max() <= 1
+    after = scheduler.stats.remote().result()["ring_sizes"]
+    assert {size for size in after if after[size] > before.get(size, 0)} == {1, 2}
+
+
+def test_killed_rank_is_replaced_and_every_job_completes(client):
+    """kill -9 one rank process during a run of 8 concurrent jobs: the group is rebuilt once, all 8 complete."""
+    scheduler = serve.get_deployment_handle("StepScheduler", app_name="video")
+    before = scheduler.stats.remote().result()
+    asks = [dict(model=m, prompt=f"job {i}", resolution=r, num_frames=9, num_inference_steps=10, seed=i)
+            for i, (m, r) in enumerate([(m, r) for m in ("cogvideox-tiny", "wan-tiny") for r in TEST_HEIGHTS])]
+    jobs = [submit(client, **ask) for ask in asks]
+    wait(client, jobs[0]["id"], until=("running",))
+    os.kill(before["pids"][1], signal.SIGKILL)
+    done = [wait(client, job["id"]) for job in jobs]
+    assert [job["status"] for job in done] == ["completed"] * 8, [job["error"] for job in done]
+    after = scheduler.stats.remote().result()
+    assert after["group_restarts"] == before["group_restarts"] + 1
+    assert after["ranks"] == 2 and set(after["pids"]).isdisjoint(before["pids"])
+
+
 def test_srptf_short_request_after_long_ones_finishes_first(client):
     long_ask = dict(model="cogvideox-tiny", prompt="slow", resolution="720p", num_frames=17, num_inference_steps=60)
     a, b = submit(client, **long_ask), submit(client, **long_ask)
@@ -133,7 +188,7 @@ def test_same_seed_same_bytes_alone_or_batched(client):
 
 def test_overload_answers_429_and_recovers(client):
     long_ask = dict(model="cogvideox-tiny", prompt="busy", resolution="720p", num_frames=17, num_inference_steps=200)
-    jobs = [submit(client, **long_ask) for _ in range(6)]
+    jobs = [submit(client, **long_ask) for _ in range(8)]
     r = client.post("/v1/videos", json=long_ask)
     assert r.status_code == 429 and r.json()["error"]["code"] == "overloaded"
     assert client.post("/v1/images/generations", json={"prompt": "x", "size": "32x32"}).status_code == 429
@@ -185,3 +240,23 @@ def test_malformed_json_is_400(client):
     r = client.post("/v1/videos", content=b'{"prompt": "x",', headers={"content-type": "application/json"})
     assert r.status_code == 400 and "malformed JSON" in r.json()["error"]["message"]
     assert client.get("/v1/videos/video_nope").status_code == 404
+
+
+def test_dead_scheduler_replica_fails_its_jobs_clearly_and_serve_restarts_it(client):
+    """Runs last: kill -9 the scheduler replica; its jobs fail with the reason, a later job completes."""
+    scheduler = serve.get_deployment_handle("StepScheduler", app_name="video")
+    pid = scheduler.stats.remote().result()["pid"]
+    jobs = [submit(client, model="cogvideox-tiny", prompt=f"doomed {i}", resolution="720p", num_frames=17,
+                   num_inference_steps=200) for i in range(2)]
+    wait(client, jobs[0]["id"], until=("running",))
+    os.kill(pid, signal.SIGKILL)
+    for job in jobs:
+        failed = wait(client, job["id"])
+        assert failed["status"] == "failed" and "step scheduler replica" in failed["error"], failed
+    deadline = time.time() + 120
+    while True:  # Serve replaces the replica (and its worker group); admission works again
+        r = client.post("/v1/videos", json=dict(model="cogvideox-tiny", prompt="after", num_inference_steps=2))
+        if r.status_code == 202 and wait(client, r.json()["id"])["status"] == "completed":
+            break
+        assert time.time() < deadline, r.text
+        time.sleep(1)

@@ -1,0 +1,121 @@
+"""The DiT worker group of one step-scheduler replica: N rank actors, one torch.distributed group.
+
+Each rank is a Ray actor holding an `engine.runner.ModelRunner` over the same
+models; the ranks form one process group (gloo on CPU, NCCL on GPU) and run every
+`StepPlan` together: each computes its Brick shards, attention inside each ring is
+ring attention, and the outputs are all-gathered inside the group, so every rank
+keeps the same (replicated) request state and no tensor leaves the group per step.
+
+The group belongs to exactly one scheduler replica (no load balancer in front of
+stateful ranks): the ranks are created by the replica, in its placement group
+(bundle i holds rank i; the replica itself sits in bundle 0), and die with it.
+A rank that dies fails the step on every rank; `WorkerGroup.rebuild()` then kills
+the survivors and forms a new group on new actors, and the scheduler restarts the
+lost requests from step 0 (same seeds, same results).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from datetime import timedelta
+
+import ray
+import torch
+import torch.distributed as dist
+from ray.util.placement_group import get_current_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from deployments import init_replica
+from engine.messages import StepPlan, StepResult
+from engine.runner import ModelRunner
+from models import load_adapter
+from models.spec import ModelSpec
+from serve_graph.config import WorkerGroupConfig
+
+logger = logging.getLogger(__name__)
+
+
+class RankWorker:
+    """One rank: a model runner in a process group with the other ranks of its group."""
+
+    def __init__(self, models: list[dict], config: dict, rank: int) -> None:
+        self.config = WorkerGroupConfig(**config)
+        init_replica({"torch_threads": self.config.torch_threads, "device": self.config.device})
+        self.rank = rank
+        self.specs = [ModelSpec(**m) for m in models]
+        self.runner: ModelRunner | None = None
+
+    def address(self) -> tuple[str, int]:
+        """Where rank 0 listens for the group's rendezvous (this node's IP, a free port)."""
+        ip = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind((ip, 0))
+            return ip, s.getsockname()[1]
+
+    def join(self, master: tuple[str, int]) -> int:
+        """Join the process group and load the models; returns this process's pid (tests kill it)."""
+        c = self.config
+        device = torch.device(c.device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(c.backend, init_method=f"tcp://{master[0]}:{master[1]}", rank=self.rank,
+                                world_size=c.ranks, timeout=timedelta(seconds=c.timeout_s))
+        dist.barrier()  # every rank is in: the first P2P batch (NCCL's lazy communicator init) involves all ranks
+        adapters = {s.name: load_adapter(s, parts=("transformer",), device=c.device) for s in self.specs}
+        self.runner = ModelRunner(adapters, self.rank, c.ranks)
+        return os.getpid()
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        assert self.runner is not None, "join() first"
+        result = self.runner.execute(plan)
+        if self.rank != 0:  # every rank holds the same final latents: one copy travels
+            result = StepResult(result.step_id, result.stepped, result.errors, {}, result.forwards, result.shapes,
+                                result.forward_seconds, result.idle_before_seconds, result.ring_bytes)
+        return result
+
+
+class WorkerGroup:
+    """The replica's handle on its ranks: start, run a plan on all of them, rebuild after a fault."""
+
+    def __init__(self, models: list[dict], config: WorkerGroupConfig) -> None:
+        self.models, self.config = models, config
+        self.generation = 0  # bumped by every rebuild: results of an older group are stale
+        self.ranks: list[ray.actor.ActorHandle] = []
+        self.pids: list[int] = []
+
+    async def start(self) -> None:
+        c = self.config
+        placement = get_current_placement_group()
+        actor = ray.remote(RankWorker)
+        self.ranks = [actor.options(
+            num_cpus=c.num_cpus_per_rank, num_gpus=c.num_gpus_per_rank, max_concurrency=1,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement, placement_group_bundle_index=rank)
+            if placement is not None else None,
+        ).remote(self.models, c.model_dump(), rank) for rank in range(c.ranks)]
+        master = await self.ranks[0].address.remote()
+        self.pids = await asyncio.gather(*(r.join.remote(master) for r in self.ranks))
+        logger.info("worker group %d up: %d ranks, pids %s", self.generation, c.ranks, self.pids)
+
+    async def execute(self, plan: StepPlan) -> tuple[StepResult, list[float], int]:
+        """Run one plan on every rank; (rank 0's result with the group's ring bytes, per-rank busy seconds,
+        the group generation that ran it). Raises if any rank failed: the caller rebuilds the group."""
+        generation = self.generation
+        ref = ray.put(plan)  # serialised once for all ranks
+        results: list[StepResult] = await asyncio.gather(*(r.execute.remote(ref) for r in self.ranks))
+        first = results[0]
+        merged = StepResult(first.step_id, first.stepped, first.errors, first.finished, first.forwards, first.shapes,
+                            first.forward_seconds, first.idle_before_seconds, sum(r.ring_bytes for r in results))
+        return merged, [r.forward_seconds for r in results], generation
+
+    async def rebuild(self) -> float:
+        """Kill every rank (survivors sit in a broken group) and form a new group; returns seconds taken."""
+        start = time.perf_counter()
+        for rank in self.ranks:
+            ray.kill(rank, no_restart=True)
+        self.generation += 1
+        await self.start()
+        return time.perf_counter() - start
