@@ -65,6 +65,8 @@ class NewRequest:
 class ScheduledStep:
     request_id: str
     step_index: int  # the runner checks it against its own counter
+    model: str
+    rows: int  # forward rows (2 with CFG): with `model`, where this request's rows sit in the Brick plans
 
 
 @dataclass(frozen=True)

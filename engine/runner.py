@@ -135,13 +135,12 @@ class ModelRunner:
             return LocalAttention()
         running = {r.request.request_id for r in requests}
         rows, row = [], 0
-        for scheduled in plan.scheduled:
-            request = self.requests.get(scheduled.request_id)
-            if request is None or request.request.model != model:
+        for scheduled in plan.scheduled:  # this model's rows in the plan, minus those of requests that failed
+            if scheduled.model != model:
                 continue
             if scheduled.request_id in running:
-                rows.extend(range(row, row + request.request.rows))
-            row += request.request.rows
+                rows.extend(range(row, row + scheduled.rows))
+            row += scheduled.rows
         return ShardedAttention(plan.rings[model].subset(rows), self.rank, self.group)
 
     @torch.no_grad()

@@ -123,7 +123,7 @@ class StepSchedulerCore:
             if not request.sent:
                 new.append(self._unsent.pop(request.request_id))
                 request.sent = True
-            scheduled.append(ScheduledStep(request.request_id, request.steps_scheduled))
+            scheduled.append(ScheduledStep(request.request_id, request.steps_scheduled, request.model, request.rows))
             self.queue.discard(request)  # its key changes: out, update, back in (unless its last step is planned)
             request.steps_scheduled += 1
             request.last_scheduled_time = now
