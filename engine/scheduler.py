@@ -17,7 +17,7 @@ so the worker never waits for the scheduler between two forwards.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from attention.plan import BrickPlan
@@ -44,13 +44,15 @@ class Progress:
 class StepSchedulerCore:
     def __init__(self, policy: SchedulingPolicy, budget: BudgetConfig, max_pool_size: int = 256,
                  clock: Callable[[], float] = time.time, world_size: int = 1,
-                 cost_model: BrickCostModel = BrickCostModel()) -> None:
+                 cost_model: BrickCostModel = BrickCostModel(), one_rank_models: frozenset[str] = frozenset()) -> None:
         self.policy = policy
         self.budget = budget
         self.max_pool_size = max_pool_size
         self.clock = clock
         self.world_size = world_size  # ranks of the worker group the plans are for
         self.cost_model = cost_model
+        self._one_rank = replace(cost_model, ring_sizes=(1,))  # for models whose forward cannot be sharded
+        self.one_rank_models = one_rank_models
         self.pool: dict[str, RequestMeta] = {}
         self.queue = RunQueue(policy)  # the pooled requests that still have a step to schedule
         self._unsent: dict[str, NewRequest] = {}  # admitted, not yet handed to the runner
@@ -138,7 +140,9 @@ class StepSchedulerCore:
         rows: dict[str, list[int]] = {}
         for request in picked:
             rows.setdefault(request.model, []).extend(request.row_tokens)
-        return {model: plan_brick(tokens, self.world_size, self.cost_model) for model, tokens in rows.items()}
+        return {model: plan_brick(tokens, self.world_size,
+                                  self._one_rank if model in self.one_rank_models else self.cost_model)
+                for model, tokens in rows.items()}
 
     def postprocess(self, plan: StepPlan, result: StepResult) -> None:
         """Count the steps that ran; finished and failed requests leave the pool."""

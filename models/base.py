@@ -218,6 +218,11 @@ class DiffusionAdapter(ABC):
         """One forward row's input in the packed forward's per-sample layout (no batch dim)."""
 
     @property
+    def shardable(self) -> bool:
+        """Whether the packed forward runs sharded over a Brick ring (the planner keeps other models on 1 rank)."""
+        return True
+
+    @property
     def transformer(self) -> torch.nn.Module:
         return self.pipeline.transformer
 

@@ -87,6 +87,11 @@ class SD3Adapter(DiffusionAdapter):
                              config.get("base_shift", 0.5), config.get("max_shift", 1.16))
         sampler.set_timesteps(num_steps, device="cpu", mu=mu)
 
+    @property
+    def shardable(self) -> bool:
+        """SD3.5's dual-attention blocks add an image-only attention that has no Brick plan of its own yet."""
+        return not self.transformer_config.get("dual_attention_layers")
+
     def row_tokens(self, latent_shape: tuple[int, ...], cond: Condition) -> int:
         _, height, width = latent_shape
         p = self.transformer_config["patch_size"]

@@ -39,8 +39,10 @@ def forward_rows(model: SD3Transformer2DModel, requests: list[PackedRequest], ct
     """Image output rows (before unpatchify) of the joint tokens this process holds."""
     n_image = image_token_counts(model, requests)
     layout = joint_layout(ctx.segments(token_counts(model, requests)), n_image, requests[0].latents.device)
-    if any(b.attn2 is not None for b in model.transformer_blocks) and not isinstance(ctx, LocalAttention):
-        raise NotImplementedError("SD3.5 dual-attention blocks run only with every request whole in one process")
+    whole = [tokens.stop - tokens.start for _, tokens in layout.video]
+    if any(b.attn2 is not None for b in model.transformer_blocks) and whole != [n_image[r] for r, _ in layout.video]:
+        raise NotImplementedError("SD3.5 dual-attention blocks need each request's image tokens whole on one rank "
+                                  "(the adapter reports shardable=False, so the planner keeps them on 1-rank rings)")
     patches, texts, temb = {}, {}, {}
     for i in sorted({s.request for s in layout.segments}):
         r = requests[i]
@@ -50,14 +52,14 @@ def forward_rows(model: SD3Transformer2DModel, requests: list[PackedRequest], ct
     x, c = gather_pieces(patches, layout.video), gather_pieces(texts, layout.text)
     counts = token_counts(model, requests)
     for block in model.transformer_blocks:
-        x, c = _block(block, x, c, temb, counts, n_image, layout, ctx)
+        x, c = _block(block, x, c, temb, counts, whole, layout, ctx)
     scale, shift = expand_pieces({i: model.norm_out.linear(model.norm_out.silu(t).to(x.dtype))
                                   for i, t in temb.items()}, layout.video).chunk(2, dim=1)
     x = model.norm_out.norm(x) * (1 + scale) + shift
     return model.proj_out(x), layout
 
 
-def _block(block, x, c, temb, counts, n_image, layout, ctx):
+def _block(block, x, c, temb, counts, held_images, layout, ctx):
     mod = expand_pieces({i: block.norm1.linear(block.norm1.silu(t)) for i, t in temb.items()}, layout.video)
     chunks = mod.chunk(9 if block.use_dual_attention else 6, dim=1)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = chunks[:6]
@@ -77,7 +79,7 @@ def _block(block, x, c, temb, counts, n_image, layout, ctx):
     x = x + gate_msa * attn_x
     if block.use_dual_attention:
         shift_msa2, scale_msa2, gate_msa2 = chunks[6:]
-        x = x + gate_msa2 * _image_attention(block.attn2, normed * (1 + scale_msa2) + shift_msa2, n_image, ctx)
+        x = x + gate_msa2 * _image_attention(block.attn2, normed * (1 + scale_msa2) + shift_msa2, held_images)
     x = x + gate_mlp * block.ff(block.norm2(x) * (1 + scale_mlp) + shift_mlp)
     if block.context_pre_only:
         return x, c
@@ -100,10 +102,11 @@ def _joint_attention(attn, x, c, counts, layout: JointLayout, ctx):
     return out_x, (out_c if attn.context_pre_only else attn.to_add_out(out_c))
 
 
-def _image_attention(attn, x, n_image, ctx):
+def _image_attention(attn, x, held_images):
+    """SD3.5's attn2: each request's image tokens over themselves, here (the requests are whole on this rank)."""
     q, k, v = (_heads(attn, x, proj, norm) for proj, norm in ((attn.to_q, attn.norm_q), (attn.to_k, attn.norm_k),
                                                               (attn.to_v, None)))
-    return attn.to_out[1](attn.to_out[0](ctx.self_attention(q, k, v, n_image).flatten(1)))
+    return attn.to_out[1](attn.to_out[0](LocalAttention().self_attention(q, k, v, held_images).flatten(1)))
 
 
 def unpatchify(model: SD3Transformer2DModel, request: PackedRequest, rows: torch.Tensor) -> torch.Tensor:

@@ -184,6 +184,11 @@ def test_plans_carry_a_brick_plan_per_model_over_its_rows():
     assert [(a.tokens, a.size) for a in plan.rings["a"].assignments] == [(1000, 2), (1000, 2), (50, 1)]
     assert [(a.tokens, a.size) for a in plan.rings["b"].assignments] == [(300, 2), (300, 2)]
 
+    core = StepSchedulerCore(make_policy("fifo"), BudgetConfig(), world_size=2, one_rank_models=frozenset({"a"}),
+                             cost_model=BrickCostModel(min_shard_tokens=100, linear_tokens=0))
+    core.admit(new_request(seq_len=1000, model="a"))  # e.g. SD3.5: its forward cannot run sharded
+    assert {a.size for a in core.schedule().rings["a"].assignments} == {1}
+
 
 def test_restart_runs_lost_requests_again_from_step_zero_then_fails_them():
     core = make_core()
