@@ -3,8 +3,9 @@
 - `NewRequest` travels once, in the first plan that schedules the request: the
   runner creates its latents and sampler on its device and keeps its embeddings.
 - `StepPlan` is every later step's payload: ids in packed order with the step
-  index each runs, and ids to free. Ids and small integers only (~100 bytes per
-  request), where the previous design shipped every latent and embedding per step.
+  index each runs, ids to free, the Brick plans. Ids and small integers only (~150
+  bytes per request), where the previous design shipped every latent and embedding
+  per step.
 - `StepResult` answers with the ids stepped, per-request errors, and the final
   latents of requests that finished in this step (each request's latents cross
   processes exactly once, on their way to the VAE).

@@ -159,7 +159,7 @@ def test_pool_full_is_refused():
 
 
 def test_plan_payload_is_ids_and_integers():
-    """After admission a step carries ~100 bytes per request (the design's target: under 1 KB)."""
+    """After admission a step carries ~150 bytes per request, Brick rows included (target: under 1 KB)."""
     import pickle
     import uuid
 
