@@ -17,6 +17,7 @@ dropped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import pickle
@@ -42,6 +43,7 @@ from serve_graph.config import WorkerGroupConfig
 logger = logging.getLogger(__name__)
 
 GAUGE_REFRESH_S = 5.0
+PROGRESS_INTERVAL_S = 0.5
 PIPELINE_DEPTH = 2
 """Plans in flight to the group: the one running and the next one, already planned."""
 
@@ -73,6 +75,7 @@ class GenerationResult:
 class _Waiter:
     new: NewRequest  # kept while pooled: a group failure re-admits it from step 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
     result: GenerationResult | None = None
 
 
@@ -127,6 +130,10 @@ class StepScheduler:
                 if waiter.result is None and meta.steps_done != sent:
                     sent = meta.steps_done
                     yield ProgressEvent(meta.steps_done, meta.total_steps, meta.first_step_time)
+                    # At most one progress message per PROGRESS_INTERVAL_S (each costs every process on
+                    # its path some CPU); the result itself is never delayed.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(waiter.finished.wait(), PROGRESS_INTERVAL_S)
             yield waiter.result
         finally:
             if waiter.result is None:  # cancelled: free the request's slot
@@ -232,6 +239,7 @@ class StepScheduler:
             if waiter is not None:
                 waiter.result = _result_of(meta, latents)
                 waiter.changed.set()
+                waiter.finished.set()
         self._final_latents.clear()  # latents of requests cancelled while their last step ran
         self._update_gauges()
 
