@@ -20,7 +20,7 @@ import torch
 
 from benchmarks.timing import median_seconds
 from models import load_adapter
-from models.packed import PackedRequest
+from models.packed import PackedRequest, forward_packed
 from models.spec import ModelSpec
 
 HEIGHTS = {"240p": 32, "360p": 48, "480p": 64, "720p": 96}  # pixels, scaled down as in the tests
@@ -98,7 +98,7 @@ def run(family: str, repeats: int) -> None:
     module = adapter.packed_module
     lat, text, ts, rot = padded_inputs(family, adapter, requests)
     with torch.no_grad():
-        t_packed = median_seconds(lambda: module.forward_packed(model, requests), repeats)
+        t_packed = median_seconds(lambda: forward_packed(module, model, requests), repeats)
         t_padded = median_seconds(lambda: _diffusers(family, model, lat, text, ts, rot), repeats)
         t_each = median_seconds(lambda: [_diffusers(family, model, r.latents[None], r.text[None],
                                                   r.timestep.reshape(1), r.rotary) for r in requests], repeats)

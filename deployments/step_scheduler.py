@@ -187,7 +187,7 @@ class StepScheduler:
     async def _complete(self, step: _InFlight) -> bool:
         """Account one step's result; on a group failure rebuild the group and restart its requests."""
         try:
-            result, rank_seconds, _ = step.call.result()
+            result, rank_seconds = step.call.result()
         except Exception as exc:
             logger.exception("step %d failed on the worker group; rebuilding it", step.plan.step_id)
             await self._recover(f"worker group failed: {exc!r}")

@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import time
+from dataclasses import replace
 from datetime import timedelta
 
 import ray
@@ -72,10 +73,8 @@ class RankWorker:
     def execute(self, plan: StepPlan) -> StepResult:
         assert self.runner is not None, "join() first"
         result = self.runner.execute(plan)
-        if self.rank != 0:  # every rank holds the same final latents: one copy travels
-            result = StepResult(result.step_id, result.stepped, result.errors, {}, result.forwards, result.shapes,
-                                result.forward_seconds, result.idle_before_seconds, result.ring_bytes)
-        return result
+        # Every rank holds the same final latents: one copy travels.
+        return result if self.rank == 0 else replace(result, finished={})
 
 
 class WorkerGroup:
@@ -83,7 +82,7 @@ class WorkerGroup:
 
     def __init__(self, models: list[dict], config: WorkerGroupConfig) -> None:
         self.models, self.config = models, config
-        self.generation = 0  # bumped by every rebuild: results of an older group are stale
+        self.generation = 0  # rebuilds so far
         self.ranks: list[ray.actor.ActorHandle] = []
         self.pids: list[int] = []
 
@@ -100,16 +99,13 @@ class WorkerGroup:
         self.pids = await asyncio.gather(*(r.join.remote(master) for r in self.ranks))
         logger.info("worker group %d up: %d ranks, pids %s", self.generation, c.ranks, self.pids)
 
-    async def execute(self, plan: StepPlan) -> tuple[StepResult, list[float], int]:
-        """Run one plan on every rank; (rank 0's result with the group's ring bytes, per-rank busy seconds,
-        the group generation that ran it). Raises if any rank failed: the caller rebuilds the group."""
-        generation = self.generation
+    async def execute(self, plan: StepPlan) -> tuple[StepResult, list[float]]:
+        """Run one plan on every rank: (rank 0's result with the group's ring bytes, per-rank busy seconds).
+        Raises if any rank failed: the caller rebuilds the group."""
         ref = ray.put(plan)  # serialised once for all ranks
         results: list[StepResult] = await asyncio.gather(*(r.execute.remote(ref) for r in self.ranks))
-        first = results[0]
-        merged = StepResult(first.step_id, first.stepped, first.errors, first.finished, first.forwards, first.shapes,
-                            first.forward_seconds, first.idle_before_seconds, sum(r.ring_bytes for r in results))
-        return merged, [r.forward_seconds for r in results], generation
+        merged = replace(results[0], ring_bytes=sum(r.ring_bytes for r in results))
+        return merged, [r.forward_seconds for r in results]
 
     async def rebuild(self) -> float:
         """Kill every rank (survivors sit in a broken group) and form a new group; returns seconds taken."""

@@ -152,11 +152,11 @@ class ModelRunner:
         fault fails. On a group the ranks are inside collectives together: a raise there is a
         group fault (the shell rebuilds the group); bad inputs are refused at admission instead.
         """
-        if self.world_size > 1:
-            return list(zip(requests, self._guided(model, requests, ctx))), 1
         try:
             return list(zip(requests, self._guided(model, requests, ctx))), 1
         except Exception:
+            if self.world_size > 1:
+                raise
             logger.exception("packed forward of %s failed; isolating %d requests", model, len(requests))
         out = []
         for request in requests:

@@ -31,8 +31,8 @@ from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
-from attention.context import AttentionContext, LocalAttention
-from models.packed import PackedRequest
+from attention.context import AttentionContext
+from models.packed import PackedRequest, forward_packed
 from models.spec import ModelSpec
 
 Part = Literal["text", "transformer", "vae"]
@@ -237,12 +237,7 @@ class DiffusionAdapter(ABC):
         """
         rows = [self.packed_request(x.to(self.device), t.to(self.device), c)
                 for x, t, c in zip(latents, timesteps, conds)]
-        ctx = ctx or LocalAttention()
-        held = ctx.segments(self.packed_module.token_counts(self.transformer, rows))
-        pieces = self.packed_module.output_rows(self.transformer, rows, ctx) if held else {}  # none here: only gather
-        like = self.transformer.proj_out.weight.new_empty((0, self.transformer.proj_out.out_features))
-        full = ctx.gather_outputs(pieces, len(rows), like)
-        return [self.packed_module.unpatchify(self.transformer, r, full[i]) for i, r in enumerate(rows)]
+        return forward_packed(self.packed_module, self.transformer, rows, ctx)
 
     def check_condition(self, cond: Condition) -> None:
         """Refuse embeddings the transformer cannot take (before any rank enters a collective with them)."""

@@ -15,7 +15,7 @@ import torch
 from diffusers import CogVideoXTransformer3DModel
 from diffusers.models.embeddings import apply_rotary_emb
 
-from attention.context import AttentionContext, LocalAttention, Segment, gather_rows, per_row, rows_by_request
+from attention.context import AttentionContext, Segment, gather_rows, per_row, rows_by_request
 from models.packed import PackedRequest
 
 
@@ -109,10 +109,3 @@ def output_rows(model: CogVideoXTransformer3DModel, requests: list[PackedRequest
     """{request: (first token, output rows)} of the tokens this process holds, ready for unpatchify."""
     rows, segments = forward_rows(model, requests, ctx)
     return rows_by_request(rows, segments)
-
-
-def forward_packed(model: CogVideoXTransformer3DModel, requests: list[PackedRequest],
-                   ctx: AttentionContext | None = None) -> list[torch.Tensor]:
-    """Predictions of every request, computed in one packed pass in this process."""
-    by_request = output_rows(model, requests, ctx or LocalAttention())
-    return [unpatchify(model, r, by_request[i][1]) for i, r in enumerate(requests)]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from diffusers import MochiTransformer3DModel
 
-from attention.context import AttentionContext, LocalAttention
+from attention.context import AttentionContext
 from models.packed import (
     JointLayout,
     PackedRequest,
@@ -125,10 +125,3 @@ def output_rows(model: MochiTransformer3DModel, requests: list[PackedRequest],
     """{request: (first token, output rows)} of the tokens this process holds, ready for unpatchify."""
     rows, layout = forward_rows(model, requests, ctx)
     return video_rows_by_request(rows, layout)
-
-
-def forward_packed(model: MochiTransformer3DModel, requests: list[PackedRequest],
-                   ctx: AttentionContext | None = None) -> list[torch.Tensor]:
-    """Predictions of every request, computed in one packed pass in this process."""
-    by_request = output_rows(model, requests, ctx or LocalAttention())
-    return [unpatchify(model, r, by_request[i][1]) for i, r in enumerate(requests)]

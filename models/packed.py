@@ -15,10 +15,11 @@ request to positions in `cat([video_rows, text_rows])`, so the joint q/k/v is on
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
-from attention.context import Segment
+from attention.context import AttentionContext, LocalAttention, Segment
 
 
 @dataclass(frozen=True)
@@ -102,3 +103,20 @@ def video_rows_by_request(rows: torch.Tensor, layout: JointLayout) -> dict[int, 
         out[request] = (tokens.start, rows[at:at + tokens.stop - tokens.start])
         at += tokens.stop - tokens.start
     return out
+
+
+def forward_packed(family: ModuleType, model: torch.nn.Module, requests: list[PackedRequest],
+                   ctx: AttentionContext | None = None) -> list[torch.Tensor]:
+    """Every request's prediction from one packed pass of a family's module (`models/<family>_packed.py`).
+
+    The module gives this process's output rows (`output_rows`) and turns a request's rows
+    into its prediction (`unpatchify`); with a `ShardedAttention` context the rows of every
+    rank are all-gathered first, so each rank returns every request whole. A rank that holds
+    no tokens of this batch only takes part in the gather.
+    """
+    ctx = ctx or LocalAttention()
+    held = ctx.segments(family.token_counts(model, requests))
+    pieces = family.output_rows(model, requests, ctx) if held else {}
+    like = model.proj_out.weight.new_empty((0, model.proj_out.out_features))
+    full = ctx.gather_outputs(pieces, len(requests), like)
+    return [family.unpatchify(model, r, full[i]) for i, r in enumerate(requests)]

@@ -122,10 +122,3 @@ def output_rows(model: SD3Transformer2DModel, requests: list[PackedRequest],
     """{request: (first token, output rows)} of the tokens this process holds, ready for unpatchify."""
     rows, layout = forward_rows(model, requests, ctx)
     return video_rows_by_request(rows, layout)
-
-
-def forward_packed(model: SD3Transformer2DModel, requests: list[PackedRequest],
-                   ctx: AttentionContext | None = None) -> list[torch.Tensor]:
-    """Predictions of every request, computed in one packed pass in this process."""
-    by_request = output_rows(model, requests, ctx or LocalAttention())
-    return [unpatchify(model, r, by_request[i][1]) for i, r in enumerate(requests)]

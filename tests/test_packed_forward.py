@@ -13,6 +13,7 @@ from attention.planner import BrickCostModel, plan_brick
 from attention.spmd import run_spmd
 from deployments.text_encoder import EncodeRequest, TextEncoderCore
 from models import load_adapter
+from models.packed import forward_packed
 from tests.conftest import tiny_spec
 from tests.spmd_cases import packed_forward_cases
 
@@ -66,7 +67,7 @@ def test_packed_forward_equals_diffusers_per_request(family_setup):
     assert len({r.latents.shape for r in requests}) == len(requests)
     assert len({len(r.text) for r in requests}) > 1
     with torch.no_grad():
-        packed = adapter.packed_module.forward_packed(adapter.transformer, requests)
+        packed = forward_packed(adapter.packed_module, adapter.transformer, requests)
     for got, ref in zip(packed, alone):
         assert got.shape == ref.shape
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
@@ -80,7 +81,7 @@ def test_sd35_dual_attention_blocks():
     torch.manual_seed(0)
     model = type(adapter.transformer)(**config).eval()
     with torch.no_grad():
-        packed = adapter.packed_module.forward_packed(model, requests)
+        packed = forward_packed(adapter.packed_module, model, requests)
         for got, r in zip(packed, requests):
             torch.testing.assert_close(got, diffusers_alone("sd3", model, r), atol=1e-5, rtol=1e-5)
 
