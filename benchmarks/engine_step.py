@@ -135,7 +135,7 @@ def main() -> None:
     args = parser.parse_args()
     # One rank, as the previous design's single DiT worker: the comparison is of the engine, not of Brick
     # (benchmarks/brick_serving.py compares ring plans on the 2-rank group).
-    one_rank = {"ranks": 1, "num_cpus_per_rank": 0.6, "torch_threads": 2}
+    one_rank = {"ranks": 1, "num_cpus_per_rank": 0.6, "torch_threads": 1}
     figures = run(args.requests, app_args(HEIGHTS, worker_group=one_rank))
     for key, value in figures.items():
         print(f"{key:>22}: {'n/a' if value is None else round(value, 4)}")

@@ -46,6 +46,10 @@ class RankWorker:
     def __init__(self, models: list[dict], config: dict, rank: int) -> None:
         self.config = WorkerGroupConfig(**config)
         init_replica({"torch_threads": self.config.torch_threads, "device": self.config.device})
+        if self.config.device == "cpu" and torch.get_num_threads() > max(1, self.config.num_cpus_per_rank):
+            logger.warning("rank %d runs %d torch threads on %.2f CPUs: on shared cores OpenMP threads wait on "
+                           "each other and steps slow down several times; lower worker_group.torch_threads",
+                           rank, torch.get_num_threads(), self.config.num_cpus_per_rank)
         self.rank = rank
         self.specs = [ModelSpec(**m) for m in models]
         self.runner: ModelRunner | None = None

@@ -57,7 +57,10 @@ class WorkerGroupConfig(_Frozen):
     num_cpus_per_rank: float = Field(default=1, ge=0)
     num_gpus_per_rank: float = Field(default=0, ge=0, description="GPU share per rank; above 0.5 so that no two "
                                      "ranks share a GPU (NCCL needs a GPU each).")
-    torch_threads: int | None = Field(default=None, ge=1, description="torch.set_num_threads in each rank.")
+    torch_threads: int | None = Field(
+        default=None, ge=1, description="torch.set_num_threads in each rank (default: Ray's OMP_NUM_THREADS, "
+        "num_cpus_per_rank rounded down, at least 1). More threads than cores the rank really gets makes CPU "
+        "steps several times slower (OpenMP threads wait on descheduled peers).")
     device: str = Field(default="cpu", description="'cpu' or 'cuda'; each rank's torch device.")
     backend: Literal["gloo", "nccl"] = Field(default="gloo", description="torch.distributed backend of the group.")
     timeout_s: float = Field(
