@@ -97,8 +97,9 @@ class StepScheduler:
         self.adapters = {s.name: load_adapter(s, parts=()) for s in (ModelSpec(**m) for m in models)}
         self.core = StepSchedulerCore(make_policy(config.policy, config.starvation_timeout_s), config.budget,
                                       config.max_pool_size, world_size=group.ranks,
-                                      cost_model=config.planner.cost_model(),
-                                      one_rank_models=frozenset(n for n, a in self.adapters.items() if not a.shardable))
+                                      cost_model=config.planner.cost_model(group.ranks),
+                                      one_rank_models=frozenset(n for n, a in self.adapters.items() if not a.shardable),
+                                      admission=config.admission, batch_size=config.batch_size)
         self.max_restarts = config.max_request_restarts
         self.group = WorkerGroup(models, group)
         self.metrics = ServeMetrics()

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from attention.planner import BrickCostModel
+
+AdmissionMode = Literal["step", "step_same_shape", "request", "batch"]
 
 
 class _Frozen(BaseModel):
@@ -38,8 +40,15 @@ class PlannerConfig(_Frozen):
     ring_sizes: tuple[int, ...] = Field(default=(1, 2, 4, 8), description="Ring sizes allowed (must include 1).")
     linear_tokens: int = Field(
         default=9216, ge=0, description="Token-wise cost relative to attention: 6 x the model's hidden size.")
+    mode: Literal["brick", "fixed"] = Field(
+        default="brick", description="'brick': ring size by tokens, per row and step; 'fixed': every row sharded "
+        "over `fixed_degree` ranks (fixed-degree sequence parallelism, the xDiT / vLLM-Omni baseline).")
+    fixed_degree: int | None = Field(default=None, ge=1, description="Ring size in mode 'fixed' (default: all ranks).")
 
-    def cost_model(self) -> BrickCostModel:
+    def cost_model(self, world_size: int) -> BrickCostModel:
+        if self.mode == "fixed":
+            degree = min(self.fixed_degree or world_size, world_size)
+            return BrickCostModel(1, tuple(sorted({1, degree})), self.linear_tokens)
         return BrickCostModel(self.min_shard_tokens, tuple(self.ring_sizes), self.linear_tokens)
 
 
@@ -52,6 +61,10 @@ class SchedulerConfig(_Frozen):
         "(guards SRPTF against starving long requests under a stream of short ones).",
     )
     budget: BudgetConfig = BudgetConfig()
+    admission: AdmissionMode = Field(
+        default="step", description="'step' (step-level continuous batching), 'step_same_shape', 'request' or "
+        "'batch' (run to completion): see engine.admission.")
+    batch_size: int = Field(default=5, ge=1, description="Requests per run-to-completion batch in admission 'batch'.")
     max_pool_size: int = Field(
         default=256, ge=1, description="Requests admitted (queued + running); more answer HTTP 429."
     )
@@ -59,3 +72,9 @@ class SchedulerConfig(_Frozen):
     max_request_restarts: int = Field(
         default=2, ge=0, description="Times a request may be restarted from step 0 after its worker group failed "
         "before it fails with that reason.")
+
+    @model_validator(mode="after")
+    def _batch_fits_budget(self) -> SchedulerConfig:
+        if self.admission == "batch" and self.batch_size > self.budget.max_batch_size:
+            raise ValueError(f"batch_size {self.batch_size} exceeds budget.max_batch_size {self.budget.max_batch_size}")
+        return self

@@ -20,9 +20,10 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from attention.plan import BrickPlan
+from attention.plan import BrickPlan, RingAssignment, even_bounds
 from attention.planner import BrickCostModel, plan_brick
-from engine.config import BudgetConfig
+from engine.admission import make_admission
+from engine.config import AdmissionMode, BudgetConfig
 from engine.messages import NewRequest, ScheduledStep, StepPlan, StepResult
 from engine.policies import SchedulingPolicy
 from engine.request import RequestMeta, RequestStatus
@@ -44,7 +45,8 @@ class Progress:
 class StepSchedulerCore:
     def __init__(self, policy: SchedulingPolicy, budget: BudgetConfig, max_pool_size: int = 256,
                  clock: Callable[[], float] = time.time, world_size: int = 1,
-                 cost_model: BrickCostModel = BrickCostModel(), one_rank_models: frozenset[str] = frozenset()) -> None:
+                 cost_model: BrickCostModel = BrickCostModel(), one_rank_models: frozenset[str] = frozenset(),
+                 admission: AdmissionMode = "step", batch_size: int = 5) -> None:
         self.policy = policy
         self.budget = budget
         self.max_pool_size = max_pool_size
@@ -55,6 +57,7 @@ class StepSchedulerCore:
         self.one_rank_models = one_rank_models
         self.pool: dict[str, RequestMeta] = {}
         self.queue = RunQueue(policy)  # the pooled requests that still have a step to schedule
+        self.admission = make_admission(admission, budget, batch_size, world_size, self._demanded_ring)
         self._unsent: dict[str, NewRequest] = {}  # admitted, not yet handed to the runner
         self._to_free: list[str] = []
         self._done: list[RequestMeta] = []
@@ -100,24 +103,12 @@ class StepSchedulerCore:
 
     # ---- the step -------------------------------------------------------
     def schedule(self) -> StepPlan | None:
-        # Core idea: every step, take the pool in policy order (the run queue keeps it
-        # sorted) and fill the budget greedily (a request that does not fit is skipped, smaller ones behind it
-        # may still fill the step). Requests join the moment they are admitted and
-        # leave the moment they finish, so batch membership changes every step. The
-        # first pick always runs, even if it alone exceeds max_batch_tokens. A request
-        # whose every step is already scheduled (its last one in flight) is not a candidate.
+        # Every step the admission mode picks from the pool in policy order (engine.admission: by default the
+        # budget filled greedily, requests joining and leaving at every step). A request whose every step is
+        # already scheduled (its last one in flight) is not a candidate.
         now = self.clock()
-        picked: list[RequestMeta] = []
-        tokens = 0
-        max_size, max_tokens = self.budget.max_batch_size, self.budget.max_batch_tokens
-        for request in self.queue.in_order(now):
-            if len(picked) == max_size:
-                break
-            step_tokens = request.step_tokens
-            if picked and tokens + step_tokens > max_tokens:
-                continue
-            picked.append(request)
-            tokens += step_tokens
+        pick = self.admission.pick(self.queue, now)
+        picked = pick.requests
         if not picked and not self._to_free:
             return None
         new, scheduled = [], []
@@ -133,16 +124,32 @@ class StepSchedulerCore:
                 self.queue.add(request)
         free, self._to_free = tuple(self._to_free), []
         self._step_id += 1
-        return StepPlan(self._step_id, tuple(new), tuple(scheduled), free, tokens, self._rings(picked))
+        tokens = sum(r.step_tokens for r in picked)
+        return StepPlan(self._step_id, tuple(new), tuple(scheduled), free, tokens, self._rings(picked, pick.ranks))
 
-    def _rings(self, picked: list[RequestMeta]) -> dict[str, BrickPlan]:
-        """The Brick plan of each model's forward: its rows (packed order, CFG rows each) over the group's ranks."""
-        rows: dict[str, list[int]] = {}
+    def _rings(self, picked: list[RequestMeta], pinned: dict[str, tuple[int, ...]]) -> dict[str, BrickPlan]:
+        """The Brick plan of each model's forward: its rows (packed order, CFG rows each) over the group's ranks,
+        on the rings the admission pinned (run to completion) or as the planner places them."""
+        by_model: dict[str, list[RequestMeta]] = {}
         for request in picked:
-            rows.setdefault(request.model, []).extend(request.row_tokens)
-        return {model: plan_brick(tokens, self.world_size,
-                                  self._one_rank if model in self.one_rank_models else self.cost_model)
-                for model, tokens in rows.items()}
+            by_model.setdefault(request.model, []).append(request)
+        plans = {}
+        for model, requests in by_model.items():
+            tokens = [n for r in requests for n in r.row_tokens]
+            if not pinned:
+                cost = self._one_rank if model in self.one_rank_models else self.cost_model
+                plans[model] = plan_brick(tokens, self.world_size, cost)
+                continue
+            rings = [pinned[r.request_id] for r in requests for _ in r.row_tokens]
+            plans[model] = BrickPlan(self.world_size, tuple(
+                RingAssignment(i, ring, even_bounds(n, len(ring))) for i, (n, ring) in enumerate(zip(tokens, rings))))
+        return plans
+
+    def _demanded_ring(self, meta: RequestMeta) -> int:
+        """The ring a run-to-completion batch led by `meta` keeps: by its largest row's tokens (or the fixed degree)."""
+        if meta.model in self.one_rank_models:
+            return 1
+        return self.cost_model.ring_size(max(meta.row_tokens), self.world_size)
 
     def postprocess(self, plan: StepPlan, result: StepResult) -> None:
         """Count the steps that ran; finished and failed requests leave the pool."""
@@ -181,6 +188,7 @@ class StepSchedulerCore:
                 self._fail(meta, f"{reason}; restarted {meta.restarts} times already")
                 continue
             self.queue.discard(meta)
+            self.admission.reset()
             meta.restarts += 1
             meta.steps_done = meta.steps_scheduled = 0
             meta.status, meta.first_step_time = RequestStatus.WAITING, None

@@ -203,3 +203,89 @@ def test_restart_runs_lost_requests_again_from_step_zero_then_fails_them():
     assert again.new_requests == (new,) and again.scheduled[0].step_index == 0 and not again.free
     core.restart([new], max_restarts=1, reason="worker group failed")
     assert meta.status is RequestStatus.FAILED and meta.error == "worker group failed; restarted 1 times already"
+
+
+# ---- admission modes (engine.admission) -------------------------------------------------------------------
+
+def _mode_core(admission, world_size=4, batch_size=5, max_batch_size=8, mode="brick"):
+    from engine.config import PlannerConfig
+
+    planner = PlannerConfig(min_shard_tokens=100, linear_tokens=0, mode=mode)
+    return StepSchedulerCore(make_policy("fifo"), BudgetConfig(max_batch_size=max_batch_size), clock=FakeClock(),
+                             world_size=world_size, cost_model=planner.cost_model(world_size), admission=admission,
+                             batch_size=batch_size)
+
+
+def _run(core):
+    """Step until the pool is empty; per plan: {request id: ring ranks of its first row}."""
+    steps = []
+    while core.pool:
+        plan = core.schedule()
+        rings = {}
+        for model, brick in plan.rings.items():
+            rows = [s for s in plan.scheduled if s.model == model for _ in range(s.rows)]
+            for assignment in brick.assignments:
+                rings.setdefault(rows[assignment.request].request_id, assignment.ranks)
+        steps.append(rings)
+        core.postprocess(plan, StepResult.all_stepped(plan))
+    return steps
+
+
+def test_request_admission_runs_each_request_to_completion_on_its_demanded_ring_fcfs():
+    core = _mode_core("request")
+    big = core.admit(new_request(steps=2, seq_len=400, cfg=False))  # 400 // 4 >= 100: a 4-rank ring
+    small = [core.admit(new_request(steps=3, seq_len=150, cfg=False)) for _ in range(2)]  # 1-rank rings
+    steps = _run(core)
+    # The big head takes all 4 ranks for its 2 steps; the small ones wait (FCFS), then run side by side on
+    # disjoint single ranks until both finish.
+    assert steps[:2] == [{big.request_id: (0, 1, 2, 3)}] * 2
+    assert steps[2:] == [{small[0].request_id: (0,), small[1].request_id: (1,)}] * 3
+
+
+def test_request_admission_blocks_behind_a_head_that_finds_too_few_ranks():
+    core = _mode_core("request", world_size=2)
+    first = core.admit(new_request(steps=3, seq_len=150, cfg=False))  # 1 rank
+    head = core.admit(new_request(steps=1, seq_len=400, cfg=False))  # 2 ranks: must wait for `first`
+    behind = core.admit(new_request(steps=1, seq_len=150, cfg=False))  # would fit rank 1, but FCFS
+    steps = _run(core)
+    assert steps[:3] == [{first.request_id: (0,)}] * 3
+    assert steps[3] == {head.request_id: (0, 1)} and steps[4] == {behind.request_id: (0,)}
+
+
+def test_batch_admission_batches_identical_shapes_and_steps_up_to_batch_size():
+    core = _mode_core("batch", batch_size=2)
+    a = [core.admit(new_request(steps=2, seq_len=400, cfg=False)) for _ in range(3)]
+    other_steps = core.admit(new_request(steps=3, seq_len=400, cfg=False))
+    steps = _run(core)
+    # Two of the three identical requests form the first batch (4-rank ring each row); the third runs alone next,
+    # and the one with a different step count is never batched with them.
+    assert steps[0] == {a[0].request_id: (0, 1, 2, 3), a[1].request_id: (0, 1, 2, 3)} == steps[1]
+    assert steps[2:4] == [{a[2].request_id: (0, 1, 2, 3)}] * 2
+    assert steps[4:] == [{other_steps.request_id: (0, 1, 2, 3)}] * 3
+
+
+def test_step_same_shape_admission_holds_one_shape_per_step():
+    core = _mode_core("step_same_shape")
+    x1 = core.admit(new_request(steps=2, seq_len=150, cfg=False))
+    y = core.admit(new_request(steps=1, seq_len=400, cfg=False))
+    x2 = core.admit(new_request(steps=2, seq_len=150, cfg=False))
+    steps = _run(core)
+    assert [set(s) for s in steps] == [{x1.request_id, x2.request_id}] * 2 + [{y.request_id}]
+
+
+def test_fixed_degree_planner_shards_every_row_over_all_ranks():
+    core = _mode_core("step", mode="fixed")
+    ids = [core.admit(new_request(steps=1, seq_len=n, cfg=False)).request_id for n in (150, 400, 30)]
+    assert _run(core) == [{i: (0, 1, 2, 3) for i in ids}]
+    brick = _mode_core("step")
+    ids = [brick.admit(new_request(steps=1, seq_len=n, cfg=False)).request_id for n in (150, 400, 30)]
+    assert {i: len(r) for i, r in _run(brick)[0].items()} == dict(zip(ids, (1, 4, 1)))
+
+
+def test_batch_size_must_fit_the_step_budget():
+    from pydantic import ValidationError
+
+    from engine.config import SchedulerConfig
+
+    with pytest.raises(ValidationError, match="batch_size 9 exceeds budget.max_batch_size 8"):
+        SchedulerConfig(admission="batch", batch_size=9, budget=BudgetConfig(max_batch_size=8))
