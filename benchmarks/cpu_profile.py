@@ -1,0 +1,308 @@
+"""The CPU cost profile: this machine's 2-rank gloo group of tiny models, measured, for the simulator.
+
+`python -m benchmarks.cpu_profile` measures, on two spawned gloo ranks running the
+real `ModelRunner`, the step time of packed plans over a grid (CogVideoX and Wan; every
+resolution at the trace's frame counts; one request on a 1-rank and on a 2-rank ring,
+mixed batches planned by Brick, both models in one step), and the time of the work
+outside the step loop (prompt encoding, VAE decode + mp4 of each resolution). It fits
+
+    step = Σ_model (overhead + per_request_token · Σ request tokens)      # every rank: samplers, CFG
+         + max over ranks Σ_model (per_token · M + per_attention · Σ S²/r + per_hop · rows sharded)
+
+(M: tokens the rank holds, S: a row's tokens, r: its ring size) by non-negative least
+squares. Then it runs jobs one at a time through the real app (`real_run`) and fits
+how the app's shell stretches those isolated costs (a factor on the steps, a factor on
+the decode, a constant per job: Ray calls between the replicas, the handoff of the final
+latents, the mp4 and the client's polling), and writes
+`benchmarks/results/cpu_profile.json`, which `CpuProfile` reads. Contention between
+the ranks and the VAE under load is not modelled (see docs/evaluation_method.md).
+Resolutions are scaled as in the tests (240p-720p rendered 32-96 pixels high), so all
+four fit a CPU run; the real app of `real_app_args()` serves the same sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import nnls
+
+from attention.plan import BrickPlan
+from engine.config import PlannerConfig
+from engine.messages import StepPlan
+from models import load_adapter
+from models.spec import ModelSpec
+from serve_graph.validation import video_size
+
+from benchmarks.cost_profiles import CostProfile
+from benchmarks.workloads import FRAMES, RESOLUTIONS, TraceRequest
+
+RESULTS = Path(__file__).parent / "results" / "cpu_profile.json"
+HEIGHTS = {"240p": 32, "360p": 48, "480p": 64, "720p": 96}
+MODELS = {"cogvideox": "cogvideox-tiny", "wan": "wan-tiny"}
+"""Trace family -> served tiny model. Mochi is left out on CPU: its packed rows depend on each prompt's length."""
+PLANNER = PlannerConfig(min_shard_tokens=256, ring_sizes=(1, 2), linear_tokens=192)
+"""480p and 720p rows (>= 512 tokens) shard over both ranks; 240p and 360p stay on one."""
+STEP_GAP_S = 0.007
+"""The rank's idle time between two forwards in the app (Ray's actor-call turnaround; `ray_dit_step_gap_seconds`
+in benchmarks/engine_step.py), which the grid's in-process steps do not pay."""
+
+
+def model_specs() -> list[ModelSpec]:
+    return [ModelSpec(name=name, family=family, source="tiny", max_sequence_length=16, resolution_heights=HEIGHTS,
+                      max_frames=max(FRAMES.values()), default_frames=9, default_steps=8)
+            for family, name in MODELS.items()]
+
+
+def real_app_args(scheduler: dict) -> dict:
+    """configs/local.yaml's video app serving the CPU profile's models and sizes, with `scheduler` (a system's)."""
+    from serve_graph.serve_configs import serve_application
+
+    args = serve_application("video")["args"]
+    args["models"] = [s.model_dump(exclude_none=True) for s in model_specs()]
+    args["scheduler"] = {**scheduler, "planner": {**PLANNER.model_dump(), **scheduler.get("planner", {})},
+                         "max_pool_size": 256, "budget": {**scheduler.get("budget", {}), "max_batch_tokens": 10**6}}
+    return args
+
+
+def pixel_size(family: str, resolution: str) -> tuple[int, int]:
+    spec = next(s for s in model_specs() if s.family == family)
+    return video_size(spec, load_adapter(spec, parts=()).geometry, resolution, "16:9")
+
+
+# ---- measurement (two spawned gloo ranks) ---------------------------------------------------------------
+def _grid() -> list[list[tuple[str, str, int]]]:
+    """Steps to time: lists of (family, resolution, ring: 1, 2 or 0 = planned by Brick)."""
+    grid = [[(family, res, ring)] for family in MODELS for res in RESOLUTIONS for ring in (1, 2)]
+    for family in MODELS:
+        grid.append([(family, "240p", 0), (family, "360p", 0)])
+        grid.append([(family, res, 0) for res in RESOLUTIONS])
+        grid.append([(family, res, 0) for res in RESOLUTIONS for _ in range(2)])
+    grid.append([("cogvideox", "480p", 0), ("wan", "360p", 0), ("wan", "720p", 0)])
+    return grid
+
+
+def measure_steps(rank: int, world_size: int, payload: int) -> list[float]:
+    """This rank's forward seconds (median of `payload` steps) for every grid entry."""
+    from deployments.text_encoder import EncodeRequest, TextEncoderCore
+    from engine.config import BudgetConfig
+    from engine.messages import NewRequest
+    from engine.policies import make_policy
+    from engine.request import GenerationSpec
+    from engine.runner import ModelRunner
+    from engine.scheduler import StepSchedulerCore
+
+    repeats = payload
+    specs = {s.family: s for s in model_specs()}
+    runner = ModelRunner({s.name: load_adapter(s, ["transformer"]) for s in specs.values()}, rank, world_size)
+    config_only = {s.name: load_adapter(s, ()) for s in specs.values()}
+    encoder = TextEncoderCore(list(specs.values()))
+    out = []
+    for n, entry in enumerate(_grid()):
+        ring = {r for _, _, r in entry}.pop() if len({r for _, _, r in entry}) == 1 else 0
+        planner = PLANNER if ring == 0 else PlannerConfig(mode="fixed", fixed_degree=ring)
+        core = StepSchedulerCore(make_policy("fifo"), BudgetConfig(max_batch_size=16), world_size=world_size,
+                                 cost_model=planner.cost_model(world_size))
+        for i, (family, res, _) in enumerate(entry):
+            height, width = pixel_size(family, res)
+            spec = GenerationSpec(model=specs[family].name, prompt="a calibration scene", negative_prompt="",
+                                  height=height, width=width, num_frames=FRAMES[family], num_inference_steps=repeats + 2,
+                                  guidance_scale=6.0, seed=i, fps=8)
+            prompt = encoder.encode_batch([EncodeRequest(spec.model, spec.prompt, spec.negative_prompt)])[0]
+            core.admit(NewRequest.from_spec(f"g{n}-{i}", spec, prompt, config_only[spec.model]))
+        times = []
+        for _ in range(repeats + 1):  # the first step admits (seeded noise, samplers): not timed
+            plan = core.schedule()
+            result = runner.execute(plan)
+            core.postprocess(plan, result)
+            times.append(result.forward_seconds)
+        out.append(statistics.median(times[1:]))
+        for request_id in list(core.pool):
+            core.cancel(request_id)
+        runner.execute(core.schedule())  # frees the grid entry's requests on the ranks
+    return out
+
+
+def measure_outside() -> dict:
+    """Seconds of prompt encoding and of VAE decode + mp4 per (family, resolution) at the trace's frame counts."""
+    from deployments.text_encoder import EncodeRequest, TextEncoderCore
+    from deployments.vae_decoder import DecodeRequest, VaeDecoderCore
+
+    import torch
+
+    torch.set_num_threads(1)  # as the encoder and VAE replicas of configs/local.yaml
+    specs = model_specs()
+    encoder, decoder = TextEncoderCore(specs), VaeDecoderCore(specs)
+    out = {"encode": {}, "decode": {}}
+    for spec in specs:
+        adapter = load_adapter(spec, parts=())
+        start = time.perf_counter()
+        for _ in range(3):
+            encoder.encode_batch([EncodeRequest(spec.name, "a calibration scene", "")])
+        out["encode"][spec.family] = (time.perf_counter() - start) / 3
+        out["decode"][spec.family] = {}
+        for res in RESOLUTIONS:
+            latents = torch_randn(adapter.latent_shape(*pixel_size(spec.family, res), FRAMES[spec.family]))
+            decoder.decode_batch([DecodeRequest(spec.name, latents, "mp4")])  # warm-up
+            start = time.perf_counter()
+            decoder.decode_batch([DecodeRequest(spec.name, latents, "mp4")])
+            out["decode"][spec.family][res] = time.perf_counter() - start
+    return out
+
+
+def torch_randn(shape: tuple[int, ...]):
+    import torch
+
+    return torch.randn((1, *shape), generator=torch.Generator().manual_seed(0))
+
+
+# ---- the fitted profile -------------------------------------------------------------------------------
+_FAMILY_TERMS = ("overhead", "per_request_token", "per_token", "per_attention", "per_hop")
+
+
+def _features(rings: dict[str, BrickPlan], world_size: int, busiest: int) -> np.ndarray:
+    """Linear features of one step (per family, the _FAMILY_TERMS), taking rank `busiest` as the slowest."""
+    x = np.zeros(len(MODELS) * len(_FAMILY_TERMS))
+    for family, brick in rings.items():
+        base = list(MODELS).index(family) * len(_FAMILY_TERMS)
+        x[base] += 1
+        x[base + 1] += sum(a.tokens for a in brick.assignments)
+        for a in brick.assignments:
+            if busiest in a.ranks:
+                x[base + 2] += a.shard_len(a.ranks.index(busiest))
+                x[base + 3] += a.tokens**2 / a.size
+                x[base + 4] += a.size > 1
+    return x
+
+
+def _plans() -> list[dict[str, BrickPlan]]:
+    """The Brick plans of the grid, as the measuring ranks built them (by family)."""
+    profile = CpuProfile(coefficients=np.zeros(len(MODELS) * len(_FAMILY_TERMS)).tolist(), outside={})
+    plans = []
+    for entry in _grid():
+        ring = {r for _, _, r in entry}.pop() if len({r for _, _, r in entry}) == 1 else 0
+        planner = PLANNER if ring == 0 else PlannerConfig(mode="fixed", fixed_degree=ring)
+        cost = planner.cost_model(2)
+        rows: dict[str, list[int]] = {}
+        for family, res, _ in entry:
+            rows.setdefault(family, []).extend(profile.row_tokens(_request(family, res)))
+        from attention.planner import plan_brick
+
+        plans.append({family: plan_brick(tokens, 2, cost) for family, tokens in rows.items()})
+    return plans
+
+
+def fit(step_seconds: list[float]) -> list[float]:
+    """Non-negative least squares on the grid; the busiest rank is re-chosen with the fitted terms (3 rounds)."""
+    plans = _plans()
+    y = np.array(step_seconds)
+    busiest = [0] * len(plans)
+    coefficients = np.zeros(len(MODELS) * len(_FAMILY_TERMS))
+    for _ in range(3):
+        x = np.array([_features(p, 2, b) for p, b in zip(plans, busiest)])
+        coefficients, _ = nnls(x / y[:, None], np.ones_like(y))  # relative error: small and big steps alike
+        busiest = [max(range(2), key=lambda r, p=p: float(_features(p, 2, r) @ coefficients)) for p in plans]
+    return coefficients.tolist()
+
+
+def _request(family: str, resolution: str, steps: int = 10) -> TraceRequest:
+    return TraceRequest("calibration", 0.0, family, resolution, FRAMES[family], steps, "", 0)
+
+
+class CpuProfile(CostProfile):
+    """This machine: 2 gloo ranks of tiny models, from `benchmarks/results/cpu_profile.json`."""
+
+    world_size = 2
+    planner = PLANNER
+    decode_servers = 1  # one VAE replica, decoding one request at a time
+
+    def __init__(self, coefficients: list[float], outside: dict, app: dict | None = None) -> None:
+        self.coefficients = np.array(coefficients)
+        self.outside = outside
+        self.app = app or {"step_scale": 1.0, "decode_scale": 1.0, "per_job_s": 0.0}
+        self._tokens: dict[tuple[str, str, int], int] = {}
+
+    @classmethod
+    def load(cls, path: Path = RESULTS) -> CpuProfile:
+        data = json.loads(Path(path).read_text())
+        return cls(data["coefficients"], data["outside"], data["app"])
+
+    def row_tokens(self, request: TraceRequest) -> tuple[int, ...]:
+        key = (request.model, request.resolution, request.num_frames)
+        if key not in self._tokens:
+            spec = next(s for s in model_specs() if s.family == request.model)
+            geometry = load_adapter(spec, parts=()).geometry
+            self._tokens[key] = geometry.seq_len(*pixel_size(request.model, request.resolution), request.num_frames)
+        return (self._tokens[key],) * 2
+
+    def step_seconds(self, plan: StepPlan) -> float:
+        return self.app["step_scale"] * self.isolated_step_seconds(plan)
+
+    def isolated_step_seconds(self, plan: StepPlan) -> float:
+        return STEP_GAP_S + max(float(_features(plan.rings, 2, rank) @ self.coefficients) for rank in range(2))
+
+    def encode_seconds(self, request: TraceRequest) -> float:
+        return self.outside["encode"][request.model] + self.app["per_job_s"]
+
+    def decode_seconds(self, request: TraceRequest) -> float:
+        return self.app["decode_scale"] * self.outside["decode"][request.model][request.resolution]
+
+
+ALONE = [("240p", 10), ("720p", 20), ("360p", 20), ("480p", 10), ("240p", 20), ("720p", 10), ("480p", 20),
+         ("360p", 10)]
+"""(resolution, steps) of the jobs run one at a time through the app to fit its shell."""
+
+
+def fit_app(profile: CpuProfile) -> dict:
+    """Jobs alone through the real app (Wan, 6 s apart): latency = a·steps·isolated step + b·decode + c."""
+    from benchmarks.real_run import run_systems
+    from benchmarks.simulator import System, make_core, new_request
+
+    trace = [TraceRequest(f"alone-{i}", 6.0 * i, "wan", res, FRAMES["wan"], steps, "a calibration scene", i)
+             for i, (res, steps) in enumerate(ALONE)]
+    system = System("alone", "alone", {"policy": "srptf", "admission": "step", "planner": {"mode": "brick"}})
+    real = run_systems(trace, [system])["alone"]
+    rows = []
+    for request in trace:
+        core = make_core(system, profile, clock=lambda: 0.0)
+        core.admit(new_request(request, profile))
+        rows.append([request.steps * profile.isolated_step_seconds(core.schedule()),
+                     profile.outside["decode"][request.model][request.resolution], 1.0])
+    y = np.array([o.latency_s for o in real])
+    (step_scale, decode_scale, per_job), _ = nnls(np.array(rows), y)
+    return {"step_scale": step_scale, "decode_scale": decode_scale, "per_job_s": per_job,
+            "alone_latency_s": y.tolist()}
+
+
+def main() -> None:
+    from attention.spmd import run_spmd
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per grid entry (median)")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    per_rank = run_spmd(2, measure_steps, args.repeats, timeout_s=900)
+    measured = [max(times) for times in zip(*per_rank)]
+    coefficients = fit(measured)
+    profile = CpuProfile(coefficients, measure_outside())
+    predicted = [profile.isolated_step_seconds(StepPlan(0, (), (), (), 0, rings)) - STEP_GAP_S for rings in _plans()]
+    errors = [abs(p - m) / m for p, m in zip(predicted, measured)]
+    print(f"{len(measured)} grid steps, {min(measured) * 1e3:.1f}-{max(measured) * 1e3:.1f} ms; fit error mean "
+          f"{statistics.mean(errors):.1%}, max {max(errors):.1%}")
+    profile.app = fit_app(profile)
+    print("app shell: steps x{step_scale:.2f}, decode x{decode_scale:.2f}, +{per_job_s:.2f} s per job".format(
+        **profile.app))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"measured_at": time.strftime("%Y-%m-%d"), "terms": list(_FAMILY_TERMS),
+                                          "families": list(MODELS), "coefficients": coefficients,
+                                          "outside": profile.outside, "app": profile.app,
+                                          "grid_seconds": measured}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,305 @@
+"""DiT-Serve's evaluation (thesis section 3.3, Figures 3.2 and 3.3) reproduced on this engine's simulator.
+
+Every system of `benchmarks/systems/` (Naive + Ring, Naive batching + Ring, CB + Brick
++ FIFO, CB + Brick + SRPTF, and the two fixed-degree baselines users run today) is a
+configuration of the same `engine/` scheduler and planner, driven by
+`benchmarks.simulator` over the same seeded traces (`benchmarks.workloads`) on the
+8 x H100 profile (`benchmarks.cost_profiles.H100Profile`, real model sizes). For each
+model it sweeps the arrival rate λ (Poisson) as fractions of the model's capacity
+(ranks / mean single-rank service time) and, at every λ, the burstiness (Gamma
+arrivals, CV 1-8), and writes:
+
+- `eval_latency.png`, `eval_jct.png`: mean latency (submission -> completion) and mean
+  JCT (first step -> completion) vs λ per model, one line per system, the physical limit
+  (each request alone on its best ring) dashed;
+- `eval_burstiness.png`: mean latency vs CV at the reference λ (the highest λ where
+  Naive + Ring is stable);
+- `evaluation.md`: the tables, every system's latency as a multiple of the physical
+  limit, the ratios of CB + Brick + SRPTF against the baselines, and the CV smoothness.
+
+    python -m benchmarks.paper_eval            # docs/img/*.png and docs/evaluation.md
+    python -m benchmarks.paper_eval --quick    # fewer requests and rates (< 3 minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from benchmarks.cost_profiles import CostProfile, H100Profile  # noqa: E402
+from benchmarks.simulator import (SYSTEMS, System, is_stable, load_system, make_core, new_request,  # noqa: E402
+                                  physical_limit_s, simulate)
+from benchmarks.workloads import FRAMES, STEP_CHOICES, make_trace  # noqa: E402
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+OURS, NAIVE, SAME_SHAPE, REQUEST_SP = "cb_brick_srptf", "naive_ring", "same_shape_step_sp", "request_batch_sp"
+
+
+@dataclass(frozen=True)
+class Sweep:
+    requests: int
+    load_fractions: tuple[float, ...]
+    cvs: tuple[float, ...]
+    real_requests: int  # per real run on the CPU app
+    real_loads: dict[float, tuple[str, ...]]  # load fraction -> systems run for real at it
+
+
+CALIBRATION_SYSTEMS = ("naive_ring", "cb_brick_fifo", "cb_brick_srptf")
+FULL = Sweep(400, (0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.2, 1.5), (1, 2, 4, 8), 24,
+             {0.3: CALIBRATION_SYSTEMS, 0.6: SYSTEMS})
+QUICK = Sweep(80, (0.15, 0.3, 0.6), (1, 4), 8, {0.4: (OURS,)})
+REAL_MODEL = "wan"
+REAL_STEPS = (10, 20)
+"""The real CPU runs scale the step mix down with the resolutions (10/20 instead of 10-80) to keep a run in minutes."""
+
+
+@dataclass(frozen=True)
+class RealPoint:
+    fraction: float
+    rate: float
+    system: str
+    real_latency_s: float
+    simulated_latency_s: float
+    failed: int
+
+    @property
+    def error(self) -> float:
+        return abs(self.simulated_latency_s - self.real_latency_s) / self.real_latency_s
+
+
+def real_vs_simulated(sweep: Sweep) -> list[RealPoint]:
+    """Each load's trace through the real app (CPU, 2 ranks) and through the simulator on the calibrated CPU profile."""
+    from benchmarks.cpu_profile import CpuProfile
+    from benchmarks.real_run import run_systems
+
+    profile = CpuProfile.load()
+    cap = capacity(REAL_MODEL, profile, steps=REAL_STEPS)
+    points = []
+    for fraction, systems in sweep.real_loads.items():
+        rate = fraction * cap
+        trace = make_trace(REAL_MODEL, sweep.real_requests, rate, seed=11, steps=REAL_STEPS)
+        real = run_systems(trace, [load_system(s) for s in systems])
+        for name in systems:
+            done = [o.latency_s for o in real[name] if o.status == "completed"]
+            simulated = statistics.mean(o.latency_s for o in simulate(trace, load_system(name), profile))
+            points.append(RealPoint(fraction, rate, name, statistics.mean(done) if done else float("nan"), simulated,
+                                    len(real[name]) - len(done)))
+    return points
+
+
+@dataclass(frozen=True)
+class Point:
+    model: str
+    rate: float
+    cv: float
+    system: str
+    latency_s: float
+    jct_s: float
+    limit_s: float
+    stable: bool
+
+
+def capacity(model: str, profile: CostProfile, n: int = 200, steps: tuple[int, ...] = STEP_CHOICES) -> float:
+    """Requests/s the machine could finish: ranks / mean single-rank service time if every request ran on one rank
+    with no rank idle, or the decode servers' rate if that is lower (on the CPU the VAE is the bottleneck)."""
+    trace = make_trace(model, n, rate=1.0, seed=99, steps=steps)
+    one_rank = System("one-rank", "", {"policy": "fifo", "admission": "request", "planner": {"mode": "fixed",
+                                                                                          "fixed_degree": 1}})
+    service = []
+    for request in trace:
+        core = make_core(one_rank, profile, clock=lambda: 0.0)
+        core.admit(new_request(request, profile))
+        service.append(request.steps * profile.step_seconds(core.schedule()))
+    engine = profile.world_size / statistics.mean(service)
+    if profile.decode_servers is None:
+        return engine
+    return min(engine, profile.decode_servers / statistics.mean(profile.decode_seconds(r) for r in trace))
+
+
+def run_point(model: str, rate: float, cv: float, sweep: Sweep, profile: CostProfile,
+              systems: tuple[str, ...]) -> list[Point]:
+    trace = make_trace(model, sweep.requests, rate, cv, seed=7)
+    limit = statistics.mean(physical_limit_s(r, profile) for r in trace)
+    points = []
+    for name in systems:
+        outcomes = simulate(trace, load_system(name), profile)
+        points.append(Point(model, rate, cv, name, statistics.mean(o.latency_s for o in outcomes),
+                            statistics.mean(o.jct_s for o in outcomes), limit, is_stable(outcomes)))
+    return points
+
+
+def evaluate(sweep: Sweep, profile: CostProfile) -> tuple[list[Point], dict[str, float]]:
+    """Every model x λ x CV x system; returns the points and each model's reference λ."""
+    points, reference = [], {}
+    for model in FRAMES:
+        cap = capacity(model, profile)
+        rates = [round(f * cap, 5) for f in sweep.load_fractions]
+        for rate in rates:
+            points += run_point(model, rate, 1.0, sweep, profile, SYSTEMS)
+        stable = [p.rate for p in points if p.model == model and p.system == NAIVE and p.cv == 1 and p.stable]
+        reference[model] = max(stable, default=rates[0])
+        for rate in rates:
+            for cv in sweep.cvs:
+                if cv != 1:
+                    systems = SYSTEMS if rate == reference[model] else (OURS,)
+                    points += run_point(model, rate, cv, sweep, profile, systems)
+    return points, reference
+
+
+def _get(points: list[Point], **match) -> list[Point]:
+    return [p for p in points if all(getattr(p, k) == v for k, v in match.items())]
+
+
+def plot(points: list[Point], reference: dict[str, float], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    labels = {name: load_system(name).label for name in SYSTEMS}
+    paths = []
+    for metric, filename, title in (("latency_s", "eval_latency.png", "mean latency (s)"),
+                                    ("jct_s", "eval_jct.png", "mean JCT (s)")):
+        fig, axes = plt.subplots(1, len(FRAMES), figsize=(5 * len(FRAMES), 4))
+        for ax, model in zip(axes, FRAMES):
+            for name in SYSTEMS:
+                series = sorted(_get(points, model=model, system=name, cv=1), key=lambda p: p.rate)
+                ax.plot([p.rate for p in series], [getattr(p, metric) for p in series], marker="o", label=labels[name])
+            limit = sorted(_get(points, model=model, system=OURS, cv=1), key=lambda p: p.rate)
+            ax.plot([p.rate for p in limit], [p.limit_s for p in limit], "k--", label="physical limit")
+            ax.set(title=f"{model} (8 x H100, simulated)", xlabel="arrival rate λ (requests/s)", ylabel=title,
+                   yscale="log")
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(out / filename)
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    fig, axes = plt.subplots(1, len(FRAMES), figsize=(5 * len(FRAMES), 4))
+    for ax, model in zip(axes, FRAMES):
+        for name in SYSTEMS:
+            series = sorted(_get(points, model=model, system=name, rate=reference[model]), key=lambda p: p.cv)
+            ax.plot([p.cv for p in series], [p.latency_s for p in series], marker="o", label=labels[name])
+        ax.set(title=f"{model} at λ = {reference[model]:.4g}/s", xlabel="arrival CV (Gamma)",
+               ylabel="mean latency (s)", xscale="log", yscale="log")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "eval_burstiness.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def ratios(points: list[Point], reference: dict[str, float]) -> dict[str, dict[str, float]]:
+    """At each model's reference λ (CV 1): the baselines' mean latency over CB + Brick + SRPTF's."""
+    out = {}
+    for model, rate in reference.items():
+        ours = _get(points, model=model, rate=rate, cv=1, system=OURS)[0].latency_s
+        out[model] = {name: _get(points, model=model, rate=rate, cv=1, system=name)[0].latency_s / ours
+                      for name in SYSTEMS if name != OURS}
+    return out
+
+
+def cv_growth(points: list[Point]) -> dict[tuple[str, float], float]:
+    """CB + Brick + SRPTF at every λ: the largest latency ratio between consecutive CVs (a cliff shows as a jump)."""
+    out = {}
+    for model in FRAMES:
+        for rate in sorted({p.rate for p in _get(points, model=model, system=OURS)}):
+            series = sorted(_get(points, model=model, system=OURS, rate=rate), key=lambda p: p.cv)
+            out[(model, rate)] = max(b.latency_s / a.latency_s for a, b in zip(series, series[1:]))
+    return out
+
+
+def real_report(real: list[RealPoint]) -> list[str]:
+    labels = {name: load_system(name).label for name in SYSTEMS}
+    lines = ["", f"## The real CPU app vs the simulator (CPU profile), {REAL_MODEL}", "",
+             "The same trace through the Serve app over HTTP (2 gloo ranks, tiny models, 240p-720p scaled to 32-96 px, "
+             f"steps {'/'.join(map(str, REAL_STEPS))}) and through the simulator with the calibrated CPU profile "
+             "(`python -m benchmarks.cpu_profile`).", "",
+             "| load (of capacity) | λ | system | real mean latency | simulated | error | failed |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for p in real:
+        lines.append(f"| {p.fraction} | {p.rate:.3g} | {labels[p.system]} | {p.real_latency_s:.1f} s | "
+                     f"{p.simulated_latency_s:.1f} s | {p.error:.0%} | {p.failed} |")
+    for fraction in sorted({p.fraction for p in real}):
+        at = {p.system: p for p in real if p.fraction == fraction}
+        if NAIVE in at and OURS in at:
+            lines += ["", f"At load {fraction}: Naive + Ring / CB + Brick + SRPTF mean latency = "
+                      f"{at[NAIVE].real_latency_s / at[OURS].real_latency_s:.2f}x real, "
+                      f"{at[NAIVE].simulated_latency_s / at[OURS].simulated_latency_s:.2f}x simulated; "
+                      "real order (fastest first): " + ", ".join(labels[p.system] for p in
+                                                                sorted(at.values(), key=lambda p: p.real_latency_s))]
+    return lines
+
+
+def write_report(points: list[Point], reference: dict[str, float], images: list[Path], path: Path,
+                 sweep: Sweep, seconds: float, real: list[RealPoint]) -> str:
+    labels = {name: load_system(name).label for name in SYSTEMS}
+    lines = ["# Evaluation: DiT-Serve's comparison reproduced on this engine", "",
+             "Generated by `python -m benchmarks.paper_eval` "
+             f"({sweep.requests} requests per trace, {seconds:.0f} s); do not edit by hand. Method, cost model and "
+             "what differs from the paper: `docs/evaluation_method.md`.", ""]
+    lines += [f"![{img.stem}](img/{img.name})" for img in images] + [""]
+    for model in FRAMES:
+        lines += [f"## {model}: mean latency (s) and multiple of the physical limit, CV 1", "",
+                  "| λ (req/s) | " + " | ".join(labels[s] for s in SYSTEMS) + " | physical limit |",
+                  "| --- " * (len(SYSTEMS) + 2) + "|"]
+        for rate in sorted({p.rate for p in _get(points, model=model, cv=1)}):
+            row = {p.system: p for p in _get(points, model=model, rate=rate, cv=1)}
+            cells = [f"{row[s].latency_s:.1f} ({row[s].latency_s / row[s].limit_s:.1f}x){'' if row[s].stable else ' †'}"
+                     for s in SYSTEMS]
+            lines.append(f"| {rate:.4g}{' (ref)' if rate == reference[model] else ''} | " + " | ".join(cells)
+                         + f" | {row[OURS].limit_s:.1f} |")
+        lines += ["", "† unstable: more than a tenth of the trace still in the system at its last arrival.", ""]
+    lines += ["## Ratios at the reference λ (highest λ where Naive + Ring is stable), CV 1", "",
+              "Baseline mean latency / CB + Brick + SRPTF mean latency.", "",
+              "| model | λ | " + " | ".join(labels[s] for s in SYSTEMS if s != OURS) + " |",
+              "| --- " * (len(SYSTEMS) + 1) + "|"]
+    for model, row in ratios(points, reference).items():
+        lines.append(f"| {model} | {reference[model]:.4g} | " + " | ".join(f"{row[s]:.2f}x" for s in row) + " |")
+    lines += ["", "## Burstiness: CB + Brick + SRPTF, mean latency (s) by arrival CV, and the largest ratio between "
+              "consecutive CVs", "",
+              "| model | λ | " + " | ".join(f"CV {c}" for c in sweep.cvs) + " | largest step |",
+              "| --- " * (len(sweep.cvs) + 3) + "|"]
+    for (model, rate), growth in cv_growth(points).items():
+        series = sorted(_get(points, model=model, system=OURS, rate=rate), key=lambda p: p.cv)
+        lines.append(f"| {model} | {rate:.4g} | " + " | ".join(f"{p.latency_s:.1f}" for p in series)
+                     + f" | {growth:.2f}x |")
+    if real:
+        lines += real_report(real)
+    text = "\n".join(lines) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests, rates and CVs (< 3 minutes)")
+    parser.add_argument("--out", default=str(PROJECT_ROOT / "docs"), help="writes img/*.png and evaluation.md here")
+    parser.add_argument("--no-real", action="store_true", help="simulate only (no runs of the CPU app)")
+    args = parser.parse_args()
+    sweep = QUICK if args.quick else FULL
+    start = time.perf_counter()
+    real = [] if args.no_real else real_vs_simulated(sweep)
+    for p in real:
+        print(f"calibration: {p.system} at load {p.fraction} (λ={p.rate:.3g}/s): real {p.real_latency_s:.2f} s, "
+              f"simulated {p.simulated_latency_s:.2f} s, error {p.error:.1%}")
+    points, reference = evaluate(sweep, H100Profile())
+    out = Path(args.out)
+    images = plot(points, reference, out / "img")
+    write_report(points, reference, images, out / "evaluation.md", sweep, time.perf_counter() - start, real)
+    for model, row in ratios(points, reference).items():
+        print(f"{model} at λ={reference[model]:.4g}/s (highest stable for Naive + Ring): CB + Brick + SRPTF is "
+              + ", ".join(f"{row[s]:.2f}x lower than {load_system(s).label}" for s in row))
+    growth = cv_growth(points)
+    print(f"largest latency step between consecutive CVs (CB + Brick + SRPTF, any λ): {max(growth.values()):.2f}x")
+    print(f"wrote {', '.join(str(p) for p in images)} and {out / 'evaluation.md'} "
+          f"in {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

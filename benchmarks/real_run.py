@@ -1,0 +1,87 @@
+"""Drive a trace through the real video app over HTTP, once per system, on this machine.
+
+One local Ray + Serve; for each system the video app is deployed with the system's
+`scheduler` section on the CPU profile's models and sizes (`cpu_profile.real_app_args`:
+2 gloo ranks, tiny CogVideoX / Wan, 240p-720p scaled to 32-96 pixels), warmed up with
+one short job, then the trace is replayed: each job is POSTed at its arrival offset and
+polled until done. Latency is what the client sees: the server's `completed_at` minus
+the client's submission time (one machine, one clock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import httpx
+import ray
+from ray import serve
+
+from attention.spmd import free_port
+from serve_graph.app import build_video_app
+
+from benchmarks.cpu_profile import MODELS, real_app_args
+from benchmarks.simulator import System
+from benchmarks.workloads import TraceRequest
+
+POLL_S = 0.25
+
+
+@dataclass(frozen=True)
+class RealOutcome:
+    request: TraceRequest
+    latency_s: float
+    status: str
+    job: dict  # the server's last view of the job (timestamps: created_at, started_at, completed_at)
+
+
+def run_systems(trace: list[TraceRequest], systems: list[System]) -> dict[str, list[RealOutcome]]:
+    """Every system over the same trace, one after the other on one local Serve instance."""
+    port = free_port()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        out = {}
+        for system in systems:
+            serve.run(build_video_app(real_app_args(system.scheduler)), name="video", route_prefix="/")
+            out[system.name] = asyncio.run(_replay(f"http://127.0.0.1:{port}", trace))
+            serve.delete("video")
+        return out
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _body(request: TraceRequest, steps: int | None = None) -> dict:
+    return {"model": MODELS[request.model], "prompt": request.prompt, "resolution": request.resolution,
+            "num_frames": request.num_frames, "num_inference_steps": steps or request.steps, "seed": request.seed}
+
+
+async def _replay(base_url: str, trace: list[TraceRequest]) -> list[RealOutcome]:
+    async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
+        warm = (await client.post("/v1/videos", json=_body(trace[0], steps=2))).json()
+        await _wait(client, warm["id"])
+        start = time.time()
+
+        async def one(request: TraceRequest) -> RealOutcome:
+            await asyncio.sleep(max(0.0, start + request.arrival_s - time.time()))
+            submitted = time.time()
+            response = await client.post("/v1/videos", json=_body(request))
+            if response.status_code != 202:
+                return RealOutcome(request, float("nan"), f"HTTP {response.status_code}: {response.text[:200]}", {})
+            job = await _wait(client, response.json()["id"])
+            return RealOutcome(request, job["completed_at"] - submitted if job["status"] == "completed" else float("nan"),
+                               job["status"], job)
+
+        return list(await asyncio.gather(*(one(r) for r in trace)))
+
+
+async def _wait(client: httpx.AsyncClient, job_id: str, timeout_s: float = 1800) -> dict:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        job = (await client.get(f"/v1/videos/{job_id}")).json()
+        if job["status"] in ("completed", "failed", "cancelled"):
+            return job
+        await asyncio.sleep(POLL_S)
+    raise TimeoutError(f"job {job_id} not done after {timeout_s} s")

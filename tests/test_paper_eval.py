@@ -1,0 +1,72 @@
+"""The evaluation harness: traces, the simulator over the real engine, and `paper_eval --quick` end to end."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks.cost_profiles import H100Profile
+from benchmarks.simulator import SYSTEMS, is_stable, load_system, physical_limit_s, simulate
+from benchmarks.workloads import FRAMES, arrival_times, make_trace, read_jsonl, write_jsonl
+from training.config import PROJECT_ROOT
+
+
+def test_traces_are_seeded_round_trip_through_jsonl_and_follow_the_mix(tmp_path):
+    trace = make_trace("wan", 400, rate=0.5, cv=1.0, seed=3)
+    assert trace == make_trace("wan", 400, rate=0.5, cv=1.0, seed=3) != make_trace("wan", 400, rate=0.5, seed=4)
+    write_jsonl(trace, tmp_path / "t.jsonl")
+    assert read_jsonl(tmp_path / "t.jsonl") == trace
+    assert {r.num_frames for r in trace} == {FRAMES["wan"]}
+    assert {r.resolution for r in trace} == {"240p", "360p", "480p", "720p"}
+    assert {r.steps for r in trace} == {10, 20, 40, 80}
+
+
+@pytest.mark.parametrize("cv", [1.0, 4.0])
+def test_arrivals_have_the_asked_rate_and_burstiness(cv):
+    gaps = np.diff(arrival_times(200_000, rate=2.0, cv=cv, rng=np.random.default_rng(0)))
+    assert gaps.mean() == pytest.approx(0.5, rel=0.03)
+    assert gaps.std() / gaps.mean() == pytest.approx(cv, rel=0.05)
+
+
+def test_every_system_finishes_every_request_no_faster_than_its_physical_limit():
+    profile = H100Profile()
+    trace = make_trace("cogvideox", 40, rate=0.05, seed=1)
+    limits = {r.id: physical_limit_s(r, profile) for r in trace}
+    for name in SYSTEMS:
+        outcomes = simulate(trace, load_system(name), profile)
+        assert [o.request.id for o in outcomes] == [r.id for r in trace]
+        for o in outcomes:
+            assert o.request.arrival_s <= o.start_s < o.finish_s
+            assert o.latency_s >= limits[o.request.id] * (1 - 1e-9), (name, o)
+
+
+def test_under_overload_srptf_beats_run_to_completion_and_the_naive_queue_grows():
+    profile = H100Profile()
+    trace = make_trace("cogvideox", 150, rate=0.15, seed=2)
+    naive = simulate(trace, load_system("naive_ring"), profile)
+    ours = simulate(trace, load_system("cb_brick_srptf"), profile)
+    mean = lambda outcomes: sum(o.latency_s for o in outcomes) / len(outcomes)  # noqa: E731
+    assert mean(ours) < mean(naive) / 2
+    assert not is_stable(naive) and is_stable(ours)
+    light = make_trace("cogvideox", 150, rate=0.005, seed=2)
+    assert is_stable(simulate(light, load_system("naive_ring"), profile))
+
+
+def test_paper_eval_quick_writes_plots_and_a_report_with_ratios_from_the_same_run(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "benchmarks.paper_eval", "--quick", "--out", str(tmp_path)],
+                         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr
+    for name in ("eval_latency.png", "eval_jct.png", "eval_burstiness.png"):
+        assert (tmp_path / "img" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (tmp_path / "evaluation.md").read_text()
+    printed = {m: float(x) for m, x in re.findall(r"^(\w+) at λ=.*?is ([0-9.]+)x lower than Naive \+ Ring", run.stdout,
+                                                  re.M)}
+    assert set(printed) == set(FRAMES)
+    for model, ratio in printed.items():  # the printed ratio is the report's, recomputed from its table
+        row = re.search(rf"^\| {model} \| [0-9.e-]+ \| ([0-9.]+)x", report, re.M)
+        assert row and float(row.group(1)) == pytest.approx(ratio, abs=0.006)
+        assert ratio > 1
