@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import sysconfig
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from models.tokenizer import python_sources
 
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜pad｜>"
 USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
@@ -40,13 +41,6 @@ CHAT_TEMPLATE = (
 )
 
 
-def _training_corpus(max_files: int = 120) -> list[str]:
-    """Python sources of the standard library: real code, present on every machine."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(stdlib.glob("*.py"))[:max_files]
-    return [f.read_text(encoding="utf-8", errors="ignore") for f in files]
-
-
 def build_tokenizer(model_max_length: int) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE (deterministic for a given Python install) and wrap it."""
     tokenizer = Tokenizer(models.BPE())
@@ -58,7 +52,7 @@ def build_tokenizer(model_max_length: int) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_training_corpus(), trainer=trainer)
+    tokenizer.train_from_iterator(python_sources(), trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=BOS,

@@ -1,0 +1,187 @@
+"""The diffusion coder LM: packed forward == alone, bidirectional, Dream-layout checkpoints without remote code,
+and decoding == a plain reference loop (Dream's `_sample`) for every algorithm, alone or packed with others."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from models.dllm import ALGORITHMS, DecodeParams, DllmSequence, load_dllm, save_dream_checkpoint
+from models.dllm.config import DllmConfig, stop_token_ids
+from models.dllm.decoding import sample_tokens
+from models.dllm.tiny import build_tiny_dllm
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny_dllm(seed=0)
+
+
+def test_packed_forward_equals_each_sequence_alone(tiny):
+    model, _ = tiny
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, model.config.vocab_size, (n,), generator=g) for n in (5, 17, 9)]
+    with torch.no_grad():
+        packed = model.forward_packed(torch.cat(seqs), [len(s) for s in seqs])
+        alone = [model(s[None])[0] for s in seqs]
+    alone = torch.cat(alone)
+    tolerance = 1e-5 * alone.abs().max()  # fp32, relative to the logits' scale (GEMMs of other row counts)
+    assert (packed - alone).abs().max() <= tolerance
+    rows = torch.tensor([3, 20, 30])
+    with torch.no_grad():
+        subset = model.forward_packed(torch.cat(seqs), [5, 17, 9], logit_rows=rows)
+    assert (subset - packed[rows]).abs().max() <= tolerance
+
+
+def test_attention_is_bidirectional(tiny):
+    model, _ = tiny
+    ids = torch.arange(10, 22)[None]
+    changed = ids.clone()
+    changed[0, -1] = 500
+    with torch.no_grad():
+        before, after = model(ids), model(changed)
+    assert (before[0, 0] - after[0, 0]).abs().max() > 1e-3  # position 0 sees the last token
+
+
+def test_dream_checkpoint_roundtrip_and_refusals(tiny, tmp_path):
+    model, tokenizer = tiny
+    path = save_dream_checkpoint(model, tmp_path / "dream", tokenizer)
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == "Dream" and config["architectures"] == ["DreamModel"]
+    loaded = load_dllm(path)
+    ids = torch.arange(3, 30)[None]
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    with pytest.raises(ValueError, match="model_type 'llama' is not a supported diffusion LM"):
+        load_dllm(tmp_path / "other")
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path / "model.safetensors")
+    tensors.pop("model.layers.1.mlp.down_proj.weight")
+    tensors["model.layers.1.extra.weight"] = torch.zeros(1)
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing \['model.layers.1.mlp.down_proj.weight'\].*"
+                                         r"unexpected \['model.layers.1.extra.weight'\]"):
+        load_dllm(path)
+
+
+def test_decode_params_name_the_bad_field():
+    with pytest.raises(ValueError, match=r"steps must be in 1..max_tokens \(8\), got 9"):
+        DecodeParams(max_tokens=8, steps=9)
+    with pytest.raises(ValueError, match="alg must be one of"):
+        DecodeParams(max_tokens=8, steps=4, alg="beam")
+    with pytest.raises(ValueError, match="top_p must be in"):
+        DecodeParams(max_tokens=8, steps=4, top_p=1.5)
+
+
+def test_entropy_unmasks_the_surest_positions_first():
+    params = DecodeParams(max_tokens=4, steps=2, alg="entropy")
+    seq = DllmSequence([7], params, mask_id=0, eos_ids=(1,))
+    logits = torch.zeros(4, 16)
+    logits[1, 5] = 30.0  # position 2 of 4 masks: peaked, lowest entropy
+    logits[3, 9] = 10.0
+    seq.step(logits)  # step 0 of 2 unmasks int(4 * (1 - 0.5005)) = 1 position
+    assert seq.tokens.tolist() == [7, 0, 5, 0, 0]
+    seq.step(torch.zeros(3, 16))  # the last step unmasks all the rest
+    assert (seq.tokens[1:] != 0).all()
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):  # top_k 1 and a tiny top_p keep only the argmax, even at temperature 1
+        for params in (DecodeParams(4, 1, temperature=1.0, top_k=1), DecodeParams(4, 1, temperature=1.0, top_p=0.01)):
+            assert sample_tokens(logits, params, g)[0].item() == 1
+    margin = sample_tokens(logits, DecodeParams(4, 1, alg="topk_margin"), g)[1]
+    probs = torch.softmax(logits, -1)[0]
+    assert margin.item() == pytest.approx((probs[1] - probs[2]).item())
+
+
+def test_response_stops_at_the_first_eos():
+    seq = DllmSequence([7, 8], DecodeParams(max_tokens=5, steps=5), mask_id=0, eos_ids=(1,))
+    seq.tokens[2:] = torch.tensor([4, 5, 1, 6, 1])
+    assert seq.response_ids() == [4, 5] and seq.ended
+    seq.tokens[3] = 0
+    assert seq.response_ids() == [4] and not seq.ended
+
+
+def reference_decode(model, prompt: list[int], params: DecodeParams, mask_id: int, eos_ids: tuple[int, ...]):
+    """Dream's `_sample` for one request: a plain loop over full (1, L) forwards, logits shifted by one."""
+    x = torch.tensor([prompt + [mask_id] * params.max_tokens])
+    generator = torch.Generator().manual_seed(params.seed)
+    timesteps = torch.linspace(1, params.eps, params.steps + 1)
+    for i in range(params.steps):
+        mask_index = x[0] == mask_id
+        with torch.no_grad():
+            logits = model(x)[0]
+        logits = torch.cat([logits[:1], logits[:-1]])
+        mask_logits = logits[mask_index].clone()
+        mask_logits[:, mask_id] = float("-inf")
+        mask_logits[:, list(eos_ids)] -= params.eos_penalty * (1 - i / params.steps)
+        t, s = timesteps[i], timesteps[i + 1]
+        x0 = torch.full((int(mask_index.sum()),), mask_id)
+        if params.alg == "origin":
+            p_transfer = 1 - s / t if i < params.steps - 1 else 1
+            transfer = torch.rand(x0.shape[0], generator=generator) < p_transfer
+            x0[transfer] = sample_tokens(mask_logits[transfer], params, generator)[0]
+        else:
+            tokens, confidence = sample_tokens(mask_logits, params, generator)
+            n = mask_index.sum()
+            count = int(n * (1 - s / t)) if i < params.steps - 1 else int(n)
+            if count > 0:
+                if params.alg_temp:
+                    chosen = torch.multinomial(torch.softmax(confidence / params.alg_temp, -1), count,
+                                               generator=generator)
+                else:
+                    chosen = torch.topk(confidence, count).indices
+                x0[chosen] = tokens[chosen]
+        x[0, mask_index] = x0
+    return x[0, len(prompt):].tolist()
+
+
+def decode_packed(model, requests: list[tuple[list[int], DecodeParams]], mask_id: int, eos_ids: tuple[int, ...]):
+    """The engine's way: every unfinished sequence's step in one packed forward, logits only where needed."""
+    seqs = [DllmSequence(p, params, mask_id, eos_ids) for p, params in requests]
+    while not all(s.done for s in seqs):
+        live = [s for s in seqs if not s.done]
+        starts = [0]
+        for s in live[:-1]:
+            starts.append(starts[-1] + s.length)
+        rows = [s.logit_rows() + start for s, start in zip(live, starts)]
+        with torch.no_grad():
+            logits = model.forward_packed(torch.cat([s.tokens for s in live]), [s.length for s in live],
+                                          logit_rows=torch.cat(rows))
+        for s, chunk in zip(live, logits.split([len(r) for r in rows])):
+            s.step(chunk)
+    return [s.tokens[s.prompt_len:].tolist() for s in seqs]
+
+
+@pytest.mark.parametrize("alg", ALGORITHMS)
+def test_packed_decoding_equals_the_reference_loop(tiny, alg):
+    model, tokenizer = tiny
+    mask_id, eos_ids = model.config.mask_token_id, stop_token_ids(model.config, tokenizer)
+    prompts = [tokenizer.encode(t) for t in ("def add(a, b):", "import os\nclass Path:", "x = [")]
+    requests = [(prompts[0], DecodeParams(max_tokens=12, steps=6, alg=alg, seed=1)),
+                (prompts[1], DecodeParams(max_tokens=20, steps=10, alg=alg, temperature=0.8, top_p=0.9, seed=2,
+                                          eos_penalty=2.0)),
+                (prompts[2], DecodeParams(max_tokens=7, steps=7, alg=alg, temperature=1.0, top_k=20,
+                                          alg_temp=0.5, seed=3))]
+    packed = decode_packed(model, requests, mask_id, eos_ids)
+    for (prompt, params), got in zip(requests, packed):
+        expected = reference_decode(model, prompt, params, mask_id, eos_ids)
+        assert got == expected
+        assert mask_id not in got
+    assert decode_packed(model, requests[1:2], mask_id, eos_ids)[0] == packed[1]  # alone == packed
+
+
+def test_config_refuses_bad_token_ids():
+    with pytest.raises(ValueError, match="mask_token_id 99 outside the vocabulary"):
+        DllmConfig(model_type="Dream", vocab_size=50, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16, mask_token_id=99,
+                   pad_token_id=0, eos_token_id=0)
