@@ -21,6 +21,7 @@ import torch
 from attention.plan import BrickPlan
 from engine.request import GenerationSpec
 from models.base import DiffusionAdapter, EncodedPrompt
+from models.dllm.decoding import DecodeParams
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,30 @@ class NewRequest:
 
 
 @dataclass(frozen=True)
+class NewDllmRequest:
+    """A diffusion-LM request, sent once like `NewRequest`: its prompt tokens and decoding knobs. One forward row
+    of prompt + response tokens; SRPTF's remaining cost is remaining steps x that length."""
+
+    request_id: str
+    model: str
+    prompt_ids: tuple[int, ...]
+    params: DecodeParams
+    rows = 1
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.prompt_ids) + self.params.max_tokens
+
+    @property
+    def row_tokens(self) -> tuple[int, ...]:
+        return (self.seq_len,)
+
+    @property
+    def num_steps(self) -> int:
+        return self.params.steps
+
+
+@dataclass(frozen=True)
 class ScheduledStep:
     request_id: str
     step_index: int  # the runner checks it against its own counter
@@ -95,12 +120,14 @@ class StepResult:
     step_id: int
     stepped: tuple[str, ...]
     errors: Mapping[str, str] = field(default_factory=dict)
-    finished: Mapping[str, torch.Tensor] = field(default_factory=dict)  # final latents (1, *shape), on CPU
+    finished: Mapping[str, torch.Tensor] = field(default_factory=dict)  # final latents (1, *shape) or response ids
     forwards: int = 0  # transformer forwards run (1 per model present; more only when isolating a fault)
     shapes: int = 0  # distinct latent shapes packed in this step
     forward_seconds: float = 0.0
     idle_before_seconds: float = 0.0  # runner idle time between the previous step's end and this one's start
     ring_bytes: int = 0  # KV bytes this rank sent to its ring neighbours
+    prefixes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # dLLM: response tokens fixed so far,
+    # for requests whose unmasked prefix grew in this step (what a stream may send)
 
     @classmethod
     def all_stepped(cls, plan: StepPlan) -> "StepResult":

@@ -24,7 +24,7 @@ from attention.plan import BrickPlan, RingAssignment, even_bounds
 from attention.planner import BrickCostModel, plan_brick
 from engine.admission import make_admission
 from engine.config import AdmissionMode, BudgetConfig
-from engine.messages import NewRequest, ScheduledStep, StepPlan, StepResult
+from engine.messages import NewDllmRequest, NewRequest, ScheduledStep, StepPlan, StepResult
 from engine.policies import SchedulingPolicy
 from engine.request import RequestMeta, RequestStatus
 from engine.run_queue import RunQueue
@@ -58,14 +58,14 @@ class StepSchedulerCore:
         self.pool: dict[str, RequestMeta] = {}
         self.queue = RunQueue(policy)  # the pooled requests that still have a step to schedule
         self.admission = make_admission(admission, budget, batch_size, world_size, self._demanded_ring)
-        self._unsent: dict[str, NewRequest] = {}  # admitted, not yet handed to the runner
+        self._unsent: dict[str, NewRequest | NewDllmRequest] = {}  # admitted, not yet handed to the runner
         self._to_free: list[str] = []
         self._done: list[RequestMeta] = []
         self._step_id = 0
 
     # ---- admission / control ------------------------------------------
-    def admit(self, request: NewRequest) -> RequestMeta:
-        """Add a request to the pool; its `NewRequest` goes to the runner with the first plan that runs it."""
+    def admit(self, request: NewRequest | NewDllmRequest) -> RequestMeta:
+        """Add a request to the pool; its message goes to the runner with the first plan that runs it."""
         if len(self.pool) >= self.max_pool_size:
             raise PoolFullError(f"pool is full ({self.max_pool_size} requests); retry later")
         if request.request_id in self.pool:
@@ -176,7 +176,7 @@ class StepSchedulerCore:
         """Pooled requests whose state the runners hold (what a worker-group failure loses)."""
         return [r.request_id for r in self.pool.values() if r.sent]
 
-    def restart(self, requests: list[NewRequest], max_restarts: int, reason: str) -> None:
+    def restart(self, requests: list[NewRequest | NewDllmRequest], max_restarts: int, reason: str) -> None:
         """The runners lost these requests' state: run them again from step 0 (same seed, same result),
         or fail those already restarted `max_restarts` times."""
         for new in requests:

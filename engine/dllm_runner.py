@@ -1,0 +1,158 @@
+"""The diffusion-LM model runner: one worker's dLLM requests and their packed denoising step.
+
+The same contract as `engine.runner.ModelRunner` for video, so `StepSchedulerCore`
+schedules both: a `NewDllmRequest` arrives once with the first plan that runs it and
+becomes a `DllmSequence` (prompt + masked response, its own seeded generator) on this
+worker's device; every plan then runs all of a model's scheduled sequences in one
+packed, non-causal forward (different prompt and response lengths, different step
+indices), computing the vocabulary projection only at the rows that predict a masked
+token, and applies each sequence's own unmasking rule. The answer names the ids
+stepped, the response ids of the sequences that finished (their only trip off the
+device) and, for streams, the response prefixes that grew. A packed forward that
+raises is retried sequence by sequence, so only the request at fault fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from engine.messages import NewDllmRequest, StepPlan, StepResult
+from models.dllm.decoding import DllmSequence
+from models.dllm.model import DiffusionLM
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DllmModel:
+    """A loaded diffusion LM and the token ids its decoder needs."""
+
+    network: DiffusionLM
+    mask_id: int
+    stop_ids: tuple[int, ...]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.network.parameters()).device
+
+
+class DllmRunner:
+    def __init__(self, models: Mapping[str, DllmModel]) -> None:
+        self.models = models
+        self.sequences: dict[str, tuple[str, DllmSequence]] = {}  # request id -> (model, state)
+        self._sent_prefix: dict[str, int] = {}  # request id -> response tokens already reported
+        self._last_step_end: float | None = None
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        start = time.perf_counter()
+        idle = 0.0 if self._last_step_end is None else start - self._last_step_end
+        for request_id in plan.free:
+            self._drop(request_id)
+        errors: dict[str, str] = {}
+        for new in plan.new_requests:
+            try:
+                self.sequences[new.request_id] = (new.model, self._admit(new))
+                self._sent_prefix[new.request_id] = 0
+            except Exception as exc:  # a bad request fails alone
+                logger.exception("admitting %s failed", new.request_id)
+                errors[new.request_id] = f"admission failed on the worker: {exc!r}"
+        batch = self._group(plan, errors)
+        stepped: list[str] = []
+        finished: dict[str, torch.Tensor] = {}
+        prefixes: dict[str, tuple[int, ...]] = {}
+        forwards = 0
+        for model, requests in batch.items():
+            runs = self._denoise(model, requests, errors)
+            forwards += runs
+            for request_id, sequence in requests:
+                if request_id in errors:
+                    continue
+                stepped.append(request_id)
+                response = sequence.response_ids()
+                if len(response) > self._sent_prefix[request_id]:
+                    prefixes[request_id] = tuple(response)
+                    self._sent_prefix[request_id] = len(response)
+                if sequence.done:
+                    finished[request_id] = torch.tensor(response, dtype=torch.long)
+                    self._drop(request_id)
+        for request_id in errors:
+            self._drop(request_id)
+        self._last_step_end = time.perf_counter()
+        return StepResult(plan.step_id, tuple(stepped), errors, finished, forwards, len(batch),
+                          self._last_step_end - start, idle, prefixes=prefixes)
+
+    def _admit(self, new: NewDllmRequest) -> DllmSequence:
+        if new.request_id in self.sequences:
+            raise ValueError(f"request {new.request_id!r} is already held by this runner")
+        if new.model not in self.models:
+            raise ValueError(f"unknown diffusion LM {new.model!r}; this worker serves {sorted(self.models)}")
+        model = self.models[new.model]
+        limit = model.network.config.max_position_embeddings
+        if new.seq_len > limit:
+            raise ValueError(f"prompt {len(new.prompt_ids)} + max_tokens {new.params.max_tokens} tokens exceed the "
+                             f"model's context of {limit}")
+        return DllmSequence(list(new.prompt_ids), new.params, model.mask_id, model.stop_ids, model.device)
+
+    def _group(self, plan: StepPlan, errors: dict[str, str]) -> dict[str, list[tuple[str, DllmSequence]]]:
+        """Scheduled sequences grouped by model, in packed order; unknown or out-of-step ones fail."""
+        batch: dict[str, list[tuple[str, DllmSequence]]] = defaultdict(list)
+        for scheduled in plan.scheduled:
+            if scheduled.request_id in errors:
+                continue
+            held = self.sequences.get(scheduled.request_id)
+            if held is None:
+                errors[scheduled.request_id] = "the worker holds no state for this request (lost in a worker restart)"
+            elif held[1].step_index != scheduled.step_index:
+                errors[scheduled.request_id] = (f"step index mismatch: planned {scheduled.step_index}, "
+                                                f"the worker is at {held[1].step_index}")
+            else:
+                batch[held[0]].append((scheduled.request_id, held[1]))
+        return batch
+
+    @torch.no_grad()
+    def _denoise(self, model: str, requests: list[tuple[str, DllmSequence]], errors: dict[str, str]) -> int:
+        """One packed forward, then each sequence's own step; returns the forwards run (more than 1 only when a
+        packed forward raised and the sequences were run one by one to find the one at fault)."""
+        try:
+            logits = self._logits(model, [s for _, s in requests])
+            runs = 1
+        except Exception:
+            logger.exception("packed forward of %s failed; isolating %d requests", model, len(requests))
+            logits, runs = [], 1 + len(requests)
+            for request_id, sequence in requests:
+                try:
+                    logits.append(self._logits(model, [sequence])[0])
+                except Exception as exc:
+                    errors[request_id] = f"diffusion LM forward failed: {exc!r}"
+                    logits.append(None)
+        for (request_id, sequence), chunk in zip(requests, logits):
+            if chunk is None:
+                continue
+            try:
+                sequence.step(chunk)
+            except Exception as exc:  # a decoding fault fails this request only
+                logger.exception("decoding step failed for %s", request_id)
+                errors[request_id] = f"decoding step failed: {exc!r}"
+        return runs
+
+    def _logits(self, model: str, sequences: list[DllmSequence]) -> list[torch.Tensor]:
+        """Each sequence's logits at the rows predicting its masked tokens, from one packed forward."""
+        offset, rows = 0, []
+        for sequence in sequences:
+            rows.append(sequence.logit_rows() + offset)
+            offset += sequence.length
+        logits = self.models[model].network.forward_packed(torch.cat([s.tokens for s in sequences]),
+                                                           [s.length for s in sequences], logit_rows=torch.cat(rows))
+        if not torch.isfinite(logits).all():
+            raise FloatingPointError("non-finite logits")
+        return list(logits.float().split([len(r) for r in rows]))
+
+    def _drop(self, request_id: str) -> None:
+        self.sequences.pop(request_id, None)
+        self._sent_prefix.pop(request_id, None)
