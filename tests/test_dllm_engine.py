@@ -121,3 +121,29 @@ def test_a_forward_fault_is_isolated_to_its_request(tiny, monkeypatch):
     plan = core.schedule()
     result = runner.execute(plan)
     assert result.stepped == ("r0",) and "non-finite logits" in result.errors["r1"] and result.forwards == 3
+
+
+def test_a_response_ended_by_eos_finishes_before_its_last_step(tiny):
+    model, tokenizer = tiny
+    network, _ = build_tiny_dllm(seed=0, max_position_embeddings=64)
+    with torch.no_grad():  # a model that favours EOS everywhere, so answers end early
+        network.lm_head.weight[network.config.eos_token_id] *= 4
+    eos_model = DllmModel(network, model.mask_id, model.stop_ids)
+    core, runner = _core(), DllmRunner({MODEL: eos_model})
+    requests = [_request(tokenizer, i, "def g():", max_tokens=16, steps=16, alg="origin", temperature=1.0)
+                for i in range(4)]
+    for new in requests:
+        core.admit(new)
+    finished = {}
+    while core.pool:
+        plan = core.schedule()
+        result = runner.execute(plan)
+        finished.update(result.finished)
+        core.postprocess(plan, result)
+    done = {m.request_id: m for m in core.pop_done()}
+    assert all(m.status == RequestStatus.FINISHED for m in done.values())
+    assert any(m.steps_done < m.total_steps for m in done.values())
+    for new in requests:
+        expected = reference_decode(network, list(new.prompt_ids), new.params, eos_model.mask_id, eos_model.stop_ids)
+        cut = next((i for i, t in enumerate(expected) if t in eos_model.stop_ids), len(expected))
+        assert finished[new.request_id].tolist() == expected[:cut]
