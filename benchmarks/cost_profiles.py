@@ -64,6 +64,13 @@ class CostProfile(ABC):
     decode_servers: int | None = None
     """Requests decoded at once after their last step (a VAE replica decodes one at a time); None: no queue."""
 
+    shared_cores: int | None = None
+    """Cores the ranks and the decode servers share (this CPU machine); None: each has its own device."""
+
+    per_job_threads: float = 0.0
+    """Busy threads that each job in the system adds where cores are shared (the app's per-job work outside the
+    step: progress messages, status polls), as a fraction of a thread."""
+
     def encode_seconds(self, request: TraceRequest) -> float:
         """Prompt encoding, before the request joins the pool."""
         return 0.0

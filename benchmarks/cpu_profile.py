@@ -6,16 +6,19 @@ resolution at the trace's frame counts; one request on a 1-rank and on a 2-rank 
 mixed batches planned by Brick, both models in one step), and the time of the work
 outside the step loop (prompt encoding, VAE decode + mp4 of each resolution). It fits
 
-    step = Σ_model (overhead + per_request_token · Σ request tokens)      # every rank: samplers, CFG
+    step = Σ_model (overhead + per_row · rows + per_request_token · Σ request tokens)  # every rank: samplers, CFG
          + max over ranks Σ_model (per_token · M + per_attention · Σ S²/r + per_hop · rows sharded)
 
 (M: tokens the rank holds, S: a row's tokens, r: its ring size) by non-negative least
-squares. Then it runs jobs one at a time through the real app (`real_run`) and fits
-how the app's shell stretches those isolated costs (a factor on the steps, a factor on
-the decode, a constant per job: Ray calls between the replicas, the handoff of the final
-latents, the mp4 and the client's polling), and writes
-`benchmarks/results/cpu_profile.json`, which `CpuProfile` reads. Contention between
-the ranks and the VAE under load is not modelled (see docs/evaluation_method.md).
+squares. Then it fits the app's shell on a calibration trace of its own, run through the
+real app (`real_run`): jobs one at a time give how the app stretches those isolated step
+costs (one factor for steps of 1-rank rings, one for steps with a 2-rank ring) and a
+constant per job (Ray calls between the replicas, the handoff of the final latents, the
+mp4); a burst of jobs together gives `per_job_threads`, the CPU that each job in the
+app takes outside the steps (progress messages, status polls). The simulator then runs
+the ranks, the VAE replica and those per-job threads on two shared cores (processor
+sharing). The result goes to `benchmarks/results/cpu_profile.json`, which `CpuProfile`
+reads.
 Resolutions are scaled as in the tests (240p-720p rendered 32-96 pixels high), so all
 four fit a CPU run; the real app of `real_app_args()` serves the same sizes.
 """
@@ -23,6 +26,7 @@ four fit a CPU run; the real app of `real_app_args()` serves the same sizes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -148,9 +152,12 @@ def measure_outside() -> dict:
         for res in RESOLUTIONS:
             latents = torch_randn(adapter.latent_shape(*pixel_size(spec.family, res), FRAMES[spec.family]))
             decoder.decode_batch([DecodeRequest(spec.name, latents, "mp4")])  # warm-up
-            start = time.perf_counter()
-            decoder.decode_batch([DecodeRequest(spec.name, latents, "mp4")])
-            out["decode"][spec.family][res] = time.perf_counter() - start
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                decoder.decode_batch([DecodeRequest(spec.name, latents, "mp4")])
+                times.append(time.perf_counter() - start)
+            out["decode"][spec.family][res] = statistics.median(times)
     return out
 
 
@@ -161,7 +168,7 @@ def torch_randn(shape: tuple[int, ...]):
 
 
 # ---- the fitted profile -------------------------------------------------------------------------------
-_FAMILY_TERMS = ("overhead", "per_request_token", "per_token", "per_attention", "per_hop")
+_FAMILY_TERMS = ("overhead", "per_row", "per_request_token", "per_token", "per_attention", "per_hop")
 
 
 def _features(rings: dict[str, BrickPlan], world_size: int, busiest: int) -> np.ndarray:
@@ -170,12 +177,13 @@ def _features(rings: dict[str, BrickPlan], world_size: int, busiest: int) -> np.
     for family, brick in rings.items():
         base = list(MODELS).index(family) * len(_FAMILY_TERMS)
         x[base] += 1
-        x[base + 1] += sum(a.tokens for a in brick.assignments)
+        x[base + 1] += len(brick.assignments)
+        x[base + 2] += sum(a.tokens for a in brick.assignments)
         for a in brick.assignments:
             if busiest in a.ranks:
-                x[base + 2] += a.shard_len(a.ranks.index(busiest))
-                x[base + 3] += a.tokens**2 / a.size
-                x[base + 4] += a.size > 1
+                x[base + 3] += a.shard_len(a.ranks.index(busiest))
+                x[base + 4] += a.tokens**2 / a.size
+                x[base + 5] += a.size > 1
     return x
 
 
@@ -219,11 +227,16 @@ class CpuProfile(CostProfile):
     world_size = 2
     planner = PLANNER
     decode_servers = 1  # one VAE replica, decoding one request at a time
+    shared_cores = 2
+
+    @property
+    def per_job_threads(self) -> float:
+        return self.app["per_job_threads"]
 
     def __init__(self, coefficients: list[float], outside: dict, app: dict | None = None) -> None:
         self.coefficients = np.array(coefficients)
         self.outside = outside
-        self.app = app or {"step_scale": 1.0, "decode_scale": 1.0, "per_job_s": 0.0}
+        self.app = app or {"step_scale": 1.0, "ring_step_scale": 1.0, "per_job_s": 0.0, "per_job_threads": 0.0}
         self._tokens: dict[tuple[str, str, int], int] = {}
 
     @classmethod
@@ -240,7 +253,13 @@ class CpuProfile(CostProfile):
         return (self._tokens[key],) * 2
 
     def step_seconds(self, plan: StepPlan) -> float:
-        return self.app["step_scale"] * self.isolated_step_seconds(plan)
+        return self._step_scale(plan) * self.isolated_step_seconds(plan)
+
+    def _step_scale(self, plan: StepPlan) -> float:
+        """In the app a step on a ring of both ranks needs both cores at once, beside the proxy, ingress and
+        scheduler threads; a step of 1-rank rings is stretched less. Two factors, fitted on jobs alone."""
+        sharded = any(a.size > 1 for brick in plan.rings.values() for a in brick.assignments)
+        return self.app["ring_step_scale" if sharded else "step_scale"]
 
     def isolated_step_seconds(self, plan: StepPlan) -> float:
         return STEP_GAP_S + max(float(_features(plan.rings, 2, rank) @ self.coefficients) for rank in range(2))
@@ -249,33 +268,59 @@ class CpuProfile(CostProfile):
         return self.outside["encode"][request.model] + self.app["per_job_s"]
 
     def decode_seconds(self, request: TraceRequest) -> float:
-        return self.app["decode_scale"] * self.outside["decode"][request.model][request.resolution]
+        return self.outside["decode"][request.model][request.resolution]
 
 
 ALONE = [("240p", 10), ("720p", 20), ("360p", 20), ("480p", 10), ("240p", 20), ("720p", 10), ("480p", 20),
-         ("360p", 10)]
+         ("360p", 10), ("720p", 20), ("240p", 10), ("720p", 10), ("360p", 20)]
 """(resolution, steps) of the jobs run one at a time through the app to fit its shell."""
+BURST = [("720p", 20), ("240p", 10), ("480p", 20), ("360p", 10), ("720p", 10), ("240p", 20), ("480p", 10),
+         ("360p", 20)]
+"""(resolution, steps) of jobs sent 0.1 s apart after the alone ones: with several jobs in the app at once, the
+work outside the steps competes with the ranks for the two cores (`per_job_threads`)."""
+CALIBRATION_SYSTEM = {"policy": "srptf", "admission": "step", "planner": {"mode": "brick"}}
 
 
 def fit_app(profile: CpuProfile) -> dict:
-    """Jobs alone through the real app (Wan, 6 s apart): latency = a·steps·isolated step + b·decode + c."""
-    from benchmarks.real_run import run_systems
-    from benchmarks.simulator import System, make_core, new_request
+    """Fit the app's shell on a calibration trace of its own (the evaluation's traces are never fitted on).
 
-    trace = [TraceRequest(f"alone-{i}", 6.0 * i, "wan", res, FRAMES["wan"], steps, "a calibration scene", i)
+    Jobs alone (Wan, 6 s apart), their decode at its measured time (the app's VAE replica
+    decodes as fast as the in-process measurement: one thread either way):
+    latency - decode = a·steps·isolated step (1-rank rings) + b·steps·isolated step (2-rank
+    rings) + c, by NNLS. Then a burst of jobs together: the per-job threads for which the
+    simulator's mean latency of the burst equals the app's."""
+    from benchmarks.real_run import run_systems
+    from benchmarks.simulator import System, make_core, new_request, simulate
+
+    alone = [TraceRequest(f"alone-{i}", 6.0 * i, "wan", res, FRAMES["wan"], steps, "a calibration scene", i)
              for i, (res, steps) in enumerate(ALONE)]
-    system = System("alone", "alone", {"policy": "srptf", "admission": "step", "planner": {"mode": "brick"}})
-    real = run_systems(trace, [system])["alone"]
+    burst_start = 6.0 * len(ALONE)
+    burst = [TraceRequest(f"burst-{i}", burst_start + 0.1 * i, "wan", res, FRAMES["wan"], steps,
+                          "a calibration scene", 100 + i) for i, (res, steps) in enumerate(BURST)]
+    system = System("calibration", "calibration", CALIBRATION_SYSTEM)
+    real = run_systems(alone + burst, [system])["calibration"]
     rows = []
-    for request in trace:
+    for request in alone:
         core = make_core(system, profile, clock=lambda: 0.0)
         core.admit(new_request(request, profile))
-        rows.append([request.steps * profile.isolated_step_seconds(core.schedule()),
-                     profile.outside["decode"][request.model][request.resolution], 1.0])
-    y = np.array([o.latency_s for o in real])
-    (step_scale, decode_scale, per_job), _ = nnls(np.array(rows), y)
-    return {"step_scale": step_scale, "decode_scale": decode_scale, "per_job_s": per_job,
-            "alone_latency_s": y.tolist()}
+        plan = core.schedule()
+        steps = request.steps * profile.isolated_step_seconds(plan)
+        sharded = any(a.size > 1 for brick in plan.rings.values() for a in brick.assignments)
+        rows.append([0.0 if sharded else steps, steps if sharded else 0.0, 1.0])
+    y = np.array([o.latency_s - profile.decode_seconds(o.request) for o in real[:len(alone)]])
+    (step_scale, ring_step_scale, per_job), _ = nnls(np.array(rows), y)
+    profile.app = {"step_scale": step_scale, "ring_step_scale": ring_step_scale, "per_job_s": per_job,
+                   "per_job_threads": 0.0}
+    burst_trace = [dataclasses.replace(r, arrival_s=r.arrival_s - burst_start) for r in burst]
+    burst_latency = statistics.mean(o.latency_s for o in real[len(alone):])
+
+    def burst_error(threads: float) -> float:
+        profile.app["per_job_threads"] = threads
+        return abs(statistics.mean(o.latency_s for o in simulate(burst_trace, system, profile)) - burst_latency)
+
+    profile.app["per_job_threads"] = min(np.arange(0.0, 1.001, 0.05).tolist(), key=burst_error)
+    return {**profile.app, "alone_latency_s": [o.latency_s for o in real[:len(alone)]],
+            "burst_latency_s": burst_latency}
 
 
 def main() -> None:
@@ -294,7 +339,8 @@ def main() -> None:
     print(f"{len(measured)} grid steps, {min(measured) * 1e3:.1f}-{max(measured) * 1e3:.1f} ms; fit error mean "
           f"{statistics.mean(errors):.1%}, max {max(errors):.1%}")
     profile.app = fit_app(profile)
-    print("app shell: steps x{step_scale:.2f}, decode x{decode_scale:.2f}, +{per_job_s:.2f} s per job".format(
+    print("app shell: 1-rank steps x{step_scale:.2f}, 2-rank steps x{ring_step_scale:.2f}, +{per_job_s:.2f} s per "
+          "job, {per_job_threads:.2f} threads per job in the app".format(
         **profile.app))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"measured_at": time.strftime("%Y-%m-%d"), "terms": list(_FAMILY_TERMS),

@@ -54,7 +54,7 @@ class Sweep:
 
 CALIBRATION_SYSTEMS = ("naive_ring", "cb_brick_fifo", "cb_brick_srptf")
 FULL = Sweep(400, (0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.2, 1.5), (1, 2, 4, 8), 24,
-             {0.3: CALIBRATION_SYSTEMS, 0.6: SYSTEMS})
+             {0.25: CALIBRATION_SYSTEMS, 0.45: SYSTEMS})
 QUICK = Sweep(80, (0.15, 0.3, 0.6), (1, 4), 8, {0.4: (OURS,)})
 REAL_MODEL = "wan"
 REAL_STEPS = (10, 20)
@@ -109,7 +109,8 @@ class Point:
 
 def capacity(model: str, profile: CostProfile, n: int = 200, steps: tuple[int, ...] = STEP_CHOICES) -> float:
     """Requests/s the machine could finish: ranks / mean single-rank service time if every request ran on one rank
-    with no rank idle, or the decode servers' rate if that is lower (on the CPU the VAE is the bottleneck)."""
+    with no rank idle, or the decode servers' rate if that is lower; where ranks and decoding share the cores (the
+    CPU machine), cores / mean (service + decode) seconds of one request."""
     trace = make_trace(model, n, rate=1.0, seed=99, steps=steps)
     one_rank = System("one-rank", "", {"policy": "fifo", "admission": "request", "planner": {"mode": "fixed",
                                                                                           "fixed_degree": 1}})
@@ -118,10 +119,13 @@ def capacity(model: str, profile: CostProfile, n: int = 200, steps: tuple[int, .
         core = make_core(one_rank, profile, clock=lambda: 0.0)
         core.admit(new_request(request, profile))
         service.append(request.steps * profile.step_seconds(core.schedule()))
+    decode = statistics.mean(profile.decode_seconds(r) for r in trace)
+    if profile.shared_cores is not None:
+        return profile.shared_cores / (statistics.mean(service) + decode)
     engine = profile.world_size / statistics.mean(service)
     if profile.decode_servers is None:
         return engine
-    return min(engine, profile.decode_servers / statistics.mean(profile.decode_seconds(r) for r in trace))
+    return min(engine, profile.decode_servers / decode)
 
 
 def run_point(model: str, rate: float, cv: float, sweep: Sweep, profile: CostProfile,

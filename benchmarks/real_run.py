@@ -25,7 +25,9 @@ from benchmarks.cpu_profile import MODELS, real_app_args
 from benchmarks.simulator import System
 from benchmarks.workloads import TraceRequest
 
-POLL_S = 0.25
+POLL_S = 1.0
+"""Seconds between status polls of one job: latency is read from the server's `completed_at`, so polling
+faster only adds HTTP work that competes with the ranks for the two cores."""
 
 
 @dataclass(frozen=True)

@@ -84,47 +84,92 @@ def new_request(request: TraceRequest, profile: CostProfile) -> NewRequest:
 
 def simulate(trace: list[TraceRequest], system: System, profile: CostProfile) -> list[Outcome]:
     """Run `trace` through `system` on `profile`'s machine; one outcome per request, in trace order."""
-    now = 0.0
-    core = make_core(system, profile, clock=lambda: now)
-    ready = {r.id: r.arrival_s + profile.encode_seconds(r) for r in trace}  # joins the pool once encoded
-    pending = sorted(trace, key=lambda r: ready[r.id])
-    by_id = {r.id: r for r in trace}
-    start: dict[str, float] = {}
-    denoised: dict[str, float] = {}
-    i = 0
-    while i < len(pending) or core.pool:
-        while i < len(pending) and ready[pending[i].id] <= now:
-            now_saved, now = now, ready[pending[i].id]  # the request's admission time is its own
-            core.admit(new_request(pending[i], profile))
-            now = now_saved
-            i += 1
-        plan = core.schedule()
+    return _Simulation(trace, system, profile).run()
+
+
+class _Simulation:
+    """The event loop. Work in flight (the current step, the decodes) progresses at rate 1, or, where the ranks and
+    the decode servers share `profile.shared_cores` cores, at cores / busy threads when more threads than cores are
+    busy (processor sharing: a step of both ranks beside a decode runs at 2/3 speed on 2 cores, and so does the
+    decode)."""
+
+    def __init__(self, trace: list[TraceRequest], system: System, profile: CostProfile) -> None:
+        self.now = 0.0
+        self.profile = profile
+        self.core = make_core(system, profile, clock=lambda: self.now)
+        self.system = system
+        self.by_id = {r.id: r for r in trace}
+        self.ready = {r.id: r.arrival_s + profile.encode_seconds(r) for r in trace}  # joins the pool once encoded
+        self.pending = sorted(trace, key=lambda r: self.ready[r.id])
+        self.next_arrival = 0
+        self.step: list | None = None  # [plan, remaining seconds of work, busy ranks]
+        self.decode_queue: list[str] = []
+        self.decoding: dict[str, float] = {}  # request id -> remaining seconds of decode work
+        self.start: dict[str, float] = {}
+        self.finish: dict[str, float] = {}
+
+    def run(self) -> list[Outcome]:
+        trace = list(self.by_id.values())
+        while len(self.finish) < len(trace):
+            self._admit_arrived()
+            if self.step is None:
+                self._start_step()
+            self._advance()
+        return [Outcome(r, self.start[r.id], self.finish[r.id]) for r in trace]
+
+    def _admit_arrived(self) -> None:
+        while self.next_arrival < len(self.pending) and self.ready[self.pending[self.next_arrival].id] <= self.now:
+            request = self.pending[self.next_arrival]
+            now, self.now = self.now, self.ready[request.id]  # the request's admission time is its own
+            self.core.admit(new_request(request, self.profile))
+            self.now = now
+            self.next_arrival += 1
+
+    def _start_step(self) -> None:
+        plan = self.core.schedule()
         if plan is None:
-            if i == len(pending):
-                raise RuntimeError(f"{len(core.pool)} requests pooled but none schedulable under {system.name}")
-            now = max(now, ready[pending[i].id])  # idle until the next arrival
-            continue
+            if self.core.pool and self.next_arrival == len(self.pending) and not self.decoding:
+                raise RuntimeError(f"{len(self.core.pool)} requests pooled but none schedulable under "
+                                   f"{self.system.name}")
+            return
         for step in plan.scheduled:
-            start.setdefault(step.request_id, now)
-        now += profile.step_seconds(plan)
-        core.postprocess(plan, StepResult.all_stepped(plan))
-        for meta in core.pop_done():
-            denoised[meta.request_id] = now
-    finish = _decode(denoised, by_id, profile)
-    return [Outcome(r, start[r.id], finish[r.id]) for r in trace]
+            self.start.setdefault(step.request_id, self.now)
+        ranks = {rank for brick in plan.rings.values() for a in brick.assignments for rank in a.ranks}
+        self.step = [plan, self.profile.step_seconds(plan), len(ranks)]
 
+    def _rate(self) -> float:
+        cores = self.profile.shared_cores
+        if cores is None:
+            return 1.0
+        in_system = sum(1 for r in self.pending if r.arrival_s <= self.now) - len(self.finish)
+        busy = (self.step[2] if self.step else 0) + len(self.decoding) + self.profile.per_job_threads * in_system
+        return 1.0 if busy <= cores else cores / busy
 
-def _decode(denoised: dict[str, float], by_id: dict[str, TraceRequest], profile: CostProfile) -> dict[str, float]:
-    """Finish times: each request decoded after its last step, on `decode_servers` FIFO servers if set."""
-    if profile.decode_servers is None:
-        return {i: t + profile.decode_seconds(by_id[i]) for i, t in denoised.items()}
-    free = [0.0] * profile.decode_servers
-    finish = {}
-    for request_id, t in sorted(denoised.items(), key=lambda item: item[1]):
-        server = min(range(len(free)), key=free.__getitem__)
-        free[server] = max(t, free[server]) + profile.decode_seconds(by_id[request_id])
-        finish[request_id] = free[server]
-    return finish
+    def _advance(self) -> None:
+        """Move the clock to the next event: the step's end, a decode's end or (idle) the next arrival."""
+        rate = self._rate()
+        ends = [left / rate for left in self.decoding.values()]
+        if self.step:
+            ends.append(self.step[1] / rate)
+        elif self.next_arrival < len(self.pending):
+            ends.append(self.ready[self.pending[self.next_arrival].id] - self.now)
+        dt = max(0.0, min(ends))
+        self.now += dt
+        for request_id in list(self.decoding):
+            self.decoding[request_id] -= dt * rate
+            if self.decoding[request_id] <= 1e-12:
+                del self.decoding[request_id]
+                self.finish[request_id] = self.now
+        if self.step:
+            self.step[1] -= dt * rate
+            if self.step[1] <= 1e-12:
+                plan, self.step = self.step[0], None
+                self.core.postprocess(plan, StepResult.all_stepped(plan))
+                self.decode_queue.extend(meta.request_id for meta in self.core.pop_done())
+        servers = self.profile.decode_servers
+        while self.decode_queue and (servers is None or len(self.decoding) < servers):
+            request_id = self.decode_queue.pop(0)  # FIFO, as the VAE replica's queue
+            self.decoding[request_id] = self.profile.decode_seconds(self.by_id[request_id])
 
 
 def physical_limit_s(request: TraceRequest, profile: CostProfile) -> float:

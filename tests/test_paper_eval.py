@@ -9,9 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks.cost_profiles import H100Profile
+from benchmarks.cost_profiles import CostProfile, H100Profile
 from benchmarks.simulator import SYSTEMS, is_stable, load_system, physical_limit_s, simulate
-from benchmarks.workloads import FRAMES, arrival_times, make_trace, read_jsonl, write_jsonl
+from benchmarks.workloads import FRAMES, TraceRequest, arrival_times, make_trace, read_jsonl, write_jsonl
+from engine.config import PlannerConfig
 from training.config import PROJECT_ROOT
 
 
@@ -70,3 +71,32 @@ def test_paper_eval_quick_writes_plots_and_a_report_with_ratios_from_the_same_ru
         row = re.search(rf"^\| {model} \| [0-9.e-]+ \| ([0-9.]+)x", report, re.M)
         assert row and float(row.group(1)) == pytest.approx(ratio, abs=0.006)
         assert ratio > 1
+
+
+class _OneCoreProfile(CostProfile):
+    """1 rank, 1 s per step, 1 s per decode on one VAE server; `shared_cores` as given."""
+
+    world_size = 1
+    planner = PlannerConfig(ring_sizes=(1,))
+    decode_servers = 1
+
+    def __init__(self, shared_cores):
+        self.shared_cores = shared_cores
+
+    def row_tokens(self, request):
+        return (100,)
+
+    def step_seconds(self, plan):
+        return 1.0
+
+    def decode_seconds(self, request):
+        return 1.0
+
+
+def test_on_shared_cores_a_step_and_a_decode_slow_each_other_down():
+    trace = [TraceRequest(f"r{i}", float(i), "wan", "240p", 49, 1, "", i) for i in range(2)]
+    system = load_system("cb_brick_fifo")
+    dedicated = {o.request.id: o.finish_s for o in simulate(trace, system, _OneCoreProfile(None))}
+    assert dedicated == pytest.approx({"r0": 2.0, "r1": 3.0})  # r1's step runs beside r0's decode
+    shared = {o.request.id: o.finish_s for o in simulate(trace, system, _OneCoreProfile(1))}
+    assert shared == pytest.approx({"r0": 3.0, "r1": 4.0})  # both at half speed on one core, then r1's decode alone
