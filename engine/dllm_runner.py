@@ -9,8 +9,8 @@ indices), computing the vocabulary projection only at the rows that predict a ma
 token, and applies each sequence's own unmasking rule. The answer names the ids
 stepped, the response ids of the sequences that finished (their only trip off the
 device) and, for streams, the response prefixes that grew. A sequence finishes at its
-last step or as soon as its answer is final (an EOS right after a fully unmasked
-prefix: the masks after it cannot change the text), which frees its seat early. A packed forward that
+last step or as soon as its answer is final (no mask left, or an EOS right after a fully
+unmasked prefix: the masks after it cannot change the text), which frees its seat early. A packed forward that
 raises is retried sequence by sequence, so only the request at fault fails.
 """
 
@@ -80,7 +80,7 @@ class DllmRunner:
                 if len(response) > self._sent_prefix[request_id]:
                     prefixes[request_id] = tuple(response)
                     self._sent_prefix[request_id] = len(response)
-                if sequence.done or sequence.ended:  # ended: the text before the first EOS can no longer change
+                if sequence.final:  # its text can no longer change: finished, whatever steps were planned
                     finished[request_id] = torch.tensor(response, dtype=torch.long)
                     self._drop(request_id)
         for request_id in errors:

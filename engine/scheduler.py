@@ -170,7 +170,7 @@ class StepSchedulerCore:
                 meta.first_step_time = now
                 meta.status = RequestStatus.RUNNING
             if meta.steps_done == meta.total_steps or step.request_id in result.finished:
-                # A diffusion LM's answer can be final before its last step (`DllmSequence.ended`); steps already
+                # A diffusion LM's answer can be final before its last step (`DllmSequence.final`); steps already
                 # planned for it are then refused by the runner and ignored here, the request being gone.
                 self._finish(meta, RequestStatus.FINISHED, freed_by_runner=True)
 

@@ -27,7 +27,7 @@ def reference_decode(model, prompt: list[int], params: DecodeParams, mask_id: in
             transfer = torch.rand(x0.shape[0], generator=generator) < p_transfer
             x0[transfer] = sample_tokens(mask_logits[transfer], params, generator)[0]
         else:
-            tokens, confidence = sample_tokens(mask_logits, params, generator)
+            tokens, confidence, _ = sample_tokens(mask_logits, params, generator)
             n = mask_index.sum()
             count = int(n * (1 - s / t)) if i < params.steps - 1 else int(n)
             if count > 0:

@@ -107,9 +107,9 @@ def test_sampling_filters():
 def test_response_stops_at_the_first_eos():
     seq = DllmSequence([7, 8], DecodeParams(max_tokens=5, steps=5), mask_id=0, eos_ids=(1,))
     seq.tokens[2:] = torch.tensor([4, 5, 1, 6, 1])
-    assert seq.response_ids() == [4, 5] and seq.ended
+    assert seq.response_ids() == [4, 5] and seq.final
     seq.tokens[3] = 0
-    assert seq.response_ids() == [4] and not seq.ended
+    assert seq.response_ids() == [4] and not seq.final
 
 
 def decode_packed(model, requests: list[tuple[list[int], DecodeParams]], mask_id: int, eos_ids: tuple[int, ...]):
@@ -152,3 +152,22 @@ def test_config_refuses_bad_token_ids():
         DllmConfig(model_type="Dream", vocab_size=50, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16, mask_token_id=99,
                    pad_token_id=0, eos_token_id=0)
+
+
+def test_confidence_threshold_unmasks_every_sure_position_and_ends_when_no_mask_is_left():
+    params = DecodeParams(max_tokens=4, steps=4, alg="maskgit_plus", confidence_threshold=0.9)
+    seq = DllmSequence([7], params, mask_id=0, eos_ids=(1,))
+    logits = torch.zeros(4, 16)
+    logits[0, 5] = logits[2, 6] = 30.0  # two sure positions; Dream's schedule plans int(4 * 0.2498) = 0 this step
+    seq.step(logits)
+    assert seq.tokens.tolist() == [7, 5, 0, 6, 0] and not seq.final
+    seq.step(torch.zeros(2, 16))  # none sure: still one position per step
+    assert (seq.tokens == 0).sum() == 1 and seq.step_index == 2
+    seq.tokens[4] = 0
+    seq.tokens[2] = 0
+    logits = torch.zeros(2, 16)
+    logits[:, 9] = 30.0
+    seq.step(logits)
+    assert seq.tokens.tolist() == [7, 5, 9, 6, 9] and seq.final and seq.step_index == 3
+    with pytest.raises(ValueError, match="confidence_threshold needs a confidence-ranked alg"):
+        DecodeParams(max_tokens=4, steps=4, alg="origin", confidence_threshold=0.9)

@@ -15,6 +15,10 @@ of taken top-k. Tokens are sampled with `temperature` / `top_p` / `top_k` (greed
 `eos_penalty` is Dream-Coder's padding penalty: subtracted from the PAD/EOS logits,
 decaying linearly over the steps (the whole penalty at step 0, 1/N of it at the last), so
 early steps do not fill the response tail with padding while the last can still end it.
+`confidence_threshold` (Fast-dLLM's parallel decoding) also unmasks, at every step,
+each masked position whose token has at least that probability, and at least one
+position per step, so confident stretches are decoded in fewer steps; the sequence is
+final as soon as no mask is left.
 The [MASK] token itself is never sampled (Dream leaves that to the trained weights; here a
 decided position can never fall back to a mask, whatever the weights). The response is
 the text before the first EOS/PAD.
@@ -47,6 +51,7 @@ class DecodeParams:
     top_k: int | None = None
     eps: float = 1e-3
     eos_penalty: float = 0.0
+    confidence_threshold: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -64,6 +69,12 @@ class DecodeParams:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if not 0 < self.eps < 1:
             raise ValueError(f"eps must be in (0, 1), got {self.eps}")
+        if self.confidence_threshold is not None:
+            if not 0 < self.confidence_threshold <= 1:
+                raise ValueError(f"confidence_threshold must be in (0, 1], got {self.confidence_threshold}")
+            if self.alg == "origin" or self.alg_temp:
+                raise ValueError("confidence_threshold needs a confidence-ranked alg (maskgit_plus, topk_margin, "
+                                 "entropy) with alg_temp 0")
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_p: float | None, top_k: int | None) -> torch.Tensor:
@@ -85,8 +96,8 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_p: float | None,
 
 
 def sample_tokens(logits: torch.Tensor, params: DecodeParams,
-                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens, confidence) for each row of `logits` under `params.alg`'s confidence measure."""
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tokens, confidence under `params.alg`'s measure, probability of each token) for each row of `logits`."""
     probs = torch.softmax(filter_logits(logits.float(), params.temperature, params.top_p, params.top_k), dim=-1)
     if params.temperature > 0:
         tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -97,9 +108,10 @@ def sample_tokens(logits: torch.Tensor, params: DecodeParams,
         confidence = top2[:, 0] - top2[:, 1]
     elif params.alg == "entropy":
         confidence = (probs * torch.log(probs + 1e-10)).sum(dim=-1)  # negative entropy: higher is surer
-    else:
-        confidence = probs.gather(-1, tokens[:, None]).squeeze(-1)
-    return tokens, confidence
+    probability = probs.gather(-1, tokens[:, None]).squeeze(-1)
+    if params.alg not in ("topk_margin", "entropy"):
+        confidence = probability
+    return tokens, confidence, probability
 
 
 class DllmSequence:
@@ -153,11 +165,16 @@ class DllmSequence:
             if params.alg == "origin":
                 chosen = (torch.rand(masked.shape[0], generator=self.generator, device=masked.device) < share
                           ).nonzero().squeeze(-1)
-                tokens, _ = sample_tokens(mask_logits[chosen], params, self.generator)
+                tokens = sample_tokens(mask_logits[chosen], params, self.generator)[0]
             else:
-                tokens, confidence = sample_tokens(mask_logits, params, self.generator)
+                tokens, confidence, probability = sample_tokens(mask_logits, params, self.generator)
                 count = masked.shape[0] if last else int(masked.shape[0] * share)  # tensor product, then floor
+                if params.confidence_threshold is not None:
+                    count = max(count, 1)  # Fast-dLLM: at least one position per step, however unsure
                 chosen = self._pick(confidence, count)
+                if params.confidence_threshold is not None:  # Fast-dLLM: and every token this sure
+                    sure = (probability >= params.confidence_threshold).nonzero().squeeze(-1)
+                    chosen = torch.unique(torch.cat([chosen, sure]))
                 tokens = tokens[chosen]
             self.tokens[masked[chosen]] = tokens
         self.step_index += 1
@@ -181,7 +198,10 @@ class DllmSequence:
         return out
 
     @property
-    def ended(self) -> bool:
-        """An EOS/PAD sits right after the unmasked prefix: nothing after it can change the answer."""
+    def final(self) -> bool:
+        """The answer can no longer change: every step has run, no mask is left, or an EOS/PAD follows the fully
+        unmasked prefix (the masks after it cannot change the text before it)."""
+        if self.done:
+            return True
         rest = self.tokens[self.prompt_len + len(self.response_ids()):]
-        return bool(rest.numel()) and int(rest[0]) in self.eos_ids
+        return not rest.numel() or int(rest[0]) in self.eos_ids
