@@ -87,6 +87,13 @@ def simulate(trace: list[TraceRequest], system: System, profile: CostProfile) ->
     return _Simulation(trace, system, profile).run()
 
 
+@dataclass
+class _Step:
+    plan: StepPlan
+    work_left_s: float  # seconds of the step still to run at full speed
+    ranks: int  # busy threads while it runs
+
+
 class _Simulation:
     """The event loop. Work in flight (the current step, the decodes) progresses at rate 1, or, where the ranks and
     the decode servers share `profile.shared_cores` cores, at cores / busy threads when more threads than cores are
@@ -102,7 +109,7 @@ class _Simulation:
         self.ready = {r.id: r.arrival_s + profile.encode_seconds(r) for r in trace}  # joins the pool once encoded
         self.pending = sorted(trace, key=lambda r: self.ready[r.id])
         self.next_arrival = 0
-        self.step: list | None = None  # [plan, remaining seconds of work, busy ranks]
+        self.step: _Step | None = None
         self.decode_queue: list[str] = []
         self.decoding: dict[str, float] = {}  # request id -> remaining seconds of decode work
         self.start: dict[str, float] = {}
@@ -135,14 +142,14 @@ class _Simulation:
         for step in plan.scheduled:
             self.start.setdefault(step.request_id, self.now)
         ranks = {rank for brick in plan.rings.values() for a in brick.assignments for rank in a.ranks}
-        self.step = [plan, self.profile.step_seconds(plan), len(ranks)]
+        self.step = _Step(plan, self.profile.step_seconds(plan), len(ranks))
 
     def _rate(self) -> float:
         cores = self.profile.shared_cores
         if cores is None:
             return 1.0
         in_system = sum(1 for r in self.pending if r.arrival_s <= self.now) - len(self.finish)
-        busy = (self.step[2] if self.step else 0) + len(self.decoding) + self.profile.per_job_threads * in_system
+        busy = (self.step.ranks if self.step else 0) + len(self.decoding) + self.profile.per_job_threads * in_system
         return 1.0 if busy <= cores else cores / busy
 
     def _advance(self) -> None:
@@ -150,7 +157,7 @@ class _Simulation:
         rate = self._rate()
         ends = [left / rate for left in self.decoding.values()]
         if self.step:
-            ends.append(self.step[1] / rate)
+            ends.append(self.step.work_left_s / rate)
         elif self.next_arrival < len(self.pending):
             ends.append(self.ready[self.pending[self.next_arrival].id] - self.now)
         dt = max(0.0, min(ends))
@@ -161,9 +168,9 @@ class _Simulation:
                 del self.decoding[request_id]
                 self.finish[request_id] = self.now
         if self.step:
-            self.step[1] -= dt * rate
-            if self.step[1] <= 1e-12:
-                plan, self.step = self.step[0], None
+            self.step.work_left_s -= dt * rate
+            if self.step.work_left_s <= 1e-12:
+                plan, self.step = self.step.plan, None
                 self.core.postprocess(plan, StepResult.all_stepped(plan))
                 self.decode_queue.extend(meta.request_id for meta in self.core.pop_done())
         servers = self.profile.decode_servers
