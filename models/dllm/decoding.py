@@ -136,10 +136,6 @@ class DllmSequence:
     def done(self) -> bool:
         return self.step_index >= self.params.steps
 
-    @property
-    def remaining_steps(self) -> int:
-        return self.params.steps - self.step_index
-
     def masked_positions(self) -> torch.Tensor:
         return (self.tokens == self.mask_id).nonzero().squeeze(-1)
 
