@@ -171,3 +171,39 @@ def test_confidence_threshold_unmasks_every_sure_position_and_ends_when_no_mask_
     assert seq.tokens.tolist() == [7, 5, 9, 6, 9] and seq.final and seq.step_index == 3
     with pytest.raises(ValueError, match="confidence_threshold needs a confidence-ranked alg"):
         DecodeParams(max_tokens=4, steps=4, alg="origin", confidence_threshold=0.9)
+
+
+def test_sharded_checkpoint_with_wrapper_prefixes_loads(tiny, tmp_path):
+    """Large checkpoints come as shards named by model.safetensors.index.json; training wrappers prefix names."""
+    from safetensors.torch import save_file
+
+    model, tokenizer = tiny
+    path = save_dream_checkpoint(model, tmp_path / "sharded", tokenizer)
+    (path / "model.safetensors").unlink()
+    state = {f"module.{n}": t.contiguous() for n, t in model.state_dict().items()}
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for shard, keys in shards.items():
+        save_file({k: state[k] for k in keys}, path / shard)
+    (path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}))
+    ids = torch.arange(5, 40)[None]
+    with torch.no_grad():
+        assert torch.equal(load_dllm(path)(ids), model(ids))
+
+
+def test_tied_embeddings_checkpoint_round_trip(tmp_path):
+    from models.dllm import DiffusionLM
+
+    config = DllmConfig(model_type="Dream", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                        tie_word_embeddings=True, mask_token_id=63, pad_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = DiffusionLM(config).eval()
+    path = save_dream_checkpoint(model, tmp_path / "tied")
+    loaded = load_dllm(path)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    ids = torch.arange(1, 20)[None]
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
