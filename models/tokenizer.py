@@ -8,9 +8,7 @@ process that builds it gets the same vocabulary. Ids follow T5's convention
 
 from __future__ import annotations
 
-import sysconfig
 from functools import lru_cache
-from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
@@ -58,11 +56,3 @@ def build_tiny_tokenizer(model_max_length: int = 77) -> PreTrainedTokenizerFast:
         unk_token=UNK,
         model_max_length=model_max_length,
     )
-
-
-def python_sources(max_files: int = 120) -> list[str]:
-    """Python sources of the standard library: real code on every machine, the corpus of the tiny coder models'
-    BPE (deterministic for a given Python install)."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(stdlib.glob("*.py"))[:max_files]
-    return [f.read_text(encoding="utf-8", errors="ignore") for f in files]

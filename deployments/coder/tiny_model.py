@@ -12,16 +12,14 @@ and shapes but different weights, which is what a weight-reload test needs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from models.tokenizer import python_sources
+from models.tiny_checkpoint import checkpoint_cli, spread_weights, train_code_bpe
 
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜pad｜>"
 USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
@@ -42,19 +40,9 @@ CHAT_TEMPLATE = (
 
 
 def build_tokenizer(model_max_length: int) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE (deterministic for a given Python install) and wrap it."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(python_sources(), trainer=trainer)
+    """Train the byte-level BPE and wrap it with DeepCoder's special tokens and chat template."""
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
+        tokenizer_object=train_code_bpe(VOCAB_SIZE, SPECIAL_TOKENS),
         bos_token=BOS,
         eos_token=EOS,
         pad_token=PAD,
@@ -91,12 +79,7 @@ def write_tiny_coder(out: Path, seed: int = 0, max_position_embeddings: int = 20
     config = tiny_qwen2_config(tokenizer, max_position_embeddings)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
-    # Random init with std 0.02 gives near-uniform logits; a wider spread makes greedy
-    # tokens depend clearly on the weights, so a reload visibly changes outputs.
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() > 1:
-                param.normal_(0.0, init_std)
+    spread_weights(model, init_std)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -105,20 +88,8 @@ def write_tiny_coder(out: Path, seed: int = 0, max_position_embeddings: int = 20
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-position-embeddings", type=int, default=2048)
-    parser.add_argument("--init-std", type=float, default=0.2, help="0.2 for serving tests, 0.02 to train")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing checkpoint")
-    args = parser.parse_args(argv)
-    marker = args.out / "tiny_coder.json"
-    if marker.exists() and not args.force and json.loads(marker.read_text()).get("seed") == args.seed:
-        print(f"{args.out} already holds the tiny coder (seed {args.seed})")
-        return 0
-    write_tiny_coder(args.out, args.seed, args.max_position_embeddings, args.init_std)
-    print(f"wrote tiny coder (seed {args.seed}) to {args.out}")
-    return 0
+    return checkpoint_cli(argv, __doc__.split("\n\n")[0], "tiny coder", "tiny_coder.json", write_tiny_coder,
+                          max_position_embeddings=2048, init_std_help="0.2 for serving tests, 0.02 to train")
 
 
 if __name__ == "__main__":

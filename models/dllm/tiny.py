@@ -11,19 +11,17 @@ or DiffuCoder. Special tokens follow Dream's: `<|endoftext|>` is EOS and PAD,
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from models.dllm.checkpoint import save_dream_checkpoint
 from models.dllm.config import DllmConfig
 from models.dllm.model import DiffusionLM
-from models.tokenizer import python_sources
+from models.tiny_checkpoint import checkpoint_cli, spread_weights, train_code_bpe
 
 EOS, MASK, IM_START, IM_END = "<|endoftext|>", "<|mask|>", "<|im_start|>", "<|im_end|>"
 VOCAB_SIZE = 1024
@@ -37,13 +35,8 @@ CHAT_TEMPLATE = (
 
 
 def build_tokenizer(model_max_length: int) -> PreTrainedTokenizerFast:
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=[EOS, MASK, IM_START, IM_END],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(python_sources(), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, pad_token=EOS, mask_token=MASK,
+    return PreTrainedTokenizerFast(tokenizer_object=train_code_bpe(VOCAB_SIZE, [EOS, MASK, IM_START, IM_END]),
+                                   eos_token=EOS, pad_token=EOS, mask_token=MASK,
                                    additional_special_tokens=[IM_START, IM_END], model_max_length=model_max_length,
                                    chat_template=CHAT_TEMPLATE)
 
@@ -61,10 +54,7 @@ def build_tiny_dllm(seed: int = 0, max_position_embeddings: int = 1024,
     tokenizer = build_tokenizer(max_position_embeddings)
     torch.manual_seed(seed)
     model = DiffusionLM(tiny_config(tokenizer, max_position_embeddings))
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() > 1:
-                param.normal_(0.0, init_std)
+    spread_weights(model, init_std)
     return model.eval(), tokenizer
 
 
@@ -76,20 +66,8 @@ def write_tiny_dllm(out: Path, seed: int = 0, max_position_embeddings: int = 102
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-position-embeddings", type=int, default=1024)
-    parser.add_argument("--init-std", type=float, default=0.2)
-    parser.add_argument("--force", action="store_true", help="overwrite an existing checkpoint")
-    args = parser.parse_args(argv)
-    marker = args.out / "tiny_dllm.json"
-    if marker.exists() and not args.force and json.loads(marker.read_text()).get("seed") == args.seed:
-        print(f"{args.out} already holds the tiny diffusion coder (seed {args.seed})")
-        return 0
-    write_tiny_dllm(args.out, args.seed, args.max_position_embeddings, args.init_std)
-    print(f"wrote tiny diffusion coder (seed {args.seed}) to {args.out}")
-    return 0
+    return checkpoint_cli(argv, __doc__.split("\n\n")[0], "tiny diffusion coder", "tiny_dllm.json", write_tiny_dllm,
+                          max_position_embeddings=1024)
 
 
 if __name__ == "__main__":
