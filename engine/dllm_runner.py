@@ -25,10 +25,21 @@ from dataclasses import dataclass
 import torch
 
 from engine.messages import NewDllmRequest, StepPlan, StepResult
+from engine.runner_steps import admit_new, scheduled_states
 from models.dllm.decoding import DllmSequence
 from models.dllm.model import DiffusionLM
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Held:
+    """One request on this worker: its model, its decoding state, and how much of its response was reported."""
+
+    request_id: str
+    model: str
+    sequence: DllmSequence
+    reported: int = 0  # response tokens already sent in `StepResult.prefixes`
 
 
 @dataclass(frozen=True)
@@ -47,50 +58,43 @@ class DllmModel:
 class DllmRunner:
     def __init__(self, models: Mapping[str, DllmModel]) -> None:
         self.models = models
-        self.sequences: dict[str, tuple[str, DllmSequence]] = {}  # request id -> (model, state)
-        self._sent_prefix: dict[str, int] = {}  # request id -> response tokens already reported
+        self.held: dict[str, _Held] = {}
         self._last_step_end: float | None = None
 
     def execute(self, plan: StepPlan) -> StepResult:
         start = time.perf_counter()
         idle = 0.0 if self._last_step_end is None else start - self._last_step_end
         for request_id in plan.free:
-            self._drop(request_id)
-        errors: dict[str, str] = {}
-        for new in plan.new_requests:
-            try:
-                self.sequences[new.request_id] = (new.model, self._admit(new))
-                self._sent_prefix[new.request_id] = 0
-            except Exception as exc:  # a bad request fails alone
-                logger.exception("admitting %s failed", new.request_id)
-                errors[new.request_id] = f"admission failed on the worker: {exc!r}"
-        batch = self._group(plan, errors)
+            self.held.pop(request_id, None)
+        errors = admit_new(plan, self._admit)
+        batch: dict[str, list[_Held]] = defaultdict(list)  # model -> its requests, packed order
+        for held in scheduled_states(plan, errors, self.held, lambda h: h.sequence.step_index):
+            batch[held.model].append(held)
         stepped: list[str] = []
         finished: dict[str, torch.Tensor] = {}
         prefixes: dict[str, tuple[int, ...]] = {}
         forwards = 0
         for model, requests in batch.items():
-            runs = self._denoise(model, requests, errors)
-            forwards += runs
-            for request_id, sequence in requests:
-                if request_id in errors:
+            forwards += self._denoise(model, requests, errors)
+            for held in requests:
+                if held.request_id in errors:
                     continue
-                stepped.append(request_id)
-                response = sequence.response_ids()
-                if len(response) > self._sent_prefix[request_id]:
-                    prefixes[request_id] = tuple(response)
-                    self._sent_prefix[request_id] = len(response)
-                if sequence.final:  # its text can no longer change: finished, whatever steps were planned
-                    finished[request_id] = torch.tensor(response, dtype=torch.long)
-                    self._drop(request_id)
+                stepped.append(held.request_id)
+                response = held.sequence.response_ids()
+                if len(response) > held.reported:
+                    prefixes[held.request_id] = tuple(response)
+                    held.reported = len(response)
+                if held.sequence.final:  # its text can no longer change: finished, whatever steps were planned
+                    finished[held.request_id] = torch.tensor(response, dtype=torch.long)
+                    del self.held[held.request_id]
         for request_id in errors:
-            self._drop(request_id)
+            self.held.pop(request_id, None)
         self._last_step_end = time.perf_counter()
         return StepResult(plan.step_id, tuple(stepped), errors, finished, forwards, len(batch),
                           self._last_step_end - start, idle, prefixes=prefixes)
 
-    def _admit(self, new: NewDllmRequest) -> DllmSequence:
-        if new.request_id in self.sequences:
+    def _admit(self, new: NewDllmRequest) -> None:
+        if new.request_id in self.held:
             raise ValueError(f"request {new.request_id!r} is already held by this runner")
         if new.model not in self.models:
             raise ValueError(f"unknown diffusion LM {new.model!r}; this worker serves {sorted(self.models)}")
@@ -99,48 +103,33 @@ class DllmRunner:
         if new.seq_len > limit:
             raise ValueError(f"prompt {len(new.prompt_ids)} + max_tokens {new.params.max_tokens} tokens exceed the "
                              f"model's context of {limit}")
-        return DllmSequence(list(new.prompt_ids), new.params, model.mask_id, model.stop_ids, model.device)
-
-    def _group(self, plan: StepPlan, errors: dict[str, str]) -> dict[str, list[tuple[str, DllmSequence]]]:
-        """Scheduled sequences grouped by model, in packed order; unknown or out-of-step ones fail."""
-        batch: dict[str, list[tuple[str, DllmSequence]]] = defaultdict(list)
-        for scheduled in plan.scheduled:
-            if scheduled.request_id in errors:
-                continue
-            held = self.sequences.get(scheduled.request_id)
-            if held is None:
-                errors[scheduled.request_id] = "the worker holds no state for this request (lost in a worker restart)"
-            elif held[1].step_index != scheduled.step_index:
-                errors[scheduled.request_id] = (f"step index mismatch: planned {scheduled.step_index}, "
-                                                f"the worker is at {held[1].step_index}")
-            else:
-                batch[held[0]].append((scheduled.request_id, held[1]))
-        return batch
+        sequence = DllmSequence(list(new.prompt_ids), new.params, model.mask_id, model.stop_ids, model.device)
+        self.held[new.request_id] = _Held(new.request_id, new.model, sequence)
 
     @torch.no_grad()
-    def _denoise(self, model: str, requests: list[tuple[str, DllmSequence]], errors: dict[str, str]) -> int:
+    def _denoise(self, model: str, requests: list[_Held], errors: dict[str, str]) -> int:
         """One packed forward, then each sequence's own step; returns the forwards run (more than 1 only when a
         packed forward raised and the sequences were run one by one to find the one at fault)."""
         try:
-            logits = self._logits(model, [s for _, s in requests])
+            logits = self._logits(model, [h.sequence for h in requests])
             runs = 1
         except Exception:
             logger.exception("packed forward of %s failed; isolating %d requests", model, len(requests))
             logits, runs = [], 1 + len(requests)
-            for request_id, sequence in requests:
+            for held in requests:
                 try:
-                    logits.append(self._logits(model, [sequence])[0])
+                    logits.append(self._logits(model, [held.sequence])[0])
                 except Exception as exc:
-                    errors[request_id] = f"diffusion LM forward failed: {exc!r}"
+                    errors[held.request_id] = f"diffusion LM forward failed: {exc!r}"
                     logits.append(None)
-        for (request_id, sequence), chunk in zip(requests, logits):
+        for held, chunk in zip(requests, logits):
             if chunk is None:
                 continue
             try:
-                sequence.step(chunk)
+                held.sequence.step(chunk)
             except Exception as exc:  # a decoding fault fails this request only
-                logger.exception("decoding step failed for %s", request_id)
-                errors[request_id] = f"decoding step failed: {exc!r}"
+                logger.exception("decoding step failed for %s", held.request_id)
+                errors[held.request_id] = f"decoding step failed: {exc!r}"
         return runs
 
     def _logits(self, model: str, sequences: list[DllmSequence]) -> list[torch.Tensor]:
@@ -154,7 +143,3 @@ class DllmRunner:
         if not torch.isfinite(logits).all():
             raise FloatingPointError("non-finite logits")
         return list(logits.float().split([len(r) for r in rows]))
-
-    def _drop(self, request_id: str) -> None:
-        self.sequences.pop(request_id, None)
-        self._sent_prefix.pop(request_id, None)

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from attention.context import AttentionContext, LocalAttention, ShardedAttention
 from engine.messages import NewRequest, StepPlan, StepResult
+from engine.runner_steps import admit_new, scheduled_states
 from models.base import DiffusionAdapter, EncodedPrompt
 
 logger = logging.getLogger(__name__)
@@ -72,13 +73,7 @@ class ModelRunner:
         idle = 0.0 if self._last_step_end is None else start - self._last_step_end
         for request_id in plan.free:
             self.requests.pop(request_id, None)
-        errors: dict[str, str] = {}
-        for new in plan.new_requests:
-            try:
-                self.requests[new.request_id] = self._admit(new)
-            except Exception as exc:  # a bad request fails alone
-                logger.exception("admitting %s failed", new.request_id)
-                errors[new.request_id] = f"admission failed on the worker: {exc!r}"
+        errors = admit_new(plan, self._admit)
         batch = self.prepare_inputs(plan, errors)
         stepped: list[str] = []
         finished: dict[str, torch.Tensor] = {}
@@ -98,7 +93,7 @@ class ModelRunner:
                           self._last_step_end - start, idle, ring_bytes)
 
     # ---- admission --------------------------------------------------------
-    def _admit(self, new: NewRequest) -> RunnerRequest:
+    def _admit(self, new: NewRequest) -> None:
         if new.request_id in self.requests:
             raise ValueError(f"request {new.request_id!r} is already held by this runner")
         if new.prompt is None:
@@ -110,23 +105,14 @@ class ModelRunner:
         if len(sampler.timesteps) != new.num_steps:
             raise ValueError(f"the sampler made {len(sampler.timesteps)} timesteps for {new.num_steps} steps")
         latents = adapter.initial_latents(new.latent_shape, new.seed, sampler).to(adapter.device)
-        return RunnerRequest(new, new.prompt.to(adapter.device), latents, sampler)
+        self.requests[new.request_id] = RunnerRequest(new, new.prompt.to(adapter.device), latents, sampler)
 
     # ---- the step ---------------------------------------------------------
     def prepare_inputs(self, plan: StepPlan, errors: dict[str, str]) -> dict[str, list[RunnerRequest]]:
         """Scheduled requests grouped by model, in packed order; unknown or out-of-step ones fail."""
         batch: dict[str, list[RunnerRequest]] = defaultdict(list)
-        for scheduled in plan.scheduled:
-            if scheduled.request_id in errors:
-                continue
-            request = self.requests.get(scheduled.request_id)
-            if request is None:
-                errors[scheduled.request_id] = "the worker holds no state for this request (lost in a worker restart)"
-            elif request.step != scheduled.step_index:
-                errors[scheduled.request_id] = (f"step index mismatch: planned {scheduled.step_index}, "
-                                                f"the worker is at {request.step}")
-            else:
-                batch[request.request.model].append(request)
+        for request in scheduled_states(plan, errors, self.requests, lambda r: r.step):
+            batch[request.request.model].append(request)
         return batch
 
     def _context(self, plan: StepPlan, model: str, requests: list[RunnerRequest]) -> AttentionContext:

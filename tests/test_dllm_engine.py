@@ -63,7 +63,7 @@ def test_requests_join_and_leave_at_every_step_and_equal_the_reference(tiny):
         core.postprocess(plan, result)
         step += 1
     assert max(packs) == 3 and sorted(finished) == ["r0", "r1", "r2", "r3"]
-    assert not runner.sequences  # every finished request's state left the worker
+    assert not runner.held  # every finished request's state left the worker
     for new in requests:
         expected = reference_decode(model.network, list(new.prompt_ids), new.params, model.mask_id, model.stop_ids)
         response = []
@@ -81,10 +81,10 @@ def test_cancel_frees_the_worker_state_and_others_continue(tiny):
     core.admit(_request(tokenizer, 0, "x = 1", max_tokens=8, steps=8))
     core.admit(_request(tokenizer, 1, "y = 2", max_tokens=8, steps=4))
     core.step(runner.execute)
-    assert set(runner.sequences) == {"r0", "r1"}
+    assert set(runner.held) == {"r0", "r1"}
     assert core.cancel("r0")
     core.step(runner.execute)  # the next plan frees r0 on the worker
-    assert set(runner.sequences) == {"r1"}
+    assert set(runner.held) == {"r1"}
     while core.pool:
         core.step(runner.execute)
     done = {m.request_id: m.status for m in core.pop_done()}
