@@ -221,6 +221,11 @@ def _request(family: str, resolution: str, steps: int = 10) -> TraceRequest:
     return TraceRequest("calibration", 0.0, family, resolution, FRAMES[family], steps, "", 0)
 
 
+def sharded(plan: StepPlan) -> bool:
+    """The step has a ring of both ranks (the app stretches those steps more)."""
+    return any(a.size > 1 for brick in plan.rings.values() for a in brick.assignments)
+
+
 class CpuProfile(CostProfile):
     """This machine: 2 gloo ranks of tiny models, from `benchmarks/results/cpu_profile.json`."""
 
@@ -258,8 +263,7 @@ class CpuProfile(CostProfile):
     def _step_scale(self, plan: StepPlan) -> float:
         """In the app a step on a ring of both ranks needs both cores at once, beside the proxy, ingress and
         scheduler threads; a step of 1-rank rings is stretched less. Two factors, fitted on jobs alone."""
-        sharded = any(a.size > 1 for brick in plan.rings.values() for a in brick.assignments)
-        return self.app["ring_step_scale" if sharded else "step_scale"]
+        return self.app["ring_step_scale" if sharded(plan) else "step_scale"]
 
     def isolated_step_seconds(self, plan: StepPlan) -> float:
         return STEP_GAP_S + max(float(_features(plan.rings, 2, rank) @ self.coefficients) for rank in range(2))
@@ -305,8 +309,7 @@ def fit_app(profile: CpuProfile) -> dict:
         core.admit(new_request(request, profile))
         plan = core.schedule()
         steps = request.steps * profile.isolated_step_seconds(plan)
-        sharded = any(a.size > 1 for brick in plan.rings.values() for a in brick.assignments)
-        rows.append([0.0 if sharded else steps, steps if sharded else 0.0, 1.0])
+        rows.append([steps, 0.0, 1.0] if not sharded(plan) else [0.0, steps, 1.0])
     y = np.array([o.latency_s - profile.decode_seconds(o.request) for o in real[:len(alone)]])
     (step_scale, ring_step_scale, per_job), _ = nnls(np.array(rows), y)
     profile.app = {"step_scale": step_scale, "ring_step_scale": ring_step_scale, "per_job_s": per_job,
