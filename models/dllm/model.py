@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from transformers import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm, Qwen2RotaryEmbedding, apply_rotary_pos_emb
 
 from attention.varlen import offsets, varlen_attention
@@ -47,9 +48,8 @@ class _Attention(nn.Module):
 
 
 class _Layer(nn.Module):
-    def __init__(self, config: DllmConfig) -> None:
+    def __init__(self, config: DllmConfig, qwen2: Qwen2Config) -> None:
         super().__init__()
-        qwen2 = config.qwen2()
         self.self_attn = _Attention(config)
         self.mlp = Qwen2MLP(qwen2)
         self.input_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -64,10 +64,11 @@ class _Layer(nn.Module):
 class _Backbone(nn.Module):
     def __init__(self, config: DllmConfig) -> None:
         super().__init__()
+        qwen2 = config.qwen2()  # the same dimensions, for transformers' building blocks
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(_Layer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(_Layer(config, qwen2) for _ in range(config.num_hidden_layers))
         self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = Qwen2RotaryEmbedding(config.qwen2())
+        self.rotary_emb = Qwen2RotaryEmbedding(qwen2)
 
 
 class DiffusionLM(nn.Module):
