@@ -1,8 +1,16 @@
-"""OpenAI-style error responses, shared by the video and coder ingresses."""
+"""OpenAI-style error responses, and the FastAPI handlers that the video and diffusion-LM ingresses share."""
 
 from __future__ import annotations
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+
+from serve_graph.validation import InvalidRequest
+
+
+class Overloaded(Exception):
+    """The server is at capacity for now: HTTP 429, the client should retry later."""
 
 
 def openai_error(status: int, message: str, param: str | None = None, *, error_type: str | None = None,
@@ -14,3 +22,37 @@ def openai_error(status: int, message: str, param: str | None = None, *, error_t
     kind = error_type or ("invalid_request_error" if status < 500 else "server_error")
     return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param,
                                                                "code": status if code is None else code}})
+
+
+def validation_error(exc: RequestValidationError) -> JSONResponse:
+    """A 400 naming the first invalid field and its allowed range (instead of FastAPI's 422 list)."""
+    first = exc.errors()[0]
+    if first.get("type") == "json_invalid":
+        return openai_error(400, f"malformed JSON body: {first.get('msg')}", code="json_invalid")
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if not loc and first.get("type") == "model_attributes_type":
+        return openai_error(400, "request body must be a JSON object (Content-Type: application/json)",
+                            code="invalid_body")
+    param = ".".join(loc) or None
+    ctx = first.get("ctx") or {}
+    allowed = ", ".join(f"{k}={v}" for k, v in ctx.items() if k in ("ge", "le", "gt", "lt", "min_length",
+                                                                     "max_length", "expected", "pattern"))
+    message = f"{param}: {first.get('msg')}" + (f" (allowed: {allowed})" if allowed else "")
+    return openai_error(400, message, param, code=first.get("type", "invalid"))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Invalid bodies and values -> 400/404/409 naming the field; `Overloaded` -> 429."""
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error(exc)
+
+    @app.exception_handler(InvalidRequest)
+    async def _invalid_request(_: Request, exc: InvalidRequest) -> JSONResponse:
+        return openai_error(exc.status_code, exc.message, exc.param,
+                            code="invalid_value" if exc.status_code == 400 else "not_found")
+
+    @app.exception_handler(Overloaded)
+    async def _overloaded(_: Request, exc: Overloaded) -> JSONResponse:
+        return openai_error(429, str(exc), code="overloaded")

@@ -14,14 +14,13 @@ import time
 import uuid
 from dataclasses import replace
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI
+from fastapi.responses import Response
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from deployments.errors import openai_error
+from deployments.errors import Overloaded, install_error_handlers
 from deployments.jobs import Job, JobTable
 from deployments.metrics import ServeMetrics
 from deployments.step_scheduler import GenerationResult, ProgressEvent
@@ -45,29 +44,7 @@ from serve_graph.validation import InvalidRequest, RequestValidator, ServedModel
 
 logger = logging.getLogger(__name__)
 app = FastAPI(title="DiT-Serve video API")
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0]
-    if first.get("type") == "json_invalid":
-        return openai_error(400, f"malformed JSON body: {first.get('msg')}", code="json_invalid")
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    if not loc and first.get("type") == "model_attributes_type":
-        return openai_error(400, "request body must be a JSON object (Content-Type: application/json)",
-                            code="invalid_body")
-    param = ".".join(loc) or None
-    ctx = first.get("ctx") or {}
-    allowed = ", ".join(f"{k}={v}" for k, v in ctx.items() if k in ("ge", "le", "gt", "lt", "min_length",
-                                                                     "max_length", "expected", "pattern"))
-    message = f"{param}: {first.get('msg')}" + (f" (allowed: {allowed})" if allowed else "")
-    return openai_error(400, message, param, code=first.get("type", "invalid"))
-
-
-@app.exception_handler(InvalidRequest)
-async def _invalid_request(_: Request, exc: InvalidRequest) -> JSONResponse:
-    return openai_error(exc.status_code, exc.message, exc.param,
-                        code="invalid_value" if exc.status_code == 400 else "not_found")
+install_error_handlers(app)
 
 
 def _card(served: ServedModel) -> ModelCard:
@@ -79,17 +56,8 @@ def _card(served: ServedModel) -> ModelCard:
                      size_multiple=served.geometry.pixel_multiple, default_steps=spec.default_steps)
 
 
-class _Overloaded(Exception):
-    pass
-
-
 class _Cancelled(Exception):
     """The job was cancelled before its request left the pool."""
-
-
-@app.exception_handler(_Overloaded)
-async def _overloaded(_: Request, exc: _Overloaded) -> JSONResponse:
-    return openai_error(429, str(exc), code="overloaded")
 
 
 @serve.deployment(max_ongoing_requests=1000)
@@ -229,4 +197,4 @@ class VideoIngress:
     def _admit_or_raise(self, n: int = 1) -> None:
         active = self.jobs.active() + self._active_images
         if active + n > self.max_active:
-            raise _Overloaded(f"server is at capacity ({active} active of {self.max_active}); retry later")
+            raise Overloaded(f"server is at capacity ({active} active of {self.max_active}); retry later")

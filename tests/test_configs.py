@@ -1,4 +1,4 @@
-"""Every Serve config in configs/ is a valid ServeDeploySchema whose video and coder app args validate."""
+"""Every Serve config in configs/ is a valid ServeDeploySchema whose video, coder and dLLM app args validate."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from ray.serve.schema import ServeDeploySchema
 from serve_graph.coder_app import make_llm_config
 from serve_graph.coder_config import CoderAppConfig
 from serve_graph.config import VideoAppConfig
+from serve_graph.dllm_config import DllmAppConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -30,6 +31,10 @@ def test_config_is_a_valid_serve_config(path):
         assert config.sampling_defaults.temperature == 0.6 and config.sampling_defaults.top_p == 0.95
         if config.accelerator == "gpu":  # the hub id passes through; a local tiny path needs setup first
             make_llm_config(config)
+    [dllm] = [a for a in schema.applications if a.import_path == "serve_graph.dllm_app:build_dllm_app"]
+    assert dllm.route_prefix == "/dllm"
+    for model in DllmAppConfig(**dllm.args).models:
+        assert model.decoding.max_tokens >= 1 and model.decoding.alg == "entropy"
 
 
 def test_bad_args_name_the_field():
@@ -37,3 +42,13 @@ def test_bad_args_name_the_field():
         VideoAppConfig(models=[{"name": "m", "family": "cogvideox"}], scheduler={"budget": {"max_batch_size": 0}})
     with pytest.raises(ValidationError, match="unique"):
         VideoAppConfig(models=[{"name": "m", "family": "wan"}, {"name": "m", "family": "wan"}])
+
+
+def test_bad_dllm_args_name_the_field(tmp_path):
+    with pytest.raises(ValidationError, match="alg"):
+        DllmAppConfig(models=[{"name": "m", "source": "x", "decoding": {"alg": "greedy"}}])
+    with pytest.raises(ValidationError, match="admission"):
+        DllmAppConfig(models=[{"name": "m", "source": "x"}], scheduler={"admission": "batch", "batch_size": 1})
+    missing = DllmAppConfig(models=[{"name": "m", "source": str(tmp_path)}]).models[0]
+    with pytest.raises(ValueError, match="models.dllm.tiny"):
+        missing.resolved_source()  # no config.json: the error says how to write the tiny checkpoint

@@ -14,6 +14,7 @@ from ray.serve.schema import ServeDeploySchema
 from k8s.render import MANIFESTS, dump
 from serve_graph.coder_config import CoderAppConfig
 from serve_graph.config import VideoAppConfig
+from serve_graph.dllm_config import DllmAppConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CRDS = Path(os.environ.get("KUBERAY_CRDS_DIR", ROOT.parent / "shared" / "kuberay-crds"))
@@ -58,12 +59,17 @@ def test_rayservice_serves_the_gpu_config_with_the_documented_topology():
     apps = {a.name: a for a in serve.applications}
     VideoAppConfig(**apps["video"].args)
     assert CoderAppConfig(**apps["coder"].args).tensor_parallel_size == 2
+    dllm = DllmAppConfig(**apps["dllm"].args)
+    assert dllm.step_scheduler.num_gpus == 1 and all(m.source.startswith("/models/") for m in dllm.models)
     cluster = service["spec"]["rayClusterConfig"]
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
     dit = groups["dit-gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert dit["nvidia.com/gpu"] == "8" and groups["dit-gpu"]["rayStartParams"]["num-gpus"] == "8"
     assert all(g["minReplicas"] <= g["maxReplicas"] for g in groups.values())
+    dllm_pod = groups["dllm-gpu"]["template"]["spec"]
+    assert dllm_pod["containers"][0]["volumeMounts"][0]["mountPath"] == "/models"
+    assert dllm_pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "dit-serve-models"
     for container in [cluster["headGroupSpec"]["template"]["spec"]["containers"][0],
                       *(g["template"]["spec"]["containers"][0] for g in groups.values())]:
         assert container["livenessProbe"] and container["readinessProbe"]

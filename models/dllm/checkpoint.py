@@ -5,7 +5,8 @@ Dream-Coder and DiffuCoder ship their modeling code inside the checkpoint and ex
 code it downloaded. Here the architecture is ours (`model.DiffusionLM`): the config is
 validated (`DllmConfig` refuses other architectures), the safetensors tensors are mapped
 onto our parameter names, and any missing, unexpected or mis-shaped tensor is an error
-naming it. `save_dream_checkpoint` writes the same layout (used for the tiny model and
+naming it. The tokenizer is Qwen2's BPE read from the checkpoint's files, never the
+`DreamTokenizer` class its tokenizer_config.json names (remote code too). `save_dream_checkpoint` writes the same layout (used for the tiny model and
 the tests).
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import PreTrainedTokenizerFast, Qwen2TokenizerFast
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 
 from models.dllm.config import DllmConfig
@@ -77,6 +79,17 @@ def load_dllm(path: str | Path, dtype: torch.dtype = torch.float32, device: str 
     with torch.device(device):
         model.model.rotary_emb = Qwen2RotaryEmbedding(config.qwen2())  # its inv_freq buffer is not in checkpoints
     return model.eval()
+
+
+def load_dllm_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    """The checkpoint's tokenizer (special tokens and chat template from tokenizer_config.json): `tokenizer.json` when
+    present, else Qwen2's BPE from `vocab.json` + `merges.txt`."""
+    path = Path(path)
+    if (path / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        return Qwen2TokenizerFast.from_pretrained(path)
+    raise FileNotFoundError(f"{path} has no tokenizer.json nor vocab.json + merges.txt")
 
 
 def save_dream_checkpoint(model: DiffusionLM, path: str | Path, tokenizer=None) -> Path:

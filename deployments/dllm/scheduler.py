@@ -1,0 +1,194 @@
+"""DllmScheduler: the Serve shell of `engine.StepSchedulerCore` + `engine.DllmRunner` for diffusion LMs.
+
+One replica owns one device: the models' weights, every pooled request's tokens and
+generator (`DllmSequence`) live there, and the step loop runs the runner in a worker
+thread so that the replica keeps admitting, streaming and cancelling while a step
+runs. Each step packs every scheduled request (different prompt and response
+lengths, different step indices) into one non-causal forward per model; requests
+join and leave at every step, and SRPTF ranks them by remaining steps x tokens.
+
+`generate()` streams `DllmPrefix` events as a request's fully unmasked response prefix
+grows, then one `DllmResult`. Cancelling the stream (the client went away) cancels
+the request: its slot and its device state are freed with the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import torch
+from ray import serve
+
+from deployments import init_replica
+from deployments.metrics import ServeMetrics
+from engine.config import SchedulerConfig
+from engine.dllm_runner import DllmModel, DllmRunner
+from engine.messages import NewDllmRequest, StepPlan
+from engine.policies import make_policy
+from engine.request import RequestMeta, RequestStatus
+from engine.scheduler import StepSchedulerCore
+from models.dllm.checkpoint import load_dllm, load_dllm_tokenizer
+from models.dllm.config import stop_token_ids
+from serve_graph.dllm_config import DllmModelConfig
+
+logger = logging.getLogger(__name__)
+
+GAUGE_REFRESH_S = 5.0
+
+
+@dataclass(frozen=True)
+class DllmAdmitted:
+    """The first item `generate()` streams: the request is in the pool (a full pool raises PoolFullError instead),
+    so the ingress can answer 429 before it commits to a 200 stream."""
+
+
+@dataclass(frozen=True)
+class DllmPrefix:
+    """Streamed when the request's fully unmasked response prefix grew (coalesced: the latest is sent)."""
+
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class DllmResult:
+    """The last item `generate()` streams: the response (text before the first EOS) or why there is none."""
+
+    status: RequestStatus
+    token_ids: tuple[int, ...]
+    error: str | None
+    steps_done: int
+    queued_seconds: float | None  # admission to first step
+
+
+@dataclass
+class _Waiter:
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    prefix: tuple[int, ...] = ()
+    result: DllmResult | None = None
+
+
+def load_models(models: list[DllmModelConfig], device: str) -> dict[str, DllmModel]:
+    """Each checkpoint on `device`, with the mask and stop token ids its decoder needs."""
+    loaded = {}
+    for spec in models:
+        path = spec.resolved_source()
+        network = load_dllm(path, getattr(torch, spec.dtype), device, spec.attention_backend)
+        tokenizer = load_dllm_tokenizer(path)
+        loaded[spec.name] = DllmModel(network, network.config.mask_token_id, stop_token_ids(network.config, tokenizer))
+    return loaded
+
+
+@serve.deployment(max_ongoing_requests=100_000)
+class DllmScheduler:
+    """`max_ongoing_requests` is effectively unbounded because every pooled request is an ongoing call; admission
+    is bounded by `max_pool_size` instead (engine's PoolFullError -> HTTP 429 at the ingress)."""
+
+    def __init__(self, models: list[dict], scheduler: dict, resources: dict) -> None:
+        res = init_replica(resources)
+        config = SchedulerConfig(**scheduler)
+        self.runner = DllmRunner(load_models([DllmModelConfig(**m) for m in models], res.device))
+        self.core = StepSchedulerCore(make_policy(config.policy, config.starvation_timeout_s), config.budget,
+                                      config.max_pool_size)
+        self.metrics = ServeMetrics()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dllm-step")  # the device's one stream
+        self._waiters: dict[str, _Waiter] = {}
+        self._wakeup = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+        self._largest_step = 0  # most requests packed in one step, since start
+        self._ended: Counter[str] = Counter()  # requests that left the pool, by status, since start
+
+    async def generate(self, new: NewDllmRequest) -> AsyncIterator[DllmAdmitted | DllmPrefix | DllmResult]:
+        """Admit (PoolFullError when full), acknowledge, stream prefixes, then the result. Cancelling the stream
+        cancels the request."""
+        self._ensure_loop()
+        self.core.admit(new)
+        waiter = self._waiters[new.request_id] = _Waiter()
+        self._wakeup.set()
+        try:
+            yield DllmAdmitted()
+            sent: tuple[int, ...] = ()
+            while waiter.result is None:
+                await waiter.changed.wait()
+                waiter.changed.clear()
+                if waiter.result is None and waiter.prefix != sent:
+                    sent = waiter.prefix
+                    yield DllmPrefix(sent)
+            yield waiter.result
+        finally:
+            if waiter.result is None:  # the caller went away: free the slot and, next step, the device state
+                self.core.cancel(new.request_id)
+                self._resolve_done({})
+            self._waiters.pop(new.request_id, None)
+
+    async def stats(self) -> dict:
+        """Pool and device state (tests and operators): nothing may be left once every request has ended."""
+        return {"pooled": len(self.core.pool), "held_on_device": len(self.runner.held),
+                "largest_step": self._largest_step, "ended": dict(self._ended)}
+
+    # ---- the loop -------------------------------------------------------------
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._step_loop())
+
+    async def _step_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._update_gauges()
+            plan = self.core.schedule()
+            if plan is None:
+                self._wakeup.clear()
+                # Wake at least every GAUGE_REFRESH_S: Ray drops gauges that are not set for a while.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), GAUGE_REFRESH_S)
+                continue
+            try:
+                result = await loop.run_in_executor(self._executor, self.runner.execute, plan)
+            except Exception as exc:  # a bug outside the runner's per-request isolation: fail this step's requests
+                logger.exception("diffusion-LM step %d failed", plan.step_id)
+                self.core.fail_plan(plan, f"step failed: {exc!r}")
+                self._resolve_done({})
+                continue
+            self.core.postprocess(plan, result)
+            self._observe(plan, result.forward_seconds)
+            for request_id, prefix in result.prefixes.items():
+                if (waiter := self._waiters.get(request_id)) is not None:
+                    waiter.prefix = prefix
+                    waiter.changed.set()
+            self._resolve_done({i: tuple(t.tolist()) for i, t in result.finished.items()})
+
+    def _observe(self, plan: StepPlan, seconds: float) -> None:
+        if plan.scheduled:
+            self._largest_step = max(self._largest_step, len(plan.scheduled))
+            self.metrics.batch_size.observe(len(plan.scheduled))
+            self.metrics.batch_tokens.observe(plan.num_tokens)
+            self.metrics.step_duration.observe(seconds)
+
+    def _resolve_done(self, responses: dict[str, tuple[int, ...]]) -> None:
+        for meta in self.core.pop_done():
+            self._ended[meta.status.value] += 1
+            self.metrics.requests_finished.inc(tags={"model": meta.model, "status": meta.status.value})
+            if meta.first_step_time is not None:
+                self.metrics.time_to_first_step.observe(meta.first_step_time - meta.arrival_time,
+                                                        tags={"model": meta.model})
+            if (waiter := self._waiters.get(meta.request_id)) is not None:
+                waiter.result = _result_of(meta, responses.get(meta.request_id))
+                waiter.changed.set()
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        self.metrics.active_requests.set(len(self.core.pool))
+        self.metrics.queue_length.set(self.core.num_waiting)
+
+
+def _result_of(meta: RequestMeta, response: tuple[int, ...] | None) -> DllmResult:
+    status, error = meta.status, meta.error
+    if status is RequestStatus.FINISHED and response is None:  # never expected: say so rather than hang
+        status, error = RequestStatus.FAILED, "the runner reported the last step without the response"
+    queued = None if meta.first_step_time is None else meta.first_step_time - meta.arrival_time
+    return DllmResult(status, response if status is RequestStatus.FINISHED else (), error, meta.steps_done, queued)

@@ -1,0 +1,74 @@
+"""OpenAI completion / chat-completion schemas of the diffusion-LM app, with the decoding fields as extra body fields.
+
+Only what the server honours is accepted: an unknown field is refused with a 400
+naming it (`extra="forbid"`) rather than silently ignored. The diffusion fields
+(`steps`, `alg`, `alg_temp`, `eos_penalty`, `confidence_threshold`) travel in the
+`openai` client's `extra_body`; unset fields take the model's configured defaults
+(`serve_graph.dllm_config.DecodingDefaults`, listed by GET /v1/models).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.dllm.decoding import ALGORITHMS
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1, description="Response length; prompt + it <= the context.")
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=1)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="Default: drawn per request.")
+    stop: str | list[str] | None = Field(default=None, description="Up to 4 strings; the text ends before the first.")
+    n: int = Field(default=1, ge=1, le=1, description="One choice per prompt.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # Diffusion decoding (extra body fields)
+    steps: int | None = Field(default=None, ge=1, description="Denoising steps, 1..max_tokens; default: "
+                              "ceil(max_tokens / the model's tokens_per_step).")
+    alg: Literal[ALGORITHMS] | None = Field(default=None, description="Which masks each step unmasks.")
+    alg_temp: float | None = Field(default=None, ge=0)
+    eos_penalty: float | None = Field(default=None, ge=0)
+    confidence_threshold: float | None = Field(default=None, gt=0, le=1)
+
+    def stop_strings(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return tuple(s for s in stops if s)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] = Field(description="A prompt, or a list of prompts (one choice each).")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="Same as max_tokens (newer name).")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+FinishReason = Literal["stop", "length"]
