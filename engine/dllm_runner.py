@@ -133,13 +133,23 @@ class DllmRunner:
         return runs
 
     def _logits(self, model: str, sequences: list[DllmSequence]) -> list[torch.Tensor]:
-        """Each sequence's logits at the rows predicting its masked tokens, from one packed forward."""
+        """Each sequence's logits at the rows predicting its masked tokens, from one packed forward (over the tail
+        after its cached prefix, for a sequence decoding block-wise with the prefix cache)."""
         offset, rows = 0, []
         for sequence in sequences:
             rows.append(sequence.logit_rows() + offset)
-            offset += sequence.length
-        logits = self.models[model].network.forward_packed(torch.cat([s.tokens for s in sequences]),
-                                                           [s.length for s in sequences], logit_rows=torch.cat(rows))
+            offset += sequence.length - sequence.forward_start
+        ids = torch.cat([s.forward_tokens() for s in sequences])
+        lengths = [s.length - s.forward_start for s in sequences]
+        network = self.models[model].network
+        if any(s.params.prefix_cache for s in sequences):
+            logits, captured = network.forward_cached(ids, lengths, torch.cat(rows), [s.prefix_kv for s in sequences],
+                                                      [s.prefix_to_capture for s in sequences])
+            for sequence, prefix in zip(sequences, captured):
+                if prefix.length:
+                    sequence.prefix_kv = prefix
+        else:
+            logits = network.forward_packed(ids, lengths, logit_rows=torch.cat(rows))
         if not torch.isfinite(logits).all():
             raise FloatingPointError("non-finite logits")
         return list(logits.float().split([len(r) for r in rows]))

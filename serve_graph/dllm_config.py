@@ -38,6 +38,11 @@ class DecodingDefaults(_Frozen):
     eos_penalty: float = Field(default=0.0, ge=0, description="Dream-Coder's decaying padding penalty.")
     confidence_threshold: float | None = Field(
         default=None, gt=0, le=1, description="Fast-dLLM parallel unmasking: also unmask every position this sure.")
+    block_length: int | None = Field(
+        default=None, ge=1, description="Block-wise (semi-autoregressive) decoding in blocks of this many tokens; "
+        "a request's max_tokens must be a multiple of it. None: the whole response is one block (Dream).")
+    prefix_cache: bool = Field(
+        default=False, description="With block_length: reuse the keys/values before the current block (Fast-dLLM).")
 
 
 class DllmModelConfig(_Frozen):

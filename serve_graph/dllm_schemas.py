@@ -2,7 +2,8 @@
 
 Only what the server honours is accepted: an unknown field is refused with a 400
 naming it (`extra="forbid"`) rather than silently ignored. The diffusion fields
-(`steps`, `alg`, `alg_temp`, `eos_penalty`, `confidence_threshold`) travel in the
+(`steps`, `alg`, `alg_temp`, `eos_penalty`, `confidence_threshold`, `block_length`,
+`prefix_cache`) travel in the
 `openai` client's `extra_body`; unset fields take the model's configured defaults
 (`serve_graph.dllm_config.DecodingDefaults`, listed by GET /v1/models).
 """
@@ -43,6 +44,8 @@ class _Sampling(BaseModel):
     alg_temp: float | None = Field(default=None, ge=0)
     eos_penalty: float | None = Field(default=None, ge=0)
     confidence_threshold: float | None = Field(default=None, gt=0, le=1)
+    block_length: int | None = Field(default=None, ge=1, description="Block-wise decoding; must divide max_tokens.")
+    prefix_cache: bool | None = Field(default=None, description="With block_length: Fast-dLLM's prefix KV cache.")
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -3,7 +3,8 @@
 Everything a request could get wrong is refused here, before it reaches the pool,
 with `InvalidRequest(param, message)` (HTTP 400 naming the field and its range):
 `max_tokens` beyond what the context leaves after the prompt, `steps` outside
-1..max_tokens, a confidence threshold with a rule that has no confidence.
+1..max_tokens (or not a multiple of the blocks), a block length that does not divide
+`max_tokens`, a confidence threshold with a rule that has no confidence.
 """
 
 from __future__ import annotations
@@ -30,14 +31,28 @@ def resolve_params(body: CompletionRequest | ChatCompletionRequest, defaults: De
         raise InvalidRequest(field, f"{field} must be in [1, {room}] (the context of {context} tokens minus the "
                              f"prompt's {prompt_tokens}); got {asked}")
     max_tokens = asked or min(defaults.max_tokens, room)
-    steps = body.steps or math.ceil(max_tokens / defaults.tokens_per_step)
-    if steps > max_tokens:
-        raise InvalidRequest("steps", f"steps must be in [1, {max_tokens}] (at most one step per response token, "
-                             f"max_tokens={max_tokens}); got {steps}")
+
     def pick(name: str):
         value = getattr(body, name)
         return getattr(defaults, name) if value is None else value
 
+    block_length, prefix_cache = pick("block_length"), pick("prefix_cache")
+    blocks = 1
+    if block_length is not None:
+        if max_tokens % block_length:
+            raise InvalidRequest("block_length", f"block_length must divide max_tokens ({max_tokens}); got "
+                                 f"{block_length}")
+        blocks = max_tokens // block_length
+    elif prefix_cache:
+        raise InvalidRequest("prefix_cache", "prefix_cache needs block_length (the prefix precedes the current block)")
+    default_steps = math.ceil(max_tokens / defaults.tokens_per_step / blocks) * blocks  # a multiple of the blocks
+    steps = body.steps or default_steps
+    if steps > max_tokens:
+        raise InvalidRequest("steps", f"steps must be in [1, {max_tokens}] (at most one step per response token, "
+                             f"max_tokens={max_tokens}); got {steps}")
+    if steps % blocks:
+        raise InvalidRequest("steps", f"steps must be a multiple of the {blocks} blocks (max_tokens / block_length); "
+                             f"got {steps}")
     alg, alg_temp, threshold = pick("alg"), pick("alg_temp"), pick("confidence_threshold")
     if threshold is not None and (alg == "origin" or alg_temp):
         raise InvalidRequest("confidence_threshold", f"confidence_threshold needs alg maskgit_plus, topk_margin or "
@@ -45,4 +60,5 @@ def resolve_params(body: CompletionRequest | ChatCompletionRequest, defaults: De
     return DecodeParams(max_tokens=max_tokens, steps=steps, alg=alg, alg_temp=alg_temp,
                         temperature=pick("temperature"), top_p=pick("top_p"), top_k=pick("top_k"),
                         eos_penalty=pick("eos_penalty"), confidence_threshold=threshold,
+                        block_length=block_length, prefix_cache=prefix_cache,
                         seed=secrets.randbelow(2**31) if body.seed is None else body.seed)

@@ -12,7 +12,7 @@ from engine.messages import NewDllmRequest
 from engine.policies import make_policy
 from engine.request import RequestStatus
 from engine.scheduler import StepSchedulerCore
-from models.dllm import DecodeParams
+from models.dllm import DecodeParams, DllmSequence
 from models.dllm.config import stop_token_ids
 from models.dllm.tiny import build_tiny_dllm
 from tests.dllm_reference import reference_decode
@@ -147,3 +147,83 @@ def test_a_response_ended_by_eos_finishes_before_its_last_step(tiny):
         expected = reference_decode(network, list(new.prompt_ids), new.params, eos_model.mask_id, eos_model.stop_ids)
         cut = next((i for i, t in enumerate(expected) if t in eos_model.stop_ids), len(expected))
         assert finished[new.request_id].tolist() == expected[:cut]
+
+
+def _decode_all(runner: DllmRunner, requests: list[NewDllmRequest]) -> dict[str, list[int]]:
+    core = _core()
+    for new in requests:
+        core.admit(new)
+    finished = {}
+    while core.pool:
+        plan = core.schedule()
+        result = runner.execute(plan)
+        assert not result.errors
+        finished.update({i: t.tolist() for i, t in result.finished.items()})
+        core.postprocess(plan, result)
+    return finished
+
+
+def _response(tokens: list[int], stop_ids: tuple[int, ...]) -> list[int]:
+    out = []
+    for token in tokens:
+        if token in stop_ids:
+            break
+        out.append(token)
+    return out
+
+
+@pytest.mark.parametrize("alg", ["entropy", "maskgit_plus", "origin"])
+def test_block_wise_requests_packed_with_others_equal_the_block_reference(tiny, alg):
+    model, tokenizer = tiny
+    requests = [_request(tokenizer, 0, "def f(x):", max_tokens=16, steps=8, alg=alg, block_length=4,
+                         temperature=0.5),
+                _request(tokenizer, 1, "import os", max_tokens=12, steps=6, alg=alg, block_length=12),
+                _request(tokenizer, 2, "x = [", max_tokens=10, steps=5, alg=alg, temperature=1.0)]
+    finished = _decode_all(DllmRunner({MODEL: model}), requests)
+    for new in requests:
+        expected = reference_decode(model.network, list(new.prompt_ids), new.params, model.mask_id, model.stop_ids)
+        assert finished[new.request_id] == _response(expected, model.stop_ids)
+
+
+def test_block_wise_decoding_fills_blocks_left_to_right(tiny):
+    model, tokenizer = tiny
+    sequence = DllmSequence(tokenizer.encode("def f():"), DecodeParams(max_tokens=12, steps=6, block_length=4),
+                            model.mask_id, model.stop_ids)
+    start = sequence.prompt_len
+    for step in range(6):
+        block = step // 2
+        rows = sequence.logit_rows()
+        assert sequence.block == block and rows.min() >= start + 4 * block - 1 and rows.max() <= start + 4 * block + 2
+        with torch.no_grad():
+            sequence.step(model.network.forward_packed(sequence.tokens, [sequence.length], logit_rows=rows))
+        assert (sequence.tokens[start + 4 * (block + 1):] == model.mask_id).all()  # later blocks wait
+        if step % 2:  # a block's last step unmasks what it has left
+            assert (sequence.tokens[:start + 4 * (block + 1)] != model.mask_id).all()
+
+
+def test_prefix_cache_reuses_the_prefix_and_refreshes_it_at_every_block(tiny, monkeypatch):
+    model, tokenizer = tiny
+    forward = model.network.forward_cached
+    seen: list[tuple[list[int], list[int]]] = []  # (tokens computed per sequence, prefix positions reused)
+
+    def spy(input_ids, lengths, logit_rows, prefixes, capture):
+        seen.append((list(lengths), [p.length if p is not None else 0 for p in prefixes]))
+        return forward(input_ids, lengths, logit_rows, prefixes, capture)
+
+    monkeypatch.setattr(model.network, "forward_cached", spy)
+    prompt = "def solve(nums):"
+    cached = _request(tokenizer, 0, prompt, max_tokens=16, steps=16, block_length=8, prefix_cache=True)
+    finished = _decode_all(DllmRunner({MODEL: model}), [cached])
+    prompt_len = len(cached.prompt_ids)
+    computed = [lengths[0] for lengths, _ in seen]
+    reused = [prefix[0] for _, prefix in seen]
+    # block 0: a full forward capturing the prompt's first prompt_len - 1 positions, then 7 steps on the tail
+    assert computed[:8] == [prompt_len + 16] + [17] * 7 and reused[:8] == [0] + [prompt_len - 1] * 7
+    # block 1: refreshed (a full forward), then the tail after prompt + block 0
+    assert computed[8:] == [prompt_len + 16] + [9] * 7 and reused[8:] == [0] + [prompt_len + 7] * 7
+    assert len(finished["r0"]) <= 16 and model.mask_id not in finished["r0"]
+    # One step per block: every step refreshes the cache, so the answer is the exact block-wise one, packed or not.
+    exact = _request(tokenizer, 2, prompt, max_tokens=16, steps=2, block_length=8, prefix_cache=True)
+    plain = _request(tokenizer, 3, "import re", max_tokens=6, steps=3)
+    expected = reference_decode(model.network, list(exact.prompt_ids), exact.params, model.mask_id, model.stop_ids)
+    assert _decode_all(DllmRunner({MODEL: model}), [exact, plain])["r2"] == _response(expected, model.stop_ids)

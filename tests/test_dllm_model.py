@@ -72,6 +72,20 @@ def test_dream_checkpoint_roundtrip_and_refusals(tiny, tmp_path):
         load_dllm(path)
 
 
+def test_a_cached_prefix_gives_the_full_forward_logits_when_the_prefix_is_unchanged(tiny):
+    model, _ = tiny
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, model.config.vocab_size, (n,), generator=g) for n in (20, 13)]
+    with torch.no_grad():
+        full = model.forward_packed(torch.cat(seqs), [20, 13])
+        first, captured = model.forward_cached(torch.cat(seqs), [20, 13], torch.arange(33), [None, None], [8, 0])
+        tail, _ = model.forward_cached(torch.cat([seqs[0][8:], seqs[1]]), [12, 13], torch.arange(25),
+                                       [captured[0], None], [0, 0])
+    assert captured[0].length == 8 and captured[1].length == 0 and len(captured[0].keys) == 2  # one per layer
+    assert torch.equal(first, full)
+    assert (tail - torch.cat([full[8:20], full[20:]])).abs().max() <= 1e-5 * full.abs().max()
+
+
 def test_decode_params_name_the_bad_field():
     with pytest.raises(ValueError, match=r"steps must be in 1..max_tokens \(8\), got 9"):
         DecodeParams(max_tokens=8, steps=9)
@@ -79,6 +93,12 @@ def test_decode_params_name_the_bad_field():
         DecodeParams(max_tokens=8, steps=4, alg="beam")
     with pytest.raises(ValueError, match="top_p must be in"):
         DecodeParams(max_tokens=8, steps=4, top_p=1.5)
+    with pytest.raises(ValueError, match=r"block_length must divide max_tokens \(8\), got 3"):
+        DecodeParams(max_tokens=8, steps=4, block_length=3)
+    with pytest.raises(ValueError, match="steps must be a multiple of the 4 blocks"):
+        DecodeParams(max_tokens=8, steps=6, block_length=2)
+    with pytest.raises(ValueError, match="prefix_cache needs block_length"):
+        DecodeParams(max_tokens=8, steps=4, prefix_cache=True)
 
 
 def test_entropy_unmasks_the_surest_positions_first():

@@ -75,8 +75,8 @@ def client(served) -> openai.OpenAI:
 
 
 def complete(client, prompt: str, **fields):
-    extra = {k: fields.pop(k) for k in ("steps", "alg", "alg_temp", "eos_penalty", "confidence_threshold")
-             if k in fields}
+    extra = {k: fields.pop(k) for k in ("steps", "alg", "alg_temp", "eos_penalty", "confidence_threshold",
+                                        "block_length", "prefix_cache") if k in fields}
     return client.completions.create(model=MODEL, prompt=prompt, extra_body=extra or None, **fields)
 
 
@@ -95,6 +95,17 @@ def test_completion_equals_the_reference_decoder(client, reference, alg):
     assert r.choices[0].text == expected
     assert r.usage.prompt_tokens == len(tokenizer.encode(prompt))
     assert r.choices[0].finish_reason == ("length" if r.usage.completion_tokens == 24 else "stop")
+
+
+def test_block_wise_decoding_with_the_prefix_cache_through_the_api(client, reference):
+    tokenizer, decode = reference
+    prompt = "def mean(xs):"
+    exact = complete(client, prompt, max_tokens=24, steps=12, block_length=8, seed=6, temperature=0.5)
+    assert exact.choices[0].text == decode(tokenizer.encode(prompt), max_tokens=24, steps=12, block_length=8, seed=6,
+                                           temperature=0.5, top_p=0.95)
+    cached = [complete(client, prompt, max_tokens=24, block_length=8, prefix_cache=True, seed=6) for _ in range(2)]
+    assert cached[0].choices[0].text == cached[1].choices[0].text  # seeded: the cache path is deterministic too
+    assert cached[0].choices[0].finish_reason == ("length" if cached[0].usage.completion_tokens == 24 else "stop")
 
 
 def test_unset_fields_take_the_configured_defaults(client, served):
@@ -181,6 +192,9 @@ def test_bad_requests_get_openai_errors_naming_the_field(client, reference):
     alg = error(openai.BadRequestError, alg="greedy")
     assert alg["param"] == "alg" and "entropy" in alg["message"]
     assert error(openai.BadRequestError, alg="origin", confidence_threshold=0.9)["param"] == "confidence_threshold"
+    assert error(openai.BadRequestError, max_tokens=16, block_length=5)["param"] == "block_length"
+    assert error(openai.BadRequestError, max_tokens=16, block_length=4, steps=6)["param"] == "steps"
+    assert error(openai.BadRequestError, prefix_cache=True)["param"] == "prefix_cache"
     assert error(openai.BadRequestError, temperature=3)["param"] == "temperature"
     assert error(openai.BadRequestError, n=2)["param"] == "n"
     assert error(openai.BadRequestError, prompt="a b " * CONTEXT)["param"] == "prompt"

@@ -19,6 +19,14 @@ early steps do not fill the response tail with padding while the last can still 
 each masked position whose token has at least that probability, and at least one
 position per step, so confident stretches are decoded in fewer steps; the sequence is
 final as soon as no mask is left.
+`block_length` (Fast-dLLM / LLaDA block-wise, semi-autoregressive decoding) splits the
+response into blocks decoded left to right: each block gets steps / blocks steps of the
+same schedule over its own masks, the masks after it wait (a block fully unmasked early,
+e.g. by the threshold, hands its remaining steps to the next). With `prefix_cache` the
+keys and values of the positions before the current block are computed once per block
+(at its first step) and reused by its other steps, which then compute only the block and
+what follows it: Fast-dLLM's approximation (the cached prefix does not see the later
+blocks change), measured against the exact decoder in benchmarks/dllm_decoding.py.
 The [MASK] token itself is never sampled (Dream leaves that to the trained weights; here a
 decided position can never fall back to a mask, whatever the weights). The response is
 the text before the first EOS/PAD.
@@ -34,6 +42,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from models.dllm.model import PrefixKV
 
 ALGORITHMS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
@@ -52,6 +62,8 @@ class DecodeParams:
     eps: float = 1e-3
     eos_penalty: float = 0.0
     confidence_threshold: float | None = None
+    block_length: int | None = None
+    prefix_cache: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -75,6 +87,18 @@ class DecodeParams:
             if self.alg == "origin" or self.alg_temp:
                 raise ValueError("confidence_threshold needs a confidence-ranked alg (maskgit_plus, topk_margin, "
                                  "entropy) with alg_temp 0")
+        if self.block_length is not None:
+            if not 1 <= self.block_length <= self.max_tokens or self.max_tokens % self.block_length:
+                raise ValueError(f"block_length must divide max_tokens ({self.max_tokens}), got {self.block_length}")
+            if self.steps % self.blocks:
+                raise ValueError(f"steps must be a multiple of the {self.blocks} blocks (max_tokens / block_length), "
+                                 f"got {self.steps}")
+        elif self.prefix_cache:
+            raise ValueError("prefix_cache needs block_length (the prefix is what precedes the current block)")
+
+    @property
+    def blocks(self) -> int:
+        return self.max_tokens // (self.block_length or self.max_tokens)
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_p: float | None, top_k: int | None) -> torch.Tensor:
@@ -126,7 +150,12 @@ class DllmSequence:
         self.tokens = torch.tensor(list(prompt_ids) + [mask_id] * params.max_tokens, device=device)
         self.step_index = 0
         self.generator = torch.Generator(device=device).manual_seed(params.seed)
-        self.timesteps = torch.linspace(1, params.eps, params.steps + 1, device=device)
+        self.block_length = params.block_length or params.max_tokens
+        self.steps_per_block = params.steps // params.blocks
+        self.timesteps = torch.linspace(1, params.eps, self.steps_per_block + 1, device=device)
+        self.block = 0  # the block being decoded: the one holding the response's first mask
+        self.block_step = 0  # steps spent on it
+        self.prefix_kv: PrefixKV | None = None  # with prefix_cache: positions before `forward_start`, for `block`
 
     @property
     def length(self) -> int:
@@ -137,23 +166,44 @@ class DllmSequence:
         return self.step_index >= self.params.steps
 
     def masked_positions(self) -> torch.Tensor:
-        return (self.tokens == self.mask_id).nonzero().squeeze(-1)
+        """The masks this step may unmask: those of the current block (all of the response's without blocks)."""
+        start = self.prompt_len + self.block * self.block_length
+        block = self.tokens[start:start + self.block_length]
+        return (block == self.mask_id).nonzero().squeeze(-1) + start
+
+    @property
+    def forward_start(self) -> int:
+        """First position this step's forward computes: 0, or with the prefix cache, past the block's first step,
+        the position that predicts the block's first token (the cache holds everything before it)."""
+        if self.prefix_kv is None:
+            return 0
+        return self.prefix_kv.length
+
+    @property
+    def prefix_to_capture(self) -> int:
+        """Positions whose keys/values this step's forward should keep as the prefix cache (0: none)."""
+        if not self.params.prefix_cache or self.prefix_kv is not None:
+            return 0
+        return self.prompt_len + self.block * self.block_length - 1
+
+    def forward_tokens(self) -> torch.Tensor:
+        return self.tokens[self.forward_start:]
 
     def logit_rows(self) -> torch.Tensor:
-        """Positions whose logits this step needs: the one before each mask (the shift)."""
-        return self.masked_positions() - 1
+        """Rows of this step's forward (from `forward_start`) whose logits it needs: before each mask (the shift)."""
+        return self.masked_positions() - 1 - self.forward_start
 
     def step(self, mask_logits: torch.Tensor) -> None:
         """Apply denoising step `step_index` given the logits predicting each masked position, in position order."""
         if self.done:
             raise RuntimeError("the sequence has finished its steps")
-        params, i = self.params, self.step_index
+        params, i, j = self.params, self.step_index, self.block_step
         masked = self.masked_positions()
         if mask_logits.shape[0] != masked.shape[0]:
             raise ValueError(f"{mask_logits.shape[0]} logit rows for {masked.shape[0]} masked positions")
-        last = i == params.steps - 1
+        last = i == params.steps - 1 or j == self.steps_per_block - 1  # the block's last step unmasks all it has left
         # 0-d float32 tensors, as Dream computes them: the planned count int(n * share) must round as it does.
-        share = torch.ones((), device=masked.device) if last else 1 - self.timesteps[i + 1] / self.timesteps[i]
+        share = torch.ones((), device=masked.device) if last else 1 - self.timesteps[j + 1] / self.timesteps[j]
         mask_logits = mask_logits.clone()
         mask_logits[:, self.mask_id] = float("-inf")  # a position once decided never goes back to [MASK]
         mask_logits[:, list(self.eos_ids)] -= params.eos_penalty * (1 - i / params.steps)
@@ -174,6 +224,15 @@ class DllmSequence:
                 tokens = tokens[chosen]
             self.tokens[masked[chosen]] = tokens
         self.step_index += 1
+        self._advance_block()
+
+    def _advance_block(self) -> None:
+        """Move on to the block holding the first mask left; a new block drops the prefix cache of the old one."""
+        self.block_step += 1
+        masks = (self.tokens[self.prompt_len:] == self.mask_id).nonzero()
+        block = int(masks[0]) // self.block_length if masks.numel() else self.block
+        if block != self.block:
+            self.block, self.block_step, self.prefix_kv = block, 0, None
 
     def _pick(self, confidence: torch.Tensor, count: int) -> torch.Tensor:
         if count == 0:
