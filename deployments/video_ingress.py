@@ -1,36 +1,34 @@
-"""VideoIngress: the HTTP front door (FastAPI) of the video graph.
+"""VideoIngress: the HTTP front door (FastAPI) of the video graph; any number of replicas.
 
-POST /v1/videos validates, answers 202 with a job id at once, and starts one
-coroutine per job: encode prompt -> step scheduler (which owns the denoising loop
-and streams the job's progress back) -> VAE decode -> mp4 in the job table.
-DELETE cancels the job's coroutine, whose cancelled stream drops the request.
+POST /v1/videos validates, writes the job to the job store (an `Idempotency-Key`
+returns the job created before with that key), nudges the `JobRunner` that drives it
+and answers 202 with its id at once. Every read (status, list, content) comes from the
+job store and the blob store, so any replica answers any job, and no restart of a
+replica, the runner or the app loses one. DELETE marks the job cancelled in the store
+and tells the runner, whose cancelled stream drops the request from the pool. Images
+(`/v1/images/generations`) are synchronous: the replica runs them itself.
 """
 
 
 import asyncio
 import base64
-import logging
 import time
 import uuid
 from dataclasses import replace
+from typing import Optional
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Header, Query
 from fastapi.responses import Response
 from ray import serve
-from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.errors import Overloaded, install_error_handlers
-from deployments.jobs import Job, JobTable
-from deployments.metrics import ServeMetrics
-from deployments.step_scheduler import GenerationResult, ProgressEvent
-from deployments.text_encoder import EncodeRequest
-from deployments.vae_decoder import DecodeRequest
-from engine.request import GenerationSpec, RequestStatus
-from engine.scheduler import PoolFullError
+from deployments.pipeline import MediaPipeline
+from deployments.store.blobs import BlobStore
+from deployments.store.jobs import JobRecord, open_job_store
 from models import load_adapter
 from models.spec import ModelSpec
-from serve_graph.config import LimitsConfig
+from serve_graph.config import LimitsConfig, StoreConfig
 from serve_graph.schemas import (
     ImageData,
     ImageGenerationRequest,
@@ -39,10 +37,10 @@ from serve_graph.schemas import (
     ModelList,
     VideoGenerationRequest,
     VideoJob,
+    VideoJobList,
 )
 from serve_graph.validation import InvalidRequest, RequestValidator, ServedModel
 
-logger = logging.getLogger(__name__)
 app = FastAPI(title="DiT-Serve video API")
 install_error_handlers(app)
 
@@ -56,26 +54,22 @@ def _card(served: ServedModel) -> ModelCard:
                      size_multiple=served.geometry.pixel_multiple, default_steps=spec.default_steps)
 
 
-class _Cancelled(Exception):
-    """The job was cancelled before its request left the pool."""
-
-
 @serve.deployment(max_ongoing_requests=1000)
 @serve.ingress(app)
 class VideoIngress:
-    """Job table lives in this replica's memory: run one ingress replica per app (see configs/)."""
-
-    def __init__(self, models: list[dict], limits: dict, max_pool_size: int, text_encoder: DeploymentHandle,
-                 scheduler: DeploymentHandle, vae: DeploymentHandle) -> None:
+    def __init__(self, models: list[dict], limits: dict, store: dict, max_pool_size: int,
+                 text_encoder: DeploymentHandle, scheduler: DeploymentHandle, vae: DeploymentHandle,
+                 runner: DeploymentHandle) -> None:
         specs = [ModelSpec(**m) for m in models]
         self.limits = LimitsConfig(**limits)
         self.served = {s.name: ServedModel(s, load_adapter(s, parts=()).geometry) for s in specs}
         self.validator = RequestValidator(self.served, self.limits.max_prompt_chars)
         self.max_active = max_pool_size
-        self.jobs = JobTable(self.limits.max_retained_jobs)
-        self.text_encoder, self.scheduler, self.vae = text_encoder, scheduler, vae
-        self.metrics = ServeMetrics()
-        self._tasks: dict[str, asyncio.Task] = {}  # job id -> the coroutine driving it
+        store_config = StoreConfig(**store)
+        self.jobs = open_job_store(store_config.resolved_jobs_url())
+        self.blobs = BlobStore(store_config.resolved_blobs_url())
+        self.pipeline = MediaPipeline(text_encoder, scheduler, vae)
+        self.runner = runner
         self._active_images = 0
 
     # ---- routes ----------------------------------------------------------
@@ -88,26 +82,40 @@ class VideoIngress:
         return ModelList(data=[_card(m) for m in self.served.values()])
 
     @app.post("/v1/videos", status_code=202)
-    async def create_video(self, body: VideoGenerationRequest) -> VideoJob:
+    async def create_video(self, body: VideoGenerationRequest,
+                           idempotency_key: Optional[str] = Header(default=None, max_length=256)) -> VideoJob:
         resolved = self.validator.video(body)
+        if idempotency_key is not None and (known := self.jobs.find_by_key("", idempotency_key)) is not None:
+            # The same request again (a seed left unset was drawn for the first one): the job created then.
+            if replace(known.spec, seed=resolved.seed if body.seed is None else known.spec.seed) != resolved:
+                raise InvalidRequest("Idempotency-Key", "this key was used for a different request", 409)
+            return known.view()
         self._admit_or_raise()
-        job = Job(id=f"video_{uuid.uuid4().hex}", request=resolved, resolution=body.resolution)
-        self.jobs.add(job)
-        task = asyncio.get_running_loop().create_task(self._run_job(job))
-        self._tasks[job.id] = task
-        task.add_done_callback(lambda _: self._tasks.pop(job.id, None))
-        return job.view()
+        record = self.jobs.create(JobRecord(id=f"video_{uuid.uuid4().hex}", spec=resolved,
+                                            resolution=body.resolution, idempotency_key=idempotency_key))
+        await self.runner.submit.remote(record.id)
+        return record.view()
+
+    @app.get("/v1/videos")
+    async def list_videos(self, limit: int = Query(default=20, ge=1, le=100),
+                          after: Optional[str] = Query(default=None, max_length=100)) -> VideoJobList:
+        if after is not None:
+            self._job(after, param="after")
+        page = self.jobs.list(owner="", limit=limit + 1, after=after)
+        data = [r.view() for r in page[:limit]]
+        return VideoJobList(data=data, has_more=len(page) > limit, first_id=data[0].id if data else None,
+                            last_id=data[-1].id if data else None)
 
     @app.get("/v1/videos/{video_id}")
     async def get_video(self, video_id: str) -> VideoJob:
-        return self._job(video_id).view()  # progress arrives on the job's stream from the scheduler
+        return self._job(video_id).view()
 
     @app.get("/v1/videos/{video_id}/content")
     async def get_video_content(self, video_id: str) -> Response:
         job = self._job(video_id)
-        if job.status != "completed" or job.content is None:
+        if job.status != "completed" or job.blob is None:
             raise InvalidRequest("video_id", f"video {video_id} is {job.status}; content exists once completed", 409)
-        return Response(content=job.content, media_type="video/mp4")
+        return Response(content=await asyncio.to_thread(self.blobs.get, job.blob), media_type="video/mp4")
 
     @app.delete("/v1/videos/{video_id}")
     async def cancel_video(self, video_id: str) -> VideoJob:
@@ -115,10 +123,8 @@ class VideoIngress:
         if job.status == "completed":
             raise InvalidRequest("video_id", f"video {video_id} already completed", 409)
         if not job.done:
-            job.finish("cancelled")
-            task = self._tasks.get(job.id)
-            if task is not None:
-                task.cancel()  # cancels its stream: the scheduler drops the request at once
+            job = self.jobs.update(video_id, status="cancelled", completed_at=time.time()) or job
+            await self.runner.cancel.remote(video_id)  # its request leaves the pool at once
         return job.view()
 
     @app.post("/v1/images/generations")
@@ -128,73 +134,23 @@ class VideoIngress:
         self._active_images += body.n
         try:
             results = await asyncio.gather(*(
-                self._generate(f"image_{uuid.uuid4().hex}", replace(resolved, seed=resolved.seed + i), "png")
+                self.pipeline.generate(f"image_{uuid.uuid4().hex}", replace(resolved, seed=resolved.seed + i), "png")
                 for i in range(body.n)))
         finally:
             self._active_images -= body.n
         return ImageGenerationResponse(
             created=int(time.time()), model=resolved.model,
             data=[ImageData(b64_json=base64.b64encode(png).decode(), seed=resolved.seed + i)
-                  for i, png in enumerate(results)])
-
-    # ---- the job pipeline ---------------------------------------------------
-    async def _run_job(self, job: Job) -> None:
-        r = job.request
-        tags = {"model": r.model, "resolution": job.resolution}
-        try:
-            mp4 = await self._generate(job.id, r, "mp4", job=job)
-        except (_Cancelled, asyncio.CancelledError):
-            pass
-        except Exception as exc:
-            logger.warning("job %s failed: %s", job.id, exc)
-            job.finish("failed", error=str(exc))
-        else:
-            job.finish("completed", content=mp4)
-            self.metrics.job_completion_time.observe(time.time() - job.created_at, tags=tags)
-        self.metrics.jobs.inc(tags={"model": r.model, "status": job.status})
-
-    async def _generate(self, request_id: str, r: GenerationSpec, media: str, job: Job | None = None) -> bytes:
-        prompt = await self.text_encoder.encode.remote(EncodeRequest(r.model, r.prompt, r.negative_prompt))
-        if job is not None and job.done:  # cancelled while encoding: never enters the pool
-            raise _Cancelled()
-        result: GenerationResult | None = None
-        stream = self.scheduler.options(stream=True).generate.remote(request_id, r, prompt)
-        try:
-            async for item in stream:
-                if isinstance(item, ProgressEvent):
-                    if job is not None:
-                        job.observe_progress(item.steps_done, item.first_step_time)
-                else:
-                    result = item
-        except asyncio.CancelledError:
-            stream.cancel()  # the job was cancelled: the scheduler drops the request
-            raise
-        except PoolFullError as exc:
-            raise RuntimeError(f"overloaded: {exc}") from exc
-        except RayActorError as exc:
-            raise RuntimeError(f"the step scheduler replica holding this request died: {exc}") from exc
-        if result is None:
-            raise RuntimeError("the step scheduler ended the request's stream without a result")
-        if result.status is RequestStatus.CANCELLED:
-            raise _Cancelled()
-        if result.status is not RequestStatus.FINISHED:
-            raise RuntimeError(result.error or f"generation ended as {result.status.value}")
-        if job is not None:
-            job.observe_progress(r.num_inference_steps, result.first_step_time)
-        if result.finish_time is not None:
-            self.metrics.request_latency.observe(result.finish_time - result.arrival_time,
-                                                 tags={"model": r.model, "resolution": job.resolution if job else
-                                                       f"{r.width}x{r.height}"})
-        return await self.vae.decode.remote(DecodeRequest(r.model, result.latents, media, r.fps))
+                  for i, (png, _) in enumerate(results)])
 
     # ---- helpers -------------------------------------------------------------
-    def _job(self, video_id: str) -> Job:
+    def _job(self, video_id: str, param: str = "video_id") -> JobRecord:
         job = self.jobs.get(video_id)
         if job is None:
-            raise InvalidRequest("video_id", f"no video with id {video_id!r}", 404)
+            raise InvalidRequest(param, f"no video with id {video_id!r}", 404)
         return job
 
     def _admit_or_raise(self, n: int = 1) -> None:
-        active = self.jobs.active() + self._active_images
+        active = self.jobs.count_unfinished() + self._active_images
         if active + n > self.max_active:
             raise Overloaded(f"server is at capacity ({active} active of {self.max_active}); retry later")

@@ -12,6 +12,7 @@ from typing import Any
 
 from ray.serve import Application
 
+from deployments.job_runner import JobRunner
 from deployments.step_scheduler import StepScheduler
 from deployments.text_encoder import TextEncoder
 from deployments.vae_decoder import VaeDecoder
@@ -24,7 +25,8 @@ def _actor_options(res: DeploymentResources) -> dict[str, Any]:
 
 
 def build_video_app(args: dict[str, Any]) -> Application:
-    """VideoIngress -> TextEncoder, StepScheduler (+ its worker group), VaeDecoder (see README's graph)."""
+    """VideoIngress replicas -> JobRunner -> TextEncoder, StepScheduler (+ its worker group), VaeDecoder; jobs and
+    results in the job and blob stores (see README's graph)."""
     config = VideoAppConfig(**args)
     models = [m.model_dump() for m in config.models]
 
@@ -40,5 +42,10 @@ def build_video_app(args: dict[str, Any]) -> Application:
     ).bind(models, config.scheduler.model_dump(), group.model_dump())
     text_encoder = bind(TextEncoder, config.text_encoder, models, config.text_encoder.model_dump())
     vae = bind(VaeDecoder, config.vae_decoder, models, config.vae_decoder.model_dump())
-    return bind(VideoIngress, config.ingress, models, config.limits.model_dump(), config.scheduler.max_pool_size,
-                text_encoder, scheduler, vae)
+    # Paths resolved here, in `serve run`'s working directory, once for every replica.
+    store = config.store.model_copy(update={"jobs_url": config.store.resolved_jobs_url(),
+                                            "blobs_url": config.store.resolved_blobs_url()}).model_dump()
+    runner = bind(JobRunner, config.job_runner, store, text_encoder, scheduler, vae)
+    return VideoIngress.options(num_replicas=config.ingress_replicas, **_actor_options(config.ingress)).bind(
+        models, config.limits.model_dump(), store, config.scheduler.max_pool_size, text_encoder, scheduler, vae,
+        runner)

@@ -8,6 +8,8 @@ mutate it (a changed knob means a redeploy, as in vLLM's `SchedulerConfig`).
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -24,9 +26,35 @@ class _Frozen(BaseModel):
 
 class LimitsConfig(_Frozen):
     max_prompt_chars: int = Field(default=2000, ge=1)
-    max_retained_jobs: int = Field(
-        default=1000, ge=1, description="Finished jobs (and their videos) kept in memory; oldest evicted first."
-    )
+
+
+class StoreConfig(_Frozen):
+    """Where jobs and their results live (deployments.store): outside every process, so restarts lose nothing."""
+
+    data_dir: str = Field(default=".data", description="Default home of the SQLite job store and the blobs; a "
+                          "relative path is taken from the working directory of `serve run`.")
+    jobs_url: str | None = Field(
+        default=None, description="sqlite:///PATH or postgresql://... ($VARS expanded, so a password can come from "
+        "the environment); default sqlite:///<data_dir>/jobs.db. Replicas on several nodes need PostgreSQL.")
+    blobs_url: str | None = Field(
+        default=None, description="Directory or fsspec URL (s3://bucket/prefix) of the videos and images ($VARS "
+        "expanded); default <data_dir>/blobs.")
+    ttl_s: float = Field(default=7 * 86400, gt=0, description="Finished jobs and their files are deleted this long "
+                         "after they end.")
+    sweep_interval_s: float = Field(default=60, gt=0, description="How often the job runner deletes expired jobs and "
+                                    "adopts queued jobs nobody is driving.")
+    max_job_restarts: int = Field(default=2, ge=0, description="Times a job is re-admitted after the process driving "
+                                  "it (or its scheduler replica) died, before it fails with that reason.")
+
+    def resolved_jobs_url(self) -> str:
+        if self.jobs_url:
+            return os.path.expandvars(self.jobs_url)
+        return f"sqlite:///{Path(self.data_dir).resolve() / 'jobs.db'}"
+
+    def resolved_blobs_url(self) -> str:
+        if self.blobs_url:
+            return os.path.expandvars(self.blobs_url)
+        return str(Path(self.data_dir).resolve() / "blobs")
 
 
 class DeploymentResources(_Frozen):
@@ -87,7 +115,10 @@ class VideoAppConfig(_Frozen):
     models: list[ModelSpec] = Field(min_length=1)
     scheduler: SchedulerConfig = SchedulerConfig()
     limits: LimitsConfig = LimitsConfig()
+    store: StoreConfig = StoreConfig()
     ingress: DeploymentResources = DeploymentResources(num_cpus=0.1)
+    ingress_replicas: int = Field(default=2, ge=1, description="Any replica answers any job (state is in the store).")
+    job_runner: DeploymentResources = DeploymentResources(num_cpus=0.05)
     text_encoder: DeploymentResources = DeploymentResources(num_cpus=0.25)
     step_scheduler: DeploymentResources = DeploymentResources(num_cpus=0.1)
     step_scheduler_replicas: ReplicaRange = ReplicaRange()

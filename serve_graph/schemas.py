@@ -65,6 +65,17 @@ class VideoJob(BaseModel):
     started_at: float | None = None
     completed_at: float | None = None
     error: str | None = None
+    restarts: int = Field(default=0, description="Times the job was re-admitted after the process driving it died.")
+
+
+class VideoJobList(BaseModel):
+    """A page of `GET /v1/videos`, newest first; pass `last_id` as `after` for the next page."""
+
+    object: Literal["list"] = "list"
+    data: list[VideoJob]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
 
 
 class ImageData(BaseModel):
