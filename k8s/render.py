@@ -43,6 +43,9 @@ def _container(name: str, cpu: str, memory: str, gpus: int, extra_env: list | No
         "resources": {"limits": limits, "requests": dict(limits)},
         "env": [{"name": "CODER_ADMIN_TOKEN", "valueFrom": {"secretKeyRef": {"name": "dit-serve-admin",
                                                                                "key": "token"}}},
+                # The video app's job store (PostgreSQL) and blob store (object storage) URLs.
+                *({"name": env, "valueFrom": {"secretKeyRef": {"name": "dit-serve-store", "key": key}}}
+                  for env, key in (("DIT_JOBS_URL", "jobs_url"), ("DIT_BLOBS_URL", "blobs_url"))),
                 *(extra_env or [])],
         "livenessProbe": RAYLET_HEALTH, "readinessProbe": SERVE_HEALTH if name == "ray-head" else RAYLET_HEALTH,
     }

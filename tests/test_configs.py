@@ -23,7 +23,7 @@ def test_config_is_a_valid_serve_config(path):
     videos = [a for a in schema.applications if a.import_path == "serve_graph.app:build_video_app"]
     assert videos, f"{path.name} serves no video app"
     for app in videos:
-        VideoAppConfig(**app.args)
+        assert VideoAppConfig(**app.args).ingress_replicas >= 2  # any replica answers any job
     coders = [a for a in schema.applications if a.import_path == "serve_graph.coder_app:build_coder_app"]
     assert coders, f"{path.name} serves no coder app"
     for app in coders:
@@ -52,3 +52,13 @@ def test_bad_dllm_args_name_the_field(tmp_path):
     missing = DllmAppConfig(models=[{"name": "m", "source": str(tmp_path)}]).models[0]
     with pytest.raises(ValueError, match="models.dllm.tiny"):
         missing.resolved_source()  # no config.json: the error says how to write the tiny checkpoint
+
+
+def test_store_urls_default_under_the_data_dir_and_expand_variables(tmp_path, monkeypatch):
+    from serve_graph.config import StoreConfig
+
+    store = StoreConfig(data_dir=str(tmp_path))
+    assert store.resolved_jobs_url() == f"sqlite:///{tmp_path / 'jobs.db'}"
+    assert store.resolved_blobs_url() == str(tmp_path / "blobs")
+    monkeypatch.setenv("DIT_JOBS_URL", "postgresql://dit@db:5432/dit")
+    assert StoreConfig(jobs_url="${DIT_JOBS_URL}").resolved_jobs_url() == "postgresql://dit@db:5432/dit"

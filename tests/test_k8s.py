@@ -57,7 +57,8 @@ def test_rayservice_serves_the_gpu_config_with_the_documented_topology():
     serve = ServeDeploySchema(**yaml.safe_load(service["spec"]["serveConfigV2"]))
     assert service["spec"]["serveConfigV2"] == (ROOT / "configs" / "gpu.yaml").read_text()
     apps = {a.name: a for a in serve.applications}
-    VideoAppConfig(**apps["video"].args)
+    video = VideoAppConfig(**apps["video"].args)
+    assert video.store.jobs_url == "${DIT_JOBS_URL}" and video.ingress_replicas == 2
     assert CoderAppConfig(**apps["coder"].args).tensor_parallel_size == 2
     dllm = DllmAppConfig(**apps["dllm"].args)
     assert dllm.step_scheduler.num_gpus == 1 and all(m.source.startswith("/models/") for m in dllm.models)
@@ -73,6 +74,7 @@ def test_rayservice_serves_the_gpu_config_with_the_documented_topology():
     for container in [cluster["headGroupSpec"]["template"]["spec"]["containers"][0],
                       *(g["template"]["spec"]["containers"][0] for g in groups.values())]:
         assert container["livenessProbe"] and container["readinessProbe"]
+        assert {e["name"] for e in container["env"]} >= {"DIT_JOBS_URL", "DIT_BLOBS_URL"}
         assert any(p["name"] == "metrics" for p in container["ports"])
 
 

@@ -68,7 +68,9 @@ def scraped(tmp_path_factory) -> str:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              _metrics_export_port=metrics_port)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_video_app(serve_application("video")["args"]), name="video", route_prefix="/")
+    video_args = serve_application("video")["args"]
+    video_args["store"]["data_dir"] = str(tmp_path_factory.mktemp("video-data"))
+    serve.run(build_video_app(video_args), name="video", route_prefix="/")
     serve.run(build_coder_app(coder_args), name="coder", route_prefix="/coder")
     scheduler = serve.get_deployment_handle("StepScheduler", app_name="video")
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:

@@ -243,6 +243,30 @@ def test_malformed_json_is_400(client):
     assert client.get("/v1/videos/video_nope").status_code == 404
 
 
+def test_a_dead_ingress_replica_loses_no_job(client):
+    """Kill one of the two ingress replicas while jobs run: the other answers, and every job completes."""
+    jobs = [submit(client, model="cogvideox-tiny", prompt=f"ingress {i}", num_inference_steps=20, seed=i)
+            for i in range(4)]
+    ingresses = [name for name in ray.util.list_named_actors(all_namespaces=True)
+                 if name["namespace"] == "serve" and "VideoIngress" in name["name"]]
+    assert len(ingresses) == 2
+    ray.kill(ray.get_actor(ingresses[0]["name"], namespace="serve"), no_restart=True)
+    failed_polls, deadline = 0, time.time() + 120
+    pending = {job["id"] for job in jobs}
+    while pending:
+        assert time.time() < deadline, pending
+        for job_id in list(pending):
+            r = client.get(f"/v1/videos/{job_id}")
+            if r.status_code != 200:  # a request caught on the dying replica
+                failed_polls += 1
+                continue
+            assert r.json()["status"] not in ("failed", "cancelled"), r.json()
+            if r.json()["status"] == "completed":
+                pending.discard(job_id)
+        time.sleep(0.1)
+    assert failed_polls <= 2, failed_polls
+
+
 def test_a_dead_scheduler_replica_costs_time_not_jobs(client):
     """Runs last: kill -9 the scheduler replica while it holds two jobs; Serve replaces it (and its worker group)
     and the job runner re-admits both from their stored specs: they complete, each counting one restart."""
