@@ -29,7 +29,7 @@ def validation_error(exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0]
     if first.get("type") == "json_invalid":
         return openai_error(400, f"malformed JSON body: {first.get('msg')}", code="json_invalid")
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
     if not loc and first.get("type") == "model_attributes_type":
         return openai_error(400, "request body must be a JSON object (Content-Type: application/json)",
                             code="invalid_body")

@@ -243,6 +243,26 @@ def test_malformed_json_is_400(client):
     assert client.get("/v1/videos/video_nope").status_code == 404
 
 
+def test_idempotency_key_and_job_listing(client):
+    ask = dict(model="cogvideox-tiny", prompt="once", num_inference_steps=2)
+    older = [submit(client, **ask) for _ in range(2)]  # without a key: two jobs
+    assert older[0]["id"] != older[1]["id"]
+    headers = {"Idempotency-Key": "order-42"}
+    first = client.post("/v1/videos", json=ask, headers=headers)
+    again = client.post("/v1/videos", json=ask, headers=headers)
+    assert first.status_code == again.status_code == 202 and first.json()["id"] == again.json()["id"]
+    other = client.post("/v1/videos", json={**ask, "prompt": "twice"}, headers=headers)
+    assert other.status_code == 409 and other.json()["error"]["param"] == "Idempotency-Key"
+    wait(client, first.json()["id"])
+    newest = client.get("/v1/videos", params={"limit": 1}).json()
+    assert newest["object"] == "list" and newest["data"][0]["id"] == first.json()["id"] and newest["has_more"]
+    page = client.get("/v1/videos", params={"limit": 2, "after": newest["last_id"]}).json()
+    assert [j["id"] for j in page["data"]] == [older[1]["id"], older[0]["id"]]
+    assert page["data"][0]["created_at"] <= newest["data"][0]["created_at"]
+    assert client.get("/v1/videos", params={"after": "video_nope"}).json()["error"]["param"] == "after"
+    assert client.get("/v1/videos", params={"limit": 101}).json()["error"]["param"] == "limit"
+
+
 def test_a_dead_ingress_replica_loses_no_job(client):
     """Kill one of the two ingress replicas while jobs run: the other answers, and every job completes."""
     jobs = [submit(client, model="cogvideox-tiny", prompt=f"ingress {i}", num_inference_steps=20, seed=i)
