@@ -13,6 +13,10 @@ class Overloaded(Exception):
     """The server is at capacity for now: HTTP 429, the client should retry later."""
 
 
+class Unauthorized(Exception):
+    """No valid API key: HTTP 401."""
+
+
 def openai_error(status: int, message: str, param: str | None = None, *, error_type: str | None = None,
                  code: str | int | None = None) -> JSONResponse:
     """`{"error": {message, type, param, code}}` as the `openai` client parses it.
@@ -42,7 +46,7 @@ def validation_error(exc: RequestValidationError) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Invalid bodies and values -> 400/404/409 naming the field; `Overloaded` -> 429."""
+    """Invalid bodies and values -> 400/404/409 naming the field; `Unauthorized` -> 401; `Overloaded` -> 429."""
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -52,6 +56,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _invalid_request(_: Request, exc: InvalidRequest) -> JSONResponse:
         return openai_error(exc.status_code, exc.message, exc.param,
                             code="invalid_value" if exc.status_code == 400 else "not_found")
+
+    @app.exception_handler(Unauthorized)
+    async def _unauthorized(_: Request, exc: Unauthorized) -> JSONResponse:
+        return openai_error(401, str(exc), error_type="unauthorized", code="invalid_api_key")
 
     @app.exception_handler(Overloaded)
     async def _overloaded(_: Request, exc: Overloaded) -> JSONResponse:

@@ -4,7 +4,8 @@ POST /v1/videos validates, writes the job to the job store (an `Idempotency-Key`
 returns the job created before with that key), nudges the `JobRunner` that drives it
 and answers 202 with its id at once. Every read (status, list, content) comes from the
 job store and the blob store, so any replica answers any job, and no restart of a
-replica, the runner or the app loses one. DELETE marks the job cancelled in the store
+replica, the runner or the app loses one. With API keys configured every route but
+/healthz needs one, and a job is visible only to the key that created it. DELETE marks the job cancelled in the store
 and tells the runner, whose cancelled stream drops the request from the pool. Images
 (`/v1/images/generations`) are synchronous: the replica runs them itself.
 """
@@ -22,13 +23,14 @@ from fastapi.responses import Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.api_keys import ApiKeys
 from deployments.errors import Overloaded, install_error_handlers
 from deployments.pipeline import MediaPipeline
 from deployments.store.blobs import BlobStore
 from deployments.store.jobs import JobRecord, open_job_store
 from models import load_adapter
 from models.spec import ModelSpec
-from serve_graph.config import LimitsConfig, StoreConfig
+from serve_graph.config import AuthConfig, LimitsConfig, StoreConfig
 from serve_graph.schemas import (
     ImageData,
     ImageGenerationRequest,
@@ -57,7 +59,7 @@ def _card(served: ServedModel) -> ModelCard:
 @serve.deployment(max_ongoing_requests=1000)
 @serve.ingress(app)
 class VideoIngress:
-    def __init__(self, models: list[dict], limits: dict, store: dict, max_pool_size: int,
+    def __init__(self, models: list[dict], limits: dict, store: dict, auth: dict, max_pool_size: int,
                  text_encoder: DeploymentHandle, scheduler: DeploymentHandle, vae: DeploymentHandle,
                  runner: DeploymentHandle) -> None:
         specs = [ModelSpec(**m) for m in models]
@@ -70,6 +72,7 @@ class VideoIngress:
         self.blobs = BlobStore(store_config.resolved_blobs_url())
         self.pipeline = MediaPipeline(text_encoder, scheduler, vae)
         self.runner = runner
+        self.keys = ApiKeys(AuthConfig(**auth))
         self._active_images = 0
 
     # ---- routes ----------------------------------------------------------
@@ -78,48 +81,53 @@ class VideoIngress:
         return {"status": "ok"}
 
     @app.get("/v1/models")
-    async def list_models(self) -> ModelList:
+    async def list_models(self, authorization: Optional[str] = Header(default=None)) -> ModelList:
+        self.keys.owner(authorization)
         return ModelList(data=[_card(m) for m in self.served.values()])
 
     @app.post("/v1/videos", status_code=202)
     async def create_video(self, body: VideoGenerationRequest,
-                           idempotency_key: Optional[str] = Header(default=None, max_length=256)) -> VideoJob:
+                           idempotency_key: Optional[str] = Header(default=None, max_length=256),
+                           authorization: Optional[str] = Header(default=None)) -> VideoJob:
+        owner = self.keys.owner(authorization)
         resolved = self.validator.video(body)
-        if idempotency_key is not None and (known := self.jobs.find_by_key("", idempotency_key)) is not None:
+        if idempotency_key is not None and (known := self.jobs.find_by_key(owner, idempotency_key)) is not None:
             # The same request again (a seed left unset was drawn for the first one): the job created then.
             if replace(known.spec, seed=resolved.seed if body.seed is None else known.spec.seed) != resolved:
                 raise InvalidRequest("Idempotency-Key", "this key was used for a different request", 409)
             return known.view()
         self._admit_or_raise()
-        record = self.jobs.create(JobRecord(id=f"video_{uuid.uuid4().hex}", spec=resolved,
+        record = self.jobs.create(JobRecord(id=f"video_{uuid.uuid4().hex}", spec=resolved, owner=owner,
                                             resolution=body.resolution, idempotency_key=idempotency_key))
         await self.runner.submit.remote(record.id)
         return record.view()
 
     @app.get("/v1/videos")
     async def list_videos(self, limit: int = Query(default=20, ge=1, le=100),
-                          after: Optional[str] = Query(default=None, max_length=100)) -> VideoJobList:
+                          after: Optional[str] = Query(default=None, max_length=100),
+                          authorization: Optional[str] = Header(default=None)) -> VideoJobList:
+        owner = self.keys.owner(authorization)
         if after is not None:
-            self._job(after, param="after")
-        page = self.jobs.list(owner="", limit=limit + 1, after=after)
+            self._job(after, owner, param="after")
+        page = self.jobs.list(owner=owner, limit=limit + 1, after=after)
         data = [r.view() for r in page[:limit]]
         return VideoJobList(data=data, has_more=len(page) > limit, first_id=data[0].id if data else None,
                             last_id=data[-1].id if data else None)
 
     @app.get("/v1/videos/{video_id}")
-    async def get_video(self, video_id: str) -> VideoJob:
-        return self._job(video_id).view()
+    async def get_video(self, video_id: str, authorization: Optional[str] = Header(default=None)) -> VideoJob:
+        return self._job(video_id, self.keys.owner(authorization)).view()
 
     @app.get("/v1/videos/{video_id}/content")
-    async def get_video_content(self, video_id: str) -> Response:
-        job = self._job(video_id)
+    async def get_video_content(self, video_id: str, authorization: Optional[str] = Header(default=None)) -> Response:
+        job = self._job(video_id, self.keys.owner(authorization))
         if job.status != "completed" or job.blob is None:
             raise InvalidRequest("video_id", f"video {video_id} is {job.status}; content exists once completed", 409)
         return Response(content=await asyncio.to_thread(self.blobs.get, job.blob), media_type="video/mp4")
 
     @app.delete("/v1/videos/{video_id}")
-    async def cancel_video(self, video_id: str) -> VideoJob:
-        job = self._job(video_id)
+    async def cancel_video(self, video_id: str, authorization: Optional[str] = Header(default=None)) -> VideoJob:
+        job = self._job(video_id, self.keys.owner(authorization))
         if job.status == "completed":
             raise InvalidRequest("video_id", f"video {video_id} already completed", 409)
         if not job.done:
@@ -128,7 +136,9 @@ class VideoIngress:
         return job.view()
 
     @app.post("/v1/images/generations")
-    async def create_image(self, body: ImageGenerationRequest) -> ImageGenerationResponse:
+    async def create_image(self, body: ImageGenerationRequest,
+                           authorization: Optional[str] = Header(default=None)) -> ImageGenerationResponse:
+        self.keys.owner(authorization)
         resolved = self.validator.image(body)
         self._admit_or_raise(body.n)
         self._active_images += body.n
@@ -144,9 +154,10 @@ class VideoIngress:
                   for i, (png, _) in enumerate(results)])
 
     # ---- helpers -------------------------------------------------------------
-    def _job(self, video_id: str, param: str = "video_id") -> JobRecord:
+    def _job(self, video_id: str, owner: str, param: str = "video_id") -> JobRecord:
+        """The owner's job; another key's job answers 404 exactly as a job that does not exist."""
         job = self.jobs.get(video_id)
-        if job is None:
+        if job is None or job.owner != owner:
             raise InvalidRequest(param, f"no video with id {video_id!r}", 404)
         return job
 

@@ -47,5 +47,5 @@ def build_video_app(args: dict[str, Any]) -> Application:
                                             "blobs_url": config.store.resolved_blobs_url()}).model_dump()
     runner = bind(JobRunner, config.job_runner, store, text_encoder, scheduler, vae)
     return VideoIngress.options(num_replicas=config.ingress_replicas, **_actor_options(config.ingress)).bind(
-        models, config.limits.model_dump(), store, config.scheduler.max_pool_size, text_encoder, scheduler, vae,
-        runner)
+        models, config.limits.model_dump(), store, config.auth.model_dump(), config.scheduler.max_pool_size,
+        text_encoder, scheduler, vae, runner)

@@ -109,6 +109,13 @@ class WorkerGroupConfig(_Frozen):
         return [bundle(replica_cpus)] + [bundle(0) for _ in range(self.ranks - 1)]
 
 
+class AuthConfig(_Frozen):
+    """Optional API keys (deployments.api_keys); neither set: the API is open."""
+
+    keys_file: str | None = Field(default=None, description="File of `name:token` lines on the serving nodes.")
+    keys_env: str | None = Field(default=None, description="Environment variable with `name:token,...` pairs.")
+
+
 class VideoAppConfig(_Frozen):
     """The `args:` of the video application."""
 
@@ -116,6 +123,7 @@ class VideoAppConfig(_Frozen):
     scheduler: SchedulerConfig = SchedulerConfig()
     limits: LimitsConfig = LimitsConfig()
     store: StoreConfig = StoreConfig()
+    auth: AuthConfig = AuthConfig()
     ingress: DeploymentResources = DeploymentResources(num_cpus=0.1)
     ingress_replicas: int = Field(default=2, ge=1, description="Any replica answers any job (state is in the store).")
     job_runner: DeploymentResources = DeploymentResources(num_cpus=0.05)

@@ -23,12 +23,15 @@ from serve_graph.serve_configs import serve_application
 from tests.conftest import TEST_HEIGHTS
 
 pytestmark = pytest.mark.serve
+KEYS_ENV, ALICE, BOB = "DIT_TEST_API_KEYS", "alice-token-1", "bob-token-2"
 
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     args = serve_application("video")["args"]
     args["store"]["data_dir"] = str(tmp_path_factory.mktemp("video-data"))
+    os.environ[KEYS_ENV] = f"alice:{ALICE},bob:{BOB}"  # the replicas inherit the driver's environment
+    args["auth"] = {"keys_env": KEYS_ENV}
     for model in args["models"]:  # scaled-down sizes keep 720p, 60-step requests quick; mochi stops at 480p
         if model["family"] != "sd3":
             model["resolution_heights"] = {k: v for k, v in TEST_HEIGHTS.items()
@@ -42,7 +45,8 @@ def client(tmp_path_factory):
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_video_app(args), name="video", route_prefix="/")
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60,
+                      headers={"Authorization": f"Bearer {ALICE}"}) as c:
         yield c
     serve.shutdown()
     ray.shutdown()
@@ -261,6 +265,25 @@ def test_idempotency_key_and_job_listing(client):
     assert page["data"][0]["created_at"] <= newest["data"][0]["created_at"]
     assert client.get("/v1/videos", params={"after": "video_nope"}).json()["error"]["param"] == "after"
     assert client.get("/v1/videos", params={"limit": 101}).json()["error"]["param"] == "limit"
+
+
+def test_api_keys_guard_every_route_and_jobs_are_private(client):
+    job = submit(client, model="cogvideox-tiny", prompt="alice's", num_inference_steps=2)
+    anonymous = httpx.Client(base_url=client.base_url, timeout=60)
+    bob = httpx.Client(base_url=client.base_url, timeout=60, headers={"Authorization": f"Bearer {BOB}"})
+    wrong = httpx.Client(base_url=client.base_url, timeout=60, headers={"Authorization": "Bearer alice-token-2"})
+    assert anonymous.get("/healthz").status_code == 200
+    for c in (anonymous, wrong):
+        r = c.post("/v1/videos", json={"prompt": "x"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert c.get("/v1/models").status_code == 401 and c.get(f"/v1/videos/{job['id']}").status_code == 401
+    assert bob.get(f"/v1/videos/{job['id']}").status_code == 404  # as if it did not exist
+    assert bob.delete(f"/v1/videos/{job['id']}").status_code == 404
+    assert bob.get(f"/v1/videos/{job['id']}/content").status_code == 404
+    assert job["id"] not in [j["id"] for j in bob.get("/v1/videos").json()["data"]]
+    mine = bob.post("/v1/videos", json={"model": "cogvideox-tiny", "prompt": "bob's", "num_inference_steps": 2})
+    assert mine.status_code == 202 and client.get(f"/v1/videos/{mine.json()['id']}").status_code == 404
+    assert wait(client, job["id"])["status"] == "completed"
 
 
 def test_a_dead_ingress_replica_loses_no_job(client):
