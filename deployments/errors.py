@@ -10,7 +10,12 @@ from serve_graph.validation import InvalidRequest
 
 
 class Overloaded(Exception):
-    """The server is at capacity for now: HTTP 429, the client should retry later."""
+    """The server is at capacity for now: HTTP 429, the client should retry later (after `retry_after_s` when
+    known: the `Retry-After` header)."""
+
+    def __init__(self, message: str, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Unauthorized(Exception):
@@ -63,4 +68,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Overloaded)
     async def _overloaded(_: Request, exc: Overloaded) -> JSONResponse:
-        return openai_error(429, str(exc), code="overloaded")
+        response = openai_error(429, str(exc), code="overloaded")
+        if exc.retry_after_s is not None:
+            response.headers["Retry-After"] = str(exc.retry_after_s)
+        return response

@@ -13,6 +13,7 @@ and tells the runner, whose cancelled stream drops the request from the pool. Im
 
 import asyncio
 import base64
+import math
 import time
 import uuid
 from dataclasses import replace
@@ -43,6 +44,7 @@ from serve_graph.schemas import (
 )
 from serve_graph.validation import InvalidRequest, RequestValidator, ServedModel
 
+MAX_RETRY_AFTER_S = 3600
 app = FastAPI(title="DiT-Serve video API")
 install_error_handlers(app)
 
@@ -71,7 +73,7 @@ class VideoIngress:
         self.jobs = open_job_store(store_config.resolved_jobs_url())
         self.blobs = BlobStore(store_config.resolved_blobs_url())
         self.pipeline = MediaPipeline(text_encoder, scheduler, vae)
-        self.runner = runner
+        self.scheduler, self.runner = scheduler, runner
         self.keys = ApiKeys(AuthConfig(**auth))
         self._active_images = 0
 
@@ -96,11 +98,11 @@ class VideoIngress:
             if replace(known.spec, seed=resolved.seed if body.seed is None else known.spec.seed) != resolved:
                 raise InvalidRequest("Idempotency-Key", "this key was used for a different request", 409)
             return known.view()
-        self._admit_or_raise()
+        await self._admit_or_raise()
         record = self.jobs.create(JobRecord(id=f"video_{uuid.uuid4().hex}", spec=resolved, owner=owner,
                                             resolution=body.resolution, idempotency_key=idempotency_key))
         await self.runner.submit.remote(record.id)
-        return record.view()
+        return await self._view(record)
 
     @app.get("/v1/videos")
     async def list_videos(self, limit: int = Query(default=20, ge=1, le=100),
@@ -116,7 +118,7 @@ class VideoIngress:
 
     @app.get("/v1/videos/{video_id}")
     async def get_video(self, video_id: str, authorization: Optional[str] = Header(default=None)) -> VideoJob:
-        return self._job(video_id, self.keys.owner(authorization)).view()
+        return await self._view(self._job(video_id, self.keys.owner(authorization)))
 
     @app.get("/v1/videos/{video_id}/content")
     async def get_video_content(self, video_id: str, authorization: Optional[str] = Header(default=None)) -> Response:
@@ -140,7 +142,7 @@ class VideoIngress:
                            authorization: Optional[str] = Header(default=None)) -> ImageGenerationResponse:
         self.keys.owner(authorization)
         resolved = self.validator.image(body)
-        self._admit_or_raise(body.n)
+        await self._admit_or_raise(body.n)
         self._active_images += body.n
         try:
             results = await asyncio.gather(*(
@@ -161,7 +163,23 @@ class VideoIngress:
             raise InvalidRequest(param, f"no video with id {video_id!r}", 404)
         return job
 
-    def _admit_or_raise(self, n: int = 1) -> None:
+    async def _admit_or_raise(self, n: int = 1) -> None:
         active = self.jobs.count_unfinished() + self._active_images
         if active + n > self.max_active:
-            raise Overloaded(f"server is at capacity ({active} active of {self.max_active}); retry later")
+            drain_s = await self._drain_seconds()
+            retry_after = None if drain_s is None else min(MAX_RETRY_AFTER_S, max(1, math.ceil(drain_s)))
+            estimate = "" if drain_s is None else f"; the pool's work drains in about {drain_s:.0f} s"
+            raise Overloaded(f"server is at capacity ({active} active of {self.max_active}){estimate}; retry later",
+                             retry_after)
+
+    async def _drain_seconds(self) -> float | None:
+        """The pool's remaining work over the rate the scheduler measured it drains at (None before any step)."""
+        load = await self.scheduler.load.remote()
+        rate = load["token_steps_per_second"]
+        return None if not rate else load["remaining_token_steps"] / rate
+
+    async def _view(self, job: JobRecord) -> VideoJob:
+        view = job.view()
+        if job.status == "queued":
+            view.estimated_start_seconds = await self._drain_seconds()
+        return view

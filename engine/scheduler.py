@@ -97,6 +97,10 @@ class StepSchedulerCore:
         done, self._done = self._done, []
         return done
 
+    def remaining_token_steps(self) -> int:
+        """The pool's work not yet scheduled: sum of remaining steps x tokens per step (CFG rows counted)."""
+        return sum(m.remaining_steps * m.step_tokens for m in self.pool.values())
+
     @property
     def num_waiting(self) -> int:
         return sum(1 for r in self.pool.values() if r.status is RequestStatus.WAITING)

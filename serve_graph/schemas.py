@@ -66,6 +66,9 @@ class VideoJob(BaseModel):
     completed_at: float | None = None
     error: str | None = None
     restarts: int = Field(default=0, description="Times the job was re-admitted after the process driving it died.")
+    estimated_start_seconds: float | None = Field(
+        default=None, description="Queued jobs: the pool's remaining work over its measured drain rate (an upper "
+        "bound on the wait under SRPTF, which may start a short job sooner).")
 
 
 class VideoJobList(BaseModel):

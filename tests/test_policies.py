@@ -289,3 +289,12 @@ def test_batch_size_must_fit_the_step_budget():
 
     with pytest.raises(ValidationError, match="batch_size 9 exceeds budget.max_batch_size 8"):
         SchedulerConfig(admission="batch", batch_size=9, budget=BudgetConfig(max_batch_size=8))
+
+
+def test_remaining_token_steps_is_the_unscheduled_work_of_the_pool():
+    core = make_core(max_batch_size=1)
+    core.admit(new_request(steps=4, seq_len=100, cfg=True))  # 4 x 200 tokens
+    core.admit(new_request(steps=3, seq_len=50, cfg=False))  # 3 x 50
+    assert core.remaining_token_steps() == 4 * 200 + 3 * 50
+    core.step(StepResult.all_stepped)  # SRPTF runs the smaller one first: one of its steps is done
+    assert core.remaining_token_steps() == 4 * 200 + 2 * 50

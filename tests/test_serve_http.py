@@ -194,8 +194,13 @@ def test_same_seed_same_bytes_alone_or_batched(client):
 def test_overload_answers_429_and_recovers(client):
     long_ask = dict(model="cogvideox-tiny", prompt="busy", resolution="720p", num_frames=17, num_inference_steps=200)
     jobs = [submit(client, **long_ask) for _ in range(8)]
+    wait(client, jobs[0]["id"], until=("running",))  # a step has run: the drain rate is measured
     r = client.post("/v1/videos", json=long_ask)
     assert r.status_code == 429 and r.json()["error"]["code"] == "overloaded"
+    # Retry-After from the pool's remaining work over its measured rate, not a constant
+    assert 1 <= int(r.headers["Retry-After"]) <= 3600 and "drains in about" in r.json()["error"]["message"]
+    queued = [j for j in (client.get(f"/v1/videos/{job['id']}").json() for job in jobs) if j["status"] == "queued"]
+    assert queued and all(j["estimated_start_seconds"] > 0 for j in queued)
     assert client.post("/v1/images/generations", json={"prompt": "x", "size": "32x32"}).status_code == 429
     for job in jobs:
         assert client.delete(f"/v1/videos/{job['id']}").json()["status"] == "cancelled"
