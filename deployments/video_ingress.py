@@ -20,7 +20,7 @@ from dataclasses import replace
 from typing import Optional
 
 from fastapi import FastAPI, Header, Query
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -45,6 +45,7 @@ from serve_graph.schemas import (
 from serve_graph.validation import InvalidRequest, RequestValidator, ServedModel
 
 MAX_RETRY_AFTER_S = 3600
+EVENTS_POLL_S = 0.25  # how often an events stream reads its job from the store
 app = FastAPI(title="DiT-Serve video API")
 install_error_handlers(app)
 
@@ -119,6 +120,26 @@ class VideoIngress:
     @app.get("/v1/videos/{video_id}")
     async def get_video(self, video_id: str, authorization: Optional[str] = Header(default=None)) -> VideoJob:
         return await self._view(self._job(video_id, self.keys.owner(authorization)))
+
+    @app.get("/v1/videos/{video_id}/events")
+    async def video_events(self, video_id: str, authorization: Optional[str] = Header(default=None)):
+        """Server-sent events: the job (as GET returns it) whenever its status or step changes, until it ends.
+        Read from the store, so any replica serves any job's events."""
+        job = self._job(video_id, self.keys.owner(authorization))
+
+        async def events():
+            nonlocal job
+            sent = None
+            while True:
+                if (job.status, job.step) != sent:
+                    sent = (job.status, job.step)
+                    yield f"event: {job.status}\ndata: {job.view().model_dump_json()}\n\n"
+                if job.done:
+                    return
+                await asyncio.sleep(EVENTS_POLL_S)
+                job = self.jobs.get(video_id) or job
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.get("/v1/videos/{video_id}/content")
     async def get_video_content(self, video_id: str, authorization: Optional[str] = Header(default=None)) -> Response:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import signal
 import time
@@ -289,6 +290,21 @@ def test_api_keys_guard_every_route_and_jobs_are_private(client):
     mine = bob.post("/v1/videos", json={"model": "cogvideox-tiny", "prompt": "bob's", "num_inference_steps": 2})
     assert mine.status_code == 202 and client.get(f"/v1/videos/{mine.json()['id']}").status_code == 404
     assert wait(client, job["id"])["status"] == "completed"
+
+
+def test_events_stream_a_job_from_queued_to_completed(client):
+    job = submit(client, model="cogvideox-tiny", prompt="events", num_inference_steps=6)
+    events = []
+    with client.stream("GET", f"/v1/videos/{job['id']}/events") as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line.removeprefix("data: ")))
+    statuses = [e["status"] for e in events]
+    assert statuses[-1] == "completed" and statuses.count("completed") == 1
+    steps = [e["progress"]["step"] for e in events]
+    assert steps == sorted(steps) and steps[-1] == 6 and len(events) >= 2
+    assert client.get("/v1/videos/video_nope/events").status_code == 404
 
 
 def test_a_dead_ingress_replica_loses_no_job(client):
