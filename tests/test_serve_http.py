@@ -14,11 +14,14 @@ import httpx
 import numpy as np
 import pytest
 import ray
+import schemathesis
+from hypothesis import HealthCheck, settings
 from PIL import Image
 from ray import serve
 
 from attention.spmd import free_port
 from deployments.media import probe_mp4
+from deployments.video_ingress import app as video_api
 from serve_graph.app import build_video_app
 from serve_graph.serve_configs import serve_application
 from tests.conftest import TEST_HEIGHTS
@@ -305,6 +308,27 @@ def test_events_stream_a_job_from_queued_to_completed(client):
     steps = [e["progress"]["step"] for e in events]
     assert steps == sorted(steps) and steps[-1] == 6 and len(events) >= 2
     assert client.get("/v1/videos/video_nope/events").status_code == 404
+
+
+FUZZ = schemathesis.openapi.from_dict(video_api.openapi())
+
+
+@FUZZ.parametrize()
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+def test_fuzzed_requests_never_get_a_5xx(client, case):
+    """schemathesis: requests generated from the app's OpenAPI schema, valid and not, on every route."""
+    headers = {"Authorization": client.headers["Authorization"], **(case.headers or {})}
+    response = case.call(base_url=str(client.base_url), headers=headers, timeout=120)
+    assert response.status_code < 500, (case.method, case.formatted_path, response.text[:500])
+
+
+def test_after_the_fuzz_the_app_still_completes_a_job(client):
+    for job in client.get("/v1/videos", params={"limit": 100}).json()["data"]:
+        if job["status"] in ("queued", "running"):  # what the fuzz created may hold the pool: let it go
+            client.delete(f"/v1/videos/{job['id']}")
+    done = wait(client, submit(client, model="wan-tiny", prompt="after the fuzz", num_inference_steps=3)["id"])
+    assert done["status"] == "completed"
+    assert probe_mp4(client.get(f"/v1/videos/{done['id']}/content").content)[0] == 9
 
 
 def test_a_dead_ingress_replica_loses_no_job(client):
