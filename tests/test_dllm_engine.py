@@ -129,28 +129,22 @@ def test_a_response_ended_by_eos_finishes_before_its_last_step(tiny):
     with torch.no_grad():  # a model that favours EOS everywhere, so answers end early
         network.lm_head.weight[network.config.eos_token_id] *= 4
     eos_model = DllmModel(network, model.mask_id, model.stop_ids)
-    core, runner = _core(), DllmRunner({MODEL: eos_model})
+    core = _core()
     requests = [_request(tokenizer, i, "def g():", max_tokens=16, steps=16, alg="origin", temperature=1.0)
                 for i in range(4)]
-    for new in requests:
-        core.admit(new)
-    finished = {}
-    while core.pool:
-        plan = core.schedule()
-        result = runner.execute(plan)
-        finished.update(result.finished)
-        core.postprocess(plan, result)
+    finished = _decode_all(DllmRunner({MODEL: eos_model}), requests, core)
     done = {m.request_id: m for m in core.pop_done()}
     assert all(m.status == RequestStatus.FINISHED for m in done.values())
     assert any(m.steps_done < m.total_steps for m in done.values())
     for new in requests:
         expected = reference_decode(network, list(new.prompt_ids), new.params, eos_model.mask_id, eos_model.stop_ids)
-        cut = next((i for i, t in enumerate(expected) if t in eos_model.stop_ids), len(expected))
-        assert finished[new.request_id].tolist() == expected[:cut]
+        assert finished[new.request_id] == _response(expected, eos_model.stop_ids)
 
 
-def _decode_all(runner: DllmRunner, requests: list[NewDllmRequest]) -> dict[str, list[int]]:
-    core = _core()
+def _decode_all(runner: DllmRunner, requests: list[NewDllmRequest],
+                core: StepSchedulerCore | None = None) -> dict[str, list[int]]:
+    """Admit `requests` and step until the pool is empty; the response ids of each (no request may fail)."""
+    core = core or _core()
     for new in requests:
         core.admit(new)
     finished = {}

@@ -18,6 +18,7 @@ import yaml
 from attention.spmd import free_port
 from serve_graph.serve_configs import LOCAL_CONFIG, PROJECT_ROOT
 from tests.conftest import TEST_HEIGHTS
+from tests.video_jobs import wait
 
 pytestmark = pytest.mark.serve
 SERVE = Path(sys.executable).with_name("serve")
@@ -69,16 +70,6 @@ def _kill_group(process: subprocess.Popen) -> None:
     process.wait(timeout=30)
 
 
-def _wait(client: httpx.Client, job_id: str, until=("completed", "failed", "cancelled"), timeout=240) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        job = client.get(f"/v1/videos/{job_id}").json()
-        if job["status"] in until:
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"{job_id} did not reach {until}: {job}")
-
-
 JOBS = [dict(model=model, prompt=f"restart {i}", resolution=resolution, num_frames=frames, num_inference_steps=30,
              seed=100 + i) for i, (model, resolution, frames) in enumerate(
     [("cogvideox-tiny", "360p", 9), ("wan-tiny", "360p", 9), ("mochi-tiny", "240p", 7), ("cogvideox-tiny", "240p", 9),
@@ -93,25 +84,25 @@ def test_a_killed_app_restarted_on_its_data_directory_completes_every_job(tmp_pa
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             before = client.post("/v1/videos", json=dict(model="cogvideox-tiny", prompt="before", seed=1,
                                                          num_inference_steps=2)).json()
-            assert _wait(client, before["id"])["status"] == "completed"
+            assert wait(client, before["id"], timeout=240, poll_s=0.2)["status"] == "completed"
             before_bytes = client.get(f"/v1/videos/{before['id']}/content").content
             submitted = [client.post("/v1/videos", json=job) for job in JOBS]
             assert all(r.status_code == 202 for r in submitted), [r.text for r in submitted]
             ids = [r.json()["id"] for r in submitted]
-            _wait(client, ids[0], until=("running",))
+            wait(client, ids[0], until=("running",), timeout=240, poll_s=0.2)
             states = [client.get(f"/v1/videos/{i}").json()["status"] for i in ids]
             assert "queued" in states and "completed" not in states, states
         _kill_group(process)
         process = _start(config, port, log)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-            recovered = [_wait(client, i) for i in ids]
+            recovered = [wait(client, i, timeout=240, poll_s=0.2) for i in ids]
             assert [j["status"] for j in recovered] == ["completed"] * len(JOBS), recovered
             assert [j["restarts"] for j in recovered] == [1] * len(JOBS), recovered
             assert client.get(f"/v1/videos/{before['id']}/content").content == before_bytes
             crashed = [client.get(f"/v1/videos/{i}/content").content for i in ids]
             undisturbed = [client.post("/v1/videos", json=job).json()["id"] for job in JOBS]
             for job_id, content in zip(undisturbed, crashed):
-                assert _wait(client, job_id)["restarts"] == 0
+                assert wait(client, job_id, timeout=240, poll_s=0.2)["restarts"] == 0
                 assert client.get(f"/v1/videos/{job_id}/content").content == content
     finally:
         _kill_group(process)

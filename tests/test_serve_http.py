@@ -25,6 +25,7 @@ from deployments.video_ingress import app as video_api
 from serve_graph.app import build_video_app
 from serve_graph.serve_configs import serve_application
 from tests.conftest import TEST_HEIGHTS
+from tests.video_jobs import wait
 
 pytestmark = pytest.mark.serve
 KEYS_ENV, ALICE, BOB = "DIT_TEST_API_KEYS", "alice-token-1", "bob-token-2"
@@ -61,16 +62,6 @@ def submit(client, **body) -> dict:
     assert r.status_code == 202, r.text
     assert r.json()["status"] == "queued"
     return r.json()
-
-
-def wait(client, video_id: str, until=("completed", "failed", "cancelled"), timeout=120) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        job = client.get(f"/v1/videos/{video_id}").json()
-        if job["status"] in until:
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"{video_id} did not reach {until}: {job}")
 
 
 def test_models_and_health(client):

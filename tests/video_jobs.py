@@ -1,0 +1,20 @@
+"""Polling a video job over HTTP until it reaches a status: shared by the Serve HTTP and durability tests."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+def wait(client: httpx.Client, video_id: str, until=TERMINAL, timeout: float = 120, poll_s: float = 0.05) -> dict:
+    """The job once its status is in `until`; AssertionError with its last state after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = client.get(f"/v1/videos/{video_id}").json()
+        if job["status"] in until:
+            return job
+        time.sleep(poll_s)
+    raise AssertionError(f"{video_id} did not reach {until}: {job}")
