@@ -29,6 +29,7 @@ from deployments.errors import Overloaded, install_error_handlers
 from deployments.pipeline import MediaPipeline
 from deployments.store.blobs import BlobStore
 from deployments.store.jobs import JobRecord, open_job_store
+from engine.request import GenerationSpec
 from models import load_adapter
 from models.spec import ModelSpec
 from serve_graph.config import AuthConfig, LimitsConfig, StoreConfig
@@ -95,13 +96,13 @@ class VideoIngress:
         owner = self.keys.owner(authorization)
         resolved = self.validator.video(body)
         if idempotency_key is not None and (known := self.jobs.find_by_key(owner, idempotency_key)) is not None:
-            # The same request again (a seed left unset was drawn for the first one): the job created then.
-            if replace(known.spec, seed=resolved.seed if body.seed is None else known.spec.seed) != resolved:
-                raise InvalidRequest("Idempotency-Key", "this key was used for a different request", 409)
-            return known.view()
+            return self._repeated(known, body, resolved)
         await self._admit_or_raise()
-        record = self.jobs.create(JobRecord(id=f"video_{uuid.uuid4().hex}", spec=resolved, owner=owner,
-                                            resolution=body.resolution, idempotency_key=idempotency_key))
+        new_id = f"video_{uuid.uuid4().hex}"
+        record = self.jobs.create(JobRecord(id=new_id, spec=resolved, owner=owner, resolution=body.resolution,
+                                            idempotency_key=idempotency_key))
+        if record.id != new_id:  # the same key raced in through another replica: its job stands
+            return self._repeated(record, body, resolved)
         await self.runner.submit.remote(record.id)
         return await self._view(record)
 
@@ -183,6 +184,14 @@ class VideoIngress:
         if job is None or job.owner != owner:
             raise InvalidRequest(param, f"no video with id {video_id!r}", 404)
         return job
+
+    @staticmethod
+    def _repeated(known: JobRecord, body: VideoGenerationRequest, resolved: GenerationSpec) -> VideoJob:
+        """A POST that reused an Idempotency-Key: the job created then if it is the same request (a seed left unset
+        was drawn for the first one), else 409."""
+        if replace(known.spec, seed=resolved.seed if body.seed is None else known.spec.seed) != resolved:
+            raise InvalidRequest("Idempotency-Key", "this key was used for a different request", 409)
+        return known.view()
 
     async def _admit_or_raise(self, n: int = 1) -> None:
         active = self.jobs.count_unfinished() + self._active_images
