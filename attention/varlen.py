@@ -8,10 +8,14 @@ fp32, which ring attention needs to merge partial results.
 
 Backends sit behind one registry and are imported only when chosen:
 - `flash_attn`: flash-attn's varlen kernel (GPU, when installed);
-- `sdpa`: PyTorch's fused CPU flash kernel, one call per sequence (CPU default);
+- `torch_varlen`: PyTorch's own varlen flash kernel (`torch.nn.attention.varlen`,
+  CUDA, fp16/bf16): one launch over the whole pack, the GPU default without flash-attn;
+- `sdpa`: PyTorch's fused flash kernel, one call per sequence (CPU default; on CUDA
+  the flash kernel for fp16/bf16, the memory-efficient one for fp32);
 - `block_diagonal`: one masked matmul over the whole pack, in fp32 math; a
   reference backend. `python -m benchmarks.varlen_backends` measured it 40-120x
   slower than `sdpa` on every pack tried (64x16 to 1x4096 tokens), hence the default.
+No backend materialises a sequence's score matrix except `block_diagonal`.
 A sequence with no keys gets output 0 and LSE -inf (it then merges as a no-op).
 """
 
@@ -69,13 +73,24 @@ class SdpaSegments(VarlenBackend):
                 continue
             # (1, heads, seq, dim) views, as the kernel expects.
             qi, ki, vi = (t[a:b].transpose(0, 1).unsqueeze(0) for t, a, b in ((q, q0, q1), (k, k0, k1), (v, k0, k1)))
-            if q.device.type == "cpu":
-                o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qi, ki, vi, 0.0, False, scale=scale)
-            else:
-                o, l = _math_attention(qi, ki, vi, scale)
+            o, l = _fused_attention(qi, ki, vi, scale)
             out[q0:q1] = o[0].transpose(0, 1)
-            lse[q0:q1] = l[0].transpose(0, 1).float()
+            lse[q0:q1] = l[0, :, :q1 - q0].transpose(0, 1).float()
         return out, lse
+
+
+def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of one (1, heads, seq, dim) sequence from PyTorch's fused kernels, which return the LSE that the
+    public SDPA drops. The CUDA memory-efficient kernel pads its LSE's sequence axis (the caller trims it)."""
+    if q.device.type == "cpu":
+        o, l, *_ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+    elif q.dtype in (torch.float16, torch.bfloat16):
+        o, l, *_ = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
+    else:
+        o, l, *_ = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False,
+                                                                          scale=scale)
+    return o, l
 
 
 def _math_attention(q, k, v, scale, mask=None):
@@ -121,31 +136,66 @@ class FlashAttnVarlen(VarlenBackend):
         max_q = max(b - a for a, b in zip(cu_seqlens_q, cu_seqlens_q[1:]))
         max_k = max(b - a for a, b in zip(cu_seqlens_k, cu_seqlens_k[1:]))
         out, lse, _ = self._fn(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, return_attn_probs=True)
-        # flash-attn leaves sequences without keys undefined; give them the documented 0 / -inf.
-        lse = lse.transpose(0, 1).float()
-        empty_k = [i for i in range(len(cu_seqlens_k) - 1) if cu_seqlens_k[i + 1] == cu_seqlens_k[i]]
-        for i in empty_k:
+        return _keyless_to_zero(out, lse.transpose(0, 1).float(), cu_seqlens_q, cu_seqlens_k)
+
+
+@register_backend("torch_varlen")
+class TorchVarlen(VarlenBackend):
+    def __init__(self) -> None:
+        from torch.nn.attention.varlen import AuxRequest, varlen_attn  # CUDA kernels, fp16/bf16
+
+        self._fn, self._aux = varlen_attn, AuxRequest(lse=True)
+        self._lse_heads_first: bool | None = None  # PyTorch 2.11 returns (heads, tokens), 2.13 (tokens, heads)
+
+    def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, scale):
+        if q.shape[0] == 0 or k.shape[0] == 0:
+            return _empty_result(q)
+        out, lse = self._call(q, k, v, cu_seqlens_q, cu_seqlens_k, scale)
+        if self._lse_heads_first is None:  # learn the layout once, from a call whose two axes differ
+            probe = q.new_zeros(q.shape[1] + 1, *q.shape[1:])
+            _, probe_lse = self._call(probe, probe, probe, [0, len(probe)], [0, len(probe)], scale)
+            self._lse_heads_first = probe_lse.shape[0] != len(probe)
+        return _keyless_to_zero(out, (lse.T if self._lse_heads_first else lse).float(), cu_seqlens_q, cu_seqlens_k)
+
+    def _call(self, q, k, v, cu_seqlens_q, cu_seqlens_k, scale):
+        cu_q = torch.tensor(cu_seqlens_q, dtype=torch.int32, device=q.device)
+        cu_k = torch.tensor(cu_seqlens_k, dtype=torch.int32, device=q.device)
+        max_q = max(b - a for a, b in zip(cu_seqlens_q, cu_seqlens_q[1:]))
+        max_k = max(b - a for a, b in zip(cu_seqlens_k, cu_seqlens_k[1:]))
+        return self._fn(q, k, v, cu_q, cu_k, max_q, max_k, return_aux=self._aux, scale=scale)
+
+
+def _keyless_to_zero(out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: Offsets, cu_seqlens_k: Offsets,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Varlen kernels leave sequences without keys undefined; give them the documented 0 / -inf."""
+    for i in range(len(cu_seqlens_k) - 1):
+        if cu_seqlens_k[i + 1] == cu_seqlens_k[i]:
             out[cu_seqlens_q[i]:cu_seqlens_q[i + 1]] = 0
             lse[cu_seqlens_q[i]:cu_seqlens_q[i + 1]] = -math.inf
-        return out, lse
+    return out, lse
 
 
 _instances: dict[str, VarlenBackend] = {}
 
 
-def get_backend(name: str = "auto", device: torch.device | str = "cpu") -> VarlenBackend:
-    """`auto` picks flash-attn on CUDA when it imports, else the per-sequence SDPA backend."""
-    if name == "auto":
-        name = "sdpa"
-        if torch.device(device).type == "cuda":
-            try:
-                import flash_attn  # noqa: F401
+def get_backend(name: str = "auto", device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32) -> VarlenBackend:
+    """`auto` for fp16/bf16 on CUDA: flash-attn when it imports, else PyTorch's varlen kernel when this PyTorch has
+    it, else the per-sequence SDPA backend; the per-sequence SDPA backend everywhere else (CPU, fp32)."""
+    if name != "auto":
+        if name not in _BACKENDS:
+            raise ValueError(f"unknown varlen backend {name!r}; registered: {sorted(_BACKENDS)}")
+        return _instance(name)
+    half = dtype in (torch.float16, torch.bfloat16)
+    for candidate in ("flash_attn", "torch_varlen") if torch.device(device).type == "cuda" and half else ():
+        try:
+            return _instance(candidate)
+        except ImportError:  # not installed, or a PyTorch without the varlen kernel
+            continue
+    return _instance("sdpa")
 
-                name = "flash_attn"
-            except ImportError:
-                pass
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown varlen backend {name!r}; registered: {sorted(_BACKENDS)}")
+
+def _instance(name: str) -> VarlenBackend:
     if name not in _instances:
         _instances[name] = _BACKENDS[name]()
     return _instances[name]
@@ -159,7 +209,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         raise ValueError(f"cu_seqlens_q has {len(cu_seqlens_q)} offsets, cu_seqlens_k {len(cu_seqlens_k)}")
     if cu_seqlens_q[-1] != q.shape[0] or cu_seqlens_k[-1] != k.shape[0]:
         raise ValueError(f"offsets end at {cu_seqlens_q[-1]}/{cu_seqlens_k[-1]}, tensors hold {q.shape[0]}/{k.shape[0]}")
-    impl = get_backend(backend, q.device) if isinstance(backend, str) else backend
+    impl = get_backend(backend, q.device, q.dtype) if isinstance(backend, str) else backend
     return impl.forward(q, k, v, list(cu_seqlens_q), list(cu_seqlens_k), scale or q.shape[-1] ** -0.5)
 
 

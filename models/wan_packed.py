@@ -57,28 +57,35 @@ def forward_rows(model: WanTransformer3DModel, requests: list[PackedRequest], ct
         temb[i], proj[i], text[i] = t[0], p[0].unflatten(0, (6, -1)), txt[0]
     x = gather_rows(patches, segments)
     rope_cos, rope_sin = gather_rows(cos, segments), gather_rows(sin, segments)
-    row_proj, row_temb = per_row(proj, segments), per_row(temb, segments)
+    row_temb = per_row(temb, segments)
+    # The blocks' AdaLN tables stay per request; each chunk is spread over the rows only when it is used (six
+    # fp32 chunks per row at once would be 12x the size of x: 23 GB for a 187k-token pack of Wan-14B).
+    proj_stack = torch.stack([proj[i] for i in held])
+    row_request = torch.repeat_interleave(torch.tensor([held.index(s.request) for s in segments]),
+                                          torch.tensor([s.length for s in segments])).to(x.device)
 
     for block in model.blocks:
-        x = _block(block, x, text, row_proj, rope_cos, rope_sin, counts, segments, ctx)
+        x = _block(block, x, text, proj_stack, row_request, rope_cos, rope_sin, counts, segments, ctx)
 
     shift, scale = (model.scale_shift_table + row_temb.unsqueeze(1)).chunk(2, dim=1)
     x = (model.norm_out(x.float()) * (1 + scale[:, 0]) + shift[:, 0]).type_as(x)
     return model.proj_out(x), segments
 
 
-def _block(block, x, texts, row_proj, cos, sin, counts, segments, ctx):
-    shift, scale, gate, c_shift, c_scale, c_gate = (block.scale_shift_table + row_proj.float()).chunk(6, dim=1)
-    shift, scale, gate, c_shift, c_scale, c_gate = (t[:, 0] for t in (shift, scale, gate, c_shift, c_scale, c_gate))
+def _block(block, x, texts, proj_stack, row_request, cos, sin, counts, segments, ctx):
+    tables = block.scale_shift_table + proj_stack.float()  # (requests held, 6, hidden)
+
+    def modulation(chunk: int) -> torch.Tensor:  # shift, scale, gate, c_shift, c_scale, c_gate: one per row
+        return tables[:, chunk].index_select(0, row_request)
 
     attn = block.attn1
-    normed = (block.norm1(x.float()) * (1 + scale) + shift).type_as(x)
+    normed = (block.norm1(x.float()) * (1 + modulation(1)) + modulation(0)).type_as(x)
     q = attn.norm_q(attn.to_q(normed)).unflatten(1, (attn.heads, -1))
     k = attn.norm_k(attn.to_k(normed)).unflatten(1, (attn.heads, -1))
     v = attn.to_v(normed).unflatten(1, (attn.heads, -1))
     q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
     out = ctx.self_attention(q, k, v, counts).flatten(1)
-    x = (x.float() + attn.to_out[1](attn.to_out[0](out)) * gate).type_as(x)
+    x = (x.float() + attn.to_out[1](attn.to_out[0](out)) * modulation(2)).type_as(x)
 
     attn = block.attn2
     normed = block.norm2(x.float()).type_as(x)
@@ -88,8 +95,8 @@ def _block(block, x, texts, row_proj, cos, sin, counts, segments, ctx):
     out = ctx.cross_attention(q, keys, values, segments).flatten(1)
     x = x + attn.to_out[1](attn.to_out[0](out))
 
-    normed = (block.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
-    return (x.float() + block.ffn(normed).float() * c_gate).type_as(x)
+    normed = (block.norm3(x.float()) * (1 + modulation(4)) + modulation(3)).type_as(x)
+    return (x.float() + block.ffn(normed).float() * modulation(5)).type_as(x)
 
 
 def unpatchify(model: WanTransformer3DModel, request: PackedRequest, rows: torch.Tensor) -> torch.Tensor:

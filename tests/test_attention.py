@@ -53,6 +53,30 @@ def test_sequence_without_keys_gives_zero_and_minus_inf(backend):
         varlen_attention(q, k, k, [0, 4], [0, 3])
 
 
+CUDA_BACKENDS = [("sdpa", torch.float32), ("sdpa", torch.bfloat16), ("torch_varlen", torch.bfloat16),
+                 ("auto", torch.bfloat16)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU kernels need a CUDA device")
+@pytest.mark.parametrize("backend,dtype", CUDA_BACKENDS)
+def test_cuda_varlen_backends_equal_the_fp32_reference(backend, dtype):
+    """The fused GPU kernels (never a materialised score matrix) against per-sequence fp32 math, keyless included."""
+    q_lens, k_lens = [7, 1, 300, 12, 4], [7, 20, 257, 12, 0]
+    qs, ks, vs = (packed(lens, seed) for lens, seed in ((q_lens, 0), (k_lens, 1), (k_lens, 2)))
+    q, k, v = (torch.cat(t).to("cuda", dtype) for t in (qs, ks, vs))
+    cu_q, cu_k = ([0, *torch.tensor(lens).cumsum(0).tolist()] for lens in (q_lens, k_lens))
+    out, lse = varlen_attention(q, k, v, cu_q, cu_k, backend=backend)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for i in range(len(q_lens) - 1):
+        ref_out, ref_lse = reference(*(t[a:b].float() for t, a, b in ((q, cu_q[i], cu_q[i + 1]),
+                                                                        (k, cu_k[i], cu_k[i + 1]),
+                                                                        (v, cu_k[i], cu_k[i + 1]))))
+        torch.testing.assert_close(out[cu_q[i]:cu_q[i + 1]].float(), ref_out, atol=tol, rtol=tol)
+        torch.testing.assert_close(lse[cu_q[i]:cu_q[i + 1]], ref_lse, atol=tol, rtol=tol)
+    assert lse.dtype == torch.float32 and out.dtype == dtype
+    assert torch.all(out[cu_q[-2]:] == 0) and torch.all(lse[cu_q[-2]:] == -math.inf)
+
+
 def test_merging_key_blocks_in_any_order_equals_full_attention():
     q, k, v = torch.randn(9, HEADS, DIM), torch.randn(40, HEADS, DIM), torch.randn(40, HEADS, DIM)
     full_out, full_lse = reference(q, k, v)
