@@ -98,6 +98,9 @@ class TrainConfig(_Frozen):
     steps: int = Field(ge=1)
     checkpoint_every: int = Field(default=10, ge=1)
     storage_path: str = Field(default="runs", description="Ray Train storage for checkpoints (relative: project root).")
+    trainer_workers: int = Field(default=1, ge=1, description="Ray Train workers; the policy is sharded over them "
+                                                             "(FSDP2) and each trains on its part of a batch.")
+    trainer_use_gpu: bool = Field(default=False, description="One GPU per worker (NCCL); else CPU workers (gloo).")
     trainer_cpus: float = 1.0
     rollout_cpus: float = 0.5
 

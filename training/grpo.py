@@ -59,10 +59,12 @@ class LossStats:
 
 def grpo_plus_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                    response_mask: torch.Tensor, truncated: torch.Tensor, eps_low: float = 0.2,
-                   eps_high: float = 0.28) -> tuple[torch.Tensor, LossStats]:
+                   eps_high: float = 0.28, batch_tokens: float | None = None) -> tuple[torch.Tensor, LossStats]:
     """Clipped surrogate with clip-high, token-mean over the batch, truncated responses masked out.
 
     logprobs/old_logprobs/response_mask: (responses, tokens); advantages/truncated: (responses,).
+    `batch_tokens`: the counted tokens of the whole batch when these responses are one worker's part of it (data
+    parallel: the parts' losses then sum to the batch's); default: these responses' own count.
     """
     mask = response_mask.float() * (~truncated.bool()).float().unsqueeze(1)
     ratio = torch.exp(logprobs - old_logprobs)
@@ -71,6 +73,7 @@ def grpo_plus_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantage
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
     per_token = -torch.minimum(unclipped, clipped)
     tokens = mask.sum()
-    loss = (per_token * mask).sum() / tokens.clamp_min(1.0)
+    denominator = tokens.clamp_min(1.0) if batch_tokens is None else max(batch_tokens, 1.0)
+    loss = (per_token * mask).sum() / denominator
     clip_fraction = float(((clipped < unclipped).float() * mask).sum() / tokens.clamp_min(1.0))
     return loss, LossStats(clip_fraction, int(tokens))

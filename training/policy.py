@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from training.fsdp import all_sum, rank_and_world
 from training.problems import Problem
 
 
@@ -65,28 +66,32 @@ class Policy:
         return taken, mean_entropy
 
     def warm_start(self, problems: list[Problem], steps: int, batch: int, lr: float, seed: int = 0) -> list[float]:
-        """Supervised fine-tuning on (prompt, reference solution + EOS); returns the loss curve."""
+        """Supervised fine-tuning on (prompt, reference solution + EOS); returns the loss curve. Data parallel
+        like `learner.grpo_update` when the model is sharded over several workers (each takes every N-th pair)."""
+        rank, world = rank_and_world()
         rng = random.Random(seed)
         pairs = [(self.prompt(p.statement), s) for p in problems for s in p.reference_solutions]
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr)
         losses = []
         for _ in range(steps):
-            chosen = [pairs[rng.randrange(len(pairs))] for _ in range(batch)]
+            chosen = [pairs[rng.randrange(len(pairs))] for _ in range(batch)][rank::world]
             prompts = [self.tokenizer(p, add_special_tokens=False).input_ids for p, _ in chosen]
             targets = [self.tokenizer(s, add_special_tokens=False).input_ids + [self.tokenizer.eos_token_id]
                        for _, s in chosen]
             seq = self.pack(prompts, targets)
+            [tokens] = all_sum(float(seq.response_mask.sum()))
             logp, _ = self.token_logprobs(seq)
-            loss = -(logp * seq.response_mask).sum() / seq.response_mask.sum()
+            loss = -(logp * seq.response_mask).sum() / tokens
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            losses.append(loss.item())
+            losses.append(all_sum(loss.item())[0])
         return losses
 
-    def save(self, directory: Path) -> Path:
-        """Weights + tokenizer in HF format: what vLLM's in-place reload and the coder app read."""
+    def save(self, directory: Path, weights: dict[str, torch.Tensor]) -> Path:
+        """`weights` (full, from `fsdp.full_weights`) + tokenizer in HF format: what vLLM's in-place reload and the
+        coder app read."""
         directory.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(directory, safe_serialization=True)
+        self.model.save_pretrained(directory, state_dict=weights, safe_serialization=True)
         self.tokenizer.save_pretrained(directory)
         return directory

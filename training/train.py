@@ -3,7 +3,8 @@
     python -m training.train --config configs/train/tiny-cpu.yaml [--steps N] [--resume CHECKPOINT_DIR]
 
 The driver starts the rollout actor (`training.rollout`), the reward actors, and a
-`TorchTrainer` (one CPU worker here; N GPU workers with FSDP on GPU) whose loop
+`TorchTrainer` (`trainer_workers` workers, each holding an FSDP2 shard of the policy,
+`training/fsdp.py`: gloo on CPU, NCCL on GPU; rank 0 drives the actors) whose loop
 does, per step k:
 
     batch_k  <- wait for the rollout of step k (sampled, rewards computed as chunks arrived)
@@ -15,7 +16,8 @@ does, per step k:
 so with one-off pipelining a batch is sampled by weights at most one step old
 (logged as staleness), and the trainer never waits for sampling it could overlap.
 The maximum response length follows `context_schedule` by step. Checkpoints hold
-the model, the optimiser, the step, the data position and the schedule in force.
+the sharded model and optimiser (loadable on any worker count), the full model in HF
+format, the step, the data position and the schedule in force.
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ from pathlib import Path
 
 import ray
 import torch
+import torch.distributed as dist
 
 from training.config import TrainConfig, load_config
-from training.grpo import group_advantages, grpo_plus_loss
+from training.fsdp import full_weights, load_sharded, save_sharded, shard_policy
+from training.learner import grpo_update
 from training.problems import Problem, read_jsonl
 
 STATE_FILE = "trainer_state.json"
@@ -84,46 +88,39 @@ def _submit(rollout, stream: ProblemStream, cfg: TrainConfig, step: int, rewarde
     return _generate(rollout, stream.next(), cfg, step, cfg.rollout.chunk_problems, rewarders)
 
 
-def _train_step(policy, optimizer, batch, rewards, cfg: TrainConfig) -> dict:
-    samples = batch.samples
-    advantages, groups = group_advantages(torch.tensor(rewards), cfg.rollout.group_size)
-    seq = policy.pack([s.prompt_ids for s in samples], [s.response_ids for s in samples])
-    truncated = torch.tensor([s.truncated for s in samples])
-    with torch.no_grad():
-        old_logprobs, entropy = policy.token_logprobs(seq)
-    clip, losses = [], []
-    parts = [part for _ in range(cfg.algorithm.epochs) for part in torch.randperm(len(samples)).chunk(
-        cfg.algorithm.mini_batches)]
-    for part in parts:
-        sub = type(seq)(seq.input_ids[part], seq.attention_mask[part], seq.response_mask[part])
-        logprobs, _ = policy.token_logprobs(sub)
-        loss, stats = grpo_plus_loss(logprobs, old_logprobs[part], advantages[part], sub.response_mask,
-                                     truncated[part], cfg.algorithm.eps_low, cfg.algorithm.eps_high)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.model.parameters(), cfg.algorithm.max_grad_norm)
-        optimizer.step()
-        clip.append(stats.clip_fraction)
-        losses.append(loss.item())
-    return {"loss": sum(losses) / len(losses), "clip_fraction": sum(clip) / len(clip), "entropy": entropy.item(),
-            "groups_with_signal": groups.signal_fraction, "truncated": truncated.float().mean().item()}
-
-
 def evaluate_held_out(rollout, problems: list[Problem], cfg: TrainConfig, rewarders, step: int) -> float:
     """Mean reward of the held-out problems (group_size samples each) with the rollout engine's weights."""
     batch = ray.get(_generate(rollout, problems, cfg, step, len(problems), rewarders))
     return sum(r.reward for r in ray.get(batch.reward_refs)) / len(batch.samples)
 
 
+def _broadcast(value):
+    """Rank 0's `value` on every worker (the batch: only rank 0 talks to the rollout and reward actors)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _export(policy, directory: Path) -> str | None:
+    """Gather the full weights (every worker takes part) and write them in HF format on rank 0; its path there."""
+    weights = full_weights(policy.model)
+    return str(policy.save(directory, weights)) if dist.get_rank() == 0 else None
+
+
 def train_loop(loop_config: dict) -> None:
-    """Runs on the Ray Train worker: the whole pipelined GRPO+ loop."""
+    """Runs on every Ray Train worker: the whole pipelined GRPO+ loop. Rank 0 drives the rollouts, rewards, logs
+    and weight syncs; every worker holds an FSDP shard of the policy and trains on its part of each batch."""
     import ray.train
+    import ray.train.torch
 
     from training.metrics import TrainingMetrics
     from training.policy import Policy
 
     cfg = TrainConfig.model_validate(loop_config["config"])
-    gauges = TrainingMetrics(cfg.name)
+    lead = ray.train.get_context().get_world_rank() == 0
+    gauges = TrainingMetrics(cfg.name) if lead else None
     rollout, rewarders = loop_config["rollout"], loop_config["rewarders"]
     torch.manual_seed(cfg.data.seed)
     # A restarted worker of this run resumes from the run's latest checkpoint; a new run may
@@ -132,17 +129,16 @@ def train_loop(loop_config: dict) -> None:
     if checkpoint is None and loop_config.get("resume_from"):
         checkpoint = ray.train.Checkpoint(loop_config["resume_from"])
     work = Path(tempfile.mkdtemp(prefix="grpo-"))
+    policy = Policy(cfg.model.resolved())
+    if cfg.trainer_use_gpu:
+        policy.model.to(ray.train.torch.get_device())
+    shard_policy(policy.model)
+    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=cfg.algorithm.lr)
     state = {"step": 0, "epoch": 0, "index": 0, "version": 0}
     if checkpoint:
         with checkpoint.as_directory() as ckpt:
             state = json.loads((Path(ckpt) / STATE_FILE).read_text())
-            policy = Policy(str(Path(ckpt) / "model"))
-            optimizer = torch.optim.AdamW(policy.model.parameters(), lr=cfg.algorithm.lr)
-            optimizer.load_state_dict(torch.load(Path(ckpt) / "optimizer.pt"))
-            ray.get(rollout.load_weights.remote(str(policy.save(work / "resume")), state["version"]))
-    else:
-        policy = Policy(cfg.model.resolved())
-        optimizer = torch.optim.AdamW(policy.model.parameters(), lr=cfg.algorithm.lr)
+            load_sharded(Path(ckpt) / "sharded", policy.model, optimizer)
     train = _problems(cfg.data.train, held_out=False)
     held_out = _problems(cfg.data.held_out, held_out=True)
     stream = ProblemStream(train, cfg.data.batch_problems, cfg.data.seed, state["epoch"], state["index"])
@@ -154,64 +150,81 @@ def train_loop(loop_config: dict) -> None:
 
             demos = noisy_demonstrations(train, cfg.warm_start.label_noise, cfg.data.seed)
         policy.warm_start(demos, cfg.warm_start.steps, cfg.warm_start.batch, cfg.warm_start.lr, cfg.data.seed)
-        ray.get(rollout.load_weights.remote(str(policy.save(work / "warm-start")), 0))
+    if checkpoint or cfg.warm_start.steps:  # the rollout engine starts from the base model's weights
+        exported = _export(policy, work / "start")
+        if lead:
+            ray.get(rollout.load_weights.remote(exported, state["version"]))
     log = cfg.metrics_path()
-    log.parent.mkdir(parents=True, exist_ok=True)
-    if held_out and not checkpoint:
+    if lead:
+        log.parent.mkdir(parents=True, exist_ok=True)
+    if lead and held_out and not checkpoint:
         start = {"step": -1, "held_out_reward": evaluate_held_out(rollout, held_out, cfg, rewarders, 0)}
         log.write_text(json.dumps(start) + "\n")
         gauges.record(start)
         print(json.dumps(start), flush=True)
 
     version = state["version"]
-    pending = _submit(rollout, stream, cfg, state["step"], rewarders)
+    pending = _submit(rollout, stream, cfg, state["step"], rewarders) if lead else None
     sync = None
     for step in range(state["step"], cfg.steps):
         t0 = time.perf_counter()
-        batch = ray.get(pending)
-        rewards = [r.reward for r in ray.get(batch.reward_refs)]
-        t_wait = time.perf_counter() - t0
-        # The previous step's weight sync (in one-off mode it ran right after this batch sampled).
-        t_sync = ray.get(sync) if sync is not None else None
         last = step + 1 == cfg.steps
-        if cfg.pipeline == "one_off" and not last:
-            pending = _submit(rollout, stream, cfg, step + 1, rewarders)
+        batch = rewards = t_sync = None
+        if lead:
+            batch = ray.get(pending)
+            rewards = [r.reward for r in ray.get(batch.reward_refs)]
+            # The previous step's weight sync (in one-off mode it ran right after this batch sampled).
+            t_sync = ray.get(sync) if sync is not None else None
+            if cfg.pipeline == "one_off" and not last:
+                pending = _submit(rollout, stream, cfg, step + 1, rewarders)
+        t_wait = time.perf_counter() - t0
+        samples, rewards = _broadcast((batch.samples if lead else None, rewards))
         t1 = time.perf_counter()
-        metrics = _train_step(policy, optimizer, batch, rewards, cfg)
+        metrics = grpo_update(policy, optimizer, samples, rewards, cfg, seed=cfg.data.seed + step)
         t_train = time.perf_counter() - t1
         version += 1
-        weights = policy.save(work / f"v{version}")
-        shutil.rmtree(work / f"v{version - 2}", ignore_errors=True)  # the actor may still read v{version-1}
-        sync = rollout.load_weights.remote(str(weights), version)
-        if cfg.pipeline == "sync" or last:
-            t_sync, sync = ray.get(sync), None
-        if cfg.pipeline == "sync" and not last:
-            pending = _submit(rollout, stream, cfg, step + 1, rewarders)
-        metrics.update({
-            "step": step, "mean_reward": sum(rewards) / len(rewards),
-            "response_tokens": sum(len(s.response_ids) for s in batch.samples) / len(batch.samples),
-            "max_response_tokens": batch.max_tokens, "staleness": step - batch.weights_version,
-            "generate_s": batch.generate_seconds, "wait_rollout_s": t_wait, "train_s": t_train,
-            "weight_sync_s": t_sync, "step_s": time.perf_counter() - t0,
-        })
+        exported = _export(policy, work / f"v{version}")
+        if lead:
+            shutil.rmtree(work / f"v{version - 2}", ignore_errors=True)  # the actor may still read v{version-1}
+            sync = rollout.load_weights.remote(exported, version)
+            if cfg.pipeline == "sync" or last:
+                t_sync, sync = ray.get(sync), None
+            if cfg.pipeline == "sync" and not last:
+                pending = _submit(rollout, stream, cfg, step + 1, rewarders)
+            metrics.update({
+                "step": step, "mean_reward": sum(rewards) / len(rewards),
+                "response_tokens": sum(len(s.response_ids) for s in samples) / len(samples),
+                "max_response_tokens": batch.max_tokens, "staleness": step - batch.weights_version,
+                "generate_s": batch.generate_seconds, "wait_rollout_s": t_wait, "train_s": t_train,
+                "weight_sync_s": t_sync, "step_s": time.perf_counter() - t0,
+            })
+            if last and held_out:
+                metrics["held_out_reward"] = evaluate_held_out(rollout, held_out, cfg, rewarders, step)
+            with log.open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            gauges.record(metrics)
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}), flush=True)
         state = {"step": step + 1, **stream.position(), "version": version,
                  "max_response_tokens": cfg.max_response_tokens(step + 1)}
-        if last and held_out:
-            metrics["held_out_reward"] = evaluate_held_out(rollout, held_out, cfg, rewarders, step)
-        with log.open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        gauges.record(metrics)
-        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}), flush=True)
         if (step + 1) % cfg.checkpoint_every == 0 or last:
-            ckpt = work / f"checkpoint-{step + 1}"
-            policy.save(ckpt / "model")
-            torch.save(optimizer.state_dict(), ckpt / "optimizer.pt")
-            (ckpt / STATE_FILE).write_text(json.dumps(state))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt)))
-            shutil.rmtree(ckpt, ignore_errors=True)
+            _checkpoint(work / f"checkpoint-{step + 1}", policy, optimizer, state, metrics, lead)
         else:
             ray.train.report(metrics)
     shutil.rmtree(work, ignore_errors=True)
+
+
+def _checkpoint(ckpt: Path, policy, optimizer, state: dict, metrics: dict, lead: bool) -> None:
+    """Every worker writes its shards (`sharded/`, loadable on any worker count) and reports its directory; Ray
+    Train merges them into one checkpoint. Rank 0 adds the loop state and the full weights in HF format
+    (`model/`: servable as it is)."""
+    import ray.train
+
+    save_sharded(ckpt / "sharded", policy.model, optimizer)
+    _export(policy, ckpt / "model")
+    if lead:
+        (ckpt / STATE_FILE).write_text(json.dumps(state))
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt)))
+    shutil.rmtree(ckpt, ignore_errors=True)
 
 
 def run(cfg: TrainConfig, resume: str | None = None):
@@ -235,7 +248,8 @@ def run(cfg: TrainConfig, resume: str | None = None):
         train_loop,
         train_loop_config={"config": cfg.model_dump(mode="json"), "rollout": rollout, "rewarders": rewarders,
                            "resume_from": resume},
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": cfg.trainer_cpus}),
+        scaling_config=ScalingConfig(num_workers=cfg.trainer_workers, use_gpu=cfg.trainer_use_gpu,
+                                     resources_per_worker={"CPU": cfg.trainer_cpus}),
         run_config=RunConfig(name=cfg.name, storage_path=cfg.storage(),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
