@@ -93,6 +93,8 @@ def render_rayservice() -> dict:
                     _worker_group("vllm-gpu", gpus=2, replicas=(1, 4), cpu="16", memory="128Gi"),
                     # The diffusion coder LMs (Dream-Coder 7B + DiffuCoder 7B on one GPU), checkpoints by path.
                     _worker_group("dllm-gpu", gpus=1, replicas=(1, 2), cpu="8", memory="64Gi", models_volume=True),
+                    # The GRPO+ trainer of k8s/rayjob-grpo.yaml: 8 FSDP workers on one node, up only while it runs.
+                    _worker_group("train-gpu", gpus=8, replicas=(0, 1), cpu="64", memory="1024Gi"),
                 ],
             },
         },

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from training.config import TrainConfig, load_config
@@ -23,6 +24,18 @@ def test_deepcoder_recipe_lengthens_context_16k_to_32k():
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs/train/deepcoder-14b.yaml")
     assert cfg.algorithm.lr == 1e-6 and 32 <= cfg.data.batch_problems <= 128
     assert [cfg.max_response_tokens(s) for s in (0, 179, 180, 249)] == [16384, 16384, 32768, 32768]
+
+
+def test_deepcoder_trainer_fills_the_train_gpu_node_of_the_rayservice():
+    """8 FSDP workers, one GPU each, whose custom resource adds up to the one `train-gpu` pod of 8 GPUs."""
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs/train/deepcoder-14b.yaml")
+    service = yaml.safe_load((root / "k8s/rayservice.yaml").read_text())
+    [group] = [g for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"] if g["groupName"] == "train-gpu"]
+    assert cfg.trainer_use_gpu and cfg.trainer_workers == int(group["rayStartParams"]["num-gpus"]) == 8
+    assert cfg.trainer_workers * cfg.trainer_resources["train-gpu"] == 1.0
+    mini_batch = cfg.data.batch_problems * cfg.rollout.group_size // cfg.algorithm.mini_batches
+    assert mini_batch >= cfg.trainer_workers  # every worker gets samples of every mini-batch
 
 
 def test_bad_schedules_and_backends_are_refused():

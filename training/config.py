@@ -102,6 +102,8 @@ class TrainConfig(_Frozen):
                                                              "(FSDP2) and each trains on its part of a batch.")
     trainer_use_gpu: bool = Field(default=False, description="One GPU per worker (NCCL); else CPU workers (gloo).")
     trainer_cpus: float = 1.0
+    trainer_resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per "
+                                                "worker, e.g. {train-gpu: 0.125}: the k8s node group it must use.")
     rollout_cpus: float = 0.5
 
     @model_validator(mode="after")

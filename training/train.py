@@ -249,7 +249,7 @@ def run(cfg: TrainConfig, resume: str | None = None):
         train_loop_config={"config": cfg.model_dump(mode="json"), "rollout": rollout, "rewarders": rewarders,
                            "resume_from": resume},
         scaling_config=ScalingConfig(num_workers=cfg.trainer_workers, use_gpu=cfg.trainer_use_gpu,
-                                     resources_per_worker={"CPU": cfg.trainer_cpus}),
+                                     resources_per_worker={"CPU": cfg.trainer_cpus, **cfg.trainer_resources}),
         run_config=RunConfig(name=cfg.name, storage_path=cfg.storage(),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
