@@ -71,3 +71,20 @@ def test_checkpoint_reloads_and_the_run_resumes(trained, tmp_path):
     assert [r["step"] for r in rows] == [cfg.steps, cfg.steps + 1]  # no warm start, no step repeated
     assert json.loads((Path(resumed.checkpoint.path) / "trainer_state.json").read_text())["step"] == cfg.steps + 2
     assert policy.model.config.model_type == "qwen2"
+
+
+def test_two_fsdp_workers_train_sync_and_checkpoint_their_shards(trained):
+    """The same loop on 2 Ray Train workers (gloo): rank 0 drives the rollouts, both train their parts, the
+    gathered weights reach the engine each step, and the checkpoint holds one shard per worker."""
+    cfg, result = trained
+    two = load_config(ROOT / "configs/train/tiny-cpu.yaml", model={"path": str(Path(result.checkpoint.path) / "model")},
+                      storage_path=cfg.storage_path, name=f"{cfg.name}-fsdp2", steps=2, trainer_workers=2,
+                      trainer_cpus=0.5, warm_start={"steps": 0}, data={"train": "toy", "held_out": None})
+    fsdp = run(two)
+    rows = _metrics(two)
+    assert [r["step"] for r in rows] == [0, 1] and [r["staleness"] for r in rows] == [0, 1]
+    assert all(r["weight_sync_s"] is None or r["weight_sync_s"] >= 0 for r in rows)
+    ckpt = Path(fsdp.checkpoint.path)
+    assert sorted(p.name for p in (ckpt / "sharded").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert json.loads((ckpt / "trainer_state.json").read_text())["version"] == 2
+    assert Policy(str(ckpt / "model")).model.config.model_type == "qwen2"
