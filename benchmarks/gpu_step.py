@@ -132,7 +132,7 @@ def bench_model(name: str, repeats: int) -> list[dict]:
             expected = [n for r in (RESOLUTIONS if resolution == "mixed" else (resolution,))
                         for n in profile.row_tokens(trace_request(name, r))]
             assert tokens == expected, (tokens, expected)
-            seconds, out = timed(lambda: forward_packed(family, model, requests), repeats)
+            seconds, out = timed(lambda batch=requests: forward_packed(family, model, batch), repeats)
             predicted, flops = predicted_seconds(profile, name, tokens)
             row = dict(model=name, batch=resolution, rows=len(tokens), tokens=sum(tokens), measured_s=seconds,
                        predicted_s=predicted, measured_over_predicted=seconds / predicted,
@@ -151,9 +151,6 @@ def bench_model(name: str, repeats: int) -> list[dict]:
             print(f"  {resolution:>5} {row['rows']} rows {row['tokens']:>6} tokens: {seconds:.3f} s measured, "
                   f"{predicted:.3f} s predicted ({row['measured_over_predicted']:.2f}x), "
                   f"{row['achieved_tflops']:.0f} TFLOP/s ({100 * row['mfu']:.0f}% of peak){extra}", flush=True)
-    del model, alone, batches
-    gc.collect()
-    torch.cuda.empty_cache()
     return results
 
 
@@ -185,8 +182,8 @@ def bench_dllm(repeats: int, batches: tuple[int, ...] = (1, 4, 16, 64), prompt: 
             rows = torch.cat([torch.arange(i * length + prompt, i * length + prompt + masked, device=DEVICE)
                               for i in range(batch)])
 
-            def step() -> list[torch.Tensor]:
-                logits = model.forward_packed(ids, [length] * batch, logit_rows=rows)
+            def step(ids=ids, lengths=[length] * batch, rows=rows) -> list[torch.Tensor]:
+                logits = model.forward_packed(ids, lengths, logit_rows=rows)
                 return list(sample_tokens(logits, params, generator))
 
             seconds, _ = timed(step, repeats)
@@ -197,9 +194,6 @@ def bench_dllm(repeats: int, batches: tuple[int, ...] = (1, 4, 16, 64), prompt: 
             print(f"  {batch:>3} packed x {length} tokens: {1000 * seconds:.1f} ms per step, "
                   f"{row['request_steps_per_s']:.0f} request-steps/s, {row['speedup_vs_one_at_a_time']:.2f}x one "
                   "at a time", flush=True)
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
     return results
 
 
@@ -216,6 +210,8 @@ def main() -> None:
     results = []
     for name in [*args.models, *(["dream-7b"] if args.dllm else [])]:
         results += bench_dllm(args.repeats) if name == "dream-7b" else bench_model(name, args.repeats)
+        gc.collect()  # the model died with its function: give its memory back before the next one
+        torch.cuda.empty_cache()
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1)
