@@ -131,11 +131,8 @@ class FlashAttnVarlen(VarlenBackend):
     def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, scale):
         if q.shape[0] == 0 or k.shape[0] == 0:
             return _empty_result(q)
-        cu_q = torch.tensor(cu_seqlens_q, dtype=torch.int32, device=q.device)
-        cu_k = torch.tensor(cu_seqlens_k, dtype=torch.int32, device=q.device)
-        max_q = max(b - a for a, b in zip(cu_seqlens_q, cu_seqlens_q[1:]))
-        max_k = max(b - a for a, b in zip(cu_seqlens_k, cu_seqlens_k[1:]))
-        out, lse, _ = self._fn(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, return_attn_probs=True)
+        out, lse, _ = self._fn(q, k, v, *_kernel_offsets(cu_seqlens_q, cu_seqlens_k, q.device), softmax_scale=scale,
+                               return_attn_probs=True)
         return _keyless_to_zero(out, lse.transpose(0, 1).float(), cu_seqlens_q, cu_seqlens_k)
 
 
@@ -158,11 +155,18 @@ class TorchVarlen(VarlenBackend):
         return _keyless_to_zero(out, (lse.T if self._lse_heads_first else lse).float(), cu_seqlens_q, cu_seqlens_k)
 
     def _call(self, q, k, v, cu_seqlens_q, cu_seqlens_k, scale):
-        cu_q = torch.tensor(cu_seqlens_q, dtype=torch.int32, device=q.device)
-        cu_k = torch.tensor(cu_seqlens_k, dtype=torch.int32, device=q.device)
-        max_q = max(b - a for a, b in zip(cu_seqlens_q, cu_seqlens_q[1:]))
-        max_k = max(b - a for a, b in zip(cu_seqlens_k, cu_seqlens_k[1:]))
-        return self._fn(q, k, v, cu_q, cu_k, max_q, max_k, return_aux=self._aux, scale=scale)
+        return self._fn(q, k, v, *_kernel_offsets(cu_seqlens_q, cu_seqlens_k, q.device), return_aux=self._aux,
+                        scale=scale)
+
+
+def _kernel_offsets(cu_seqlens_q: Offsets, cu_seqlens_k: Offsets, device: torch.device,
+                    ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(cu_q, cu_k, max_q, max_k) as the GPU varlen kernels take them: int32 offsets on the device, longest lengths."""
+    def longest(cu: Offsets) -> int:
+        return max(b - a for a, b in zip(cu, cu[1:]))
+
+    return (torch.tensor(cu_seqlens_q, dtype=torch.int32, device=device),
+            torch.tensor(cu_seqlens_k, dtype=torch.int32, device=device), longest(cu_seqlens_q), longest(cu_seqlens_k))
 
 
 def _keyless_to_zero(out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: Offsets, cu_seqlens_k: Offsets,

@@ -26,7 +26,7 @@ from deployments.media import probe_mp4
 from serve_graph.serve_configs import LOCAL_CONFIG, PROJECT_ROOT
 from tests.conftest import TEST_HEIGHTS
 from tests.postgres_server import postgres_server
-from tests.video_jobs import wait
+from tests.video_jobs import submit, wait
 
 pytestmark = pytest.mark.serve
 SERVE = Path(sys.executable).with_name("serve")
@@ -108,12 +108,6 @@ def app(request, tmp_path_factory) -> Iterator[ServeRun]:
         yield run
 
 
-def submit(client: httpx.Client, **body) -> str:
-    r = client.post("/v1/videos", json=body)
-    assert r.status_code == 202, r.text
-    return r.json()["id"]
-
-
 def test_an_idempotency_key_sent_to_both_replicas_at_once_makes_one_job(app):
     ask = dict(model="wan-tiny", prompt="exactly once", num_inference_steps=2, seed=5)
     with app.client() as client, concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -132,7 +126,7 @@ def test_a_killed_ingress_replica_loses_no_job(app):
     ingresses = app.replica_pids("VideoIngress")
     assert len(ingresses) == 2, ingresses
     with app.client() as client:
-        ids = [submit(client, model="cogvideox-tiny", prompt=f"ingress {i}", num_inference_steps=40, seed=i)
+        ids = [submit(client, model="cogvideox-tiny", prompt=f"ingress {i}", num_inference_steps=40, seed=i)["id"]
                for i in range(4)]
         os.kill(ingresses[0], signal.SIGKILL)
         failed_polls, pending, deadline = 0, set(ids), time.time() + 180
@@ -165,7 +159,7 @@ def test_a_killed_scheduler_replica_costs_time_not_jobs(app):
     [scheduler] = app.replica_pids("StepScheduler")
     with app.client() as client:
         ids = [submit(client, model="cogvideox-tiny", prompt=f"survivor {i}", resolution="480p", num_frames=9,
-                      num_inference_steps=40, seed=i) for i in range(2)]
+                      num_inference_steps=40, seed=i)["id"] for i in range(2)]
         wait(client, ids[0], until=("running",), timeout=120, poll_s=0.2)
         os.kill(scheduler, signal.SIGKILL)
         for job_id in ids:
@@ -183,10 +177,10 @@ JOBS = [dict(model=model, prompt=f"restart {i}", resolution=resolution, num_fram
 def test_a_killed_app_restarted_on_its_stores_completes_every_job(app):
     """Runs last in the module: kill -9 the whole process group, start again."""
     with app.client() as client:
-        before = submit(client, model="cogvideox-tiny", prompt="before", seed=1, num_inference_steps=2)
+        before = submit(client, model="cogvideox-tiny", prompt="before", seed=1, num_inference_steps=2)["id"]
         assert wait(client, before, timeout=240, poll_s=0.2)["status"] == "completed"
         before_bytes = client.get(f"/v1/videos/{before}/content").content
-        ids = [submit(client, **job) for job in JOBS]
+        ids = [submit(client, **job)["id"] for job in JOBS]
         wait(client, ids[0], until=("running",), timeout=240, poll_s=0.2)
         states = [client.get(f"/v1/videos/{i}").json()["status"] for i in ids]
         assert "queued" in states and "completed" not in states, states
@@ -198,7 +192,7 @@ def test_a_killed_app_restarted_on_its_stores_completes_every_job(app):
         assert [j["restarts"] for j in recovered] == [1] * len(JOBS), recovered
         assert client.get(f"/v1/videos/{before}/content").content == before_bytes
         crashed = [client.get(f"/v1/videos/{i}/content").content for i in ids]
-        undisturbed = [submit(client, **job) for job in JOBS]
+        undisturbed = [submit(client, **job)["id"] for job in JOBS]
         for job_id, content in zip(undisturbed, crashed):
             assert wait(client, job_id, timeout=240, poll_s=0.2)["restarts"] == 0
             assert client.get(f"/v1/videos/{job_id}/content").content == content

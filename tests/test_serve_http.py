@@ -25,7 +25,7 @@ from deployments.video_ingress import app as video_api
 from serve_graph.app import build_video_app
 from serve_graph.serve_configs import serve_application
 from tests.conftest import TEST_HEIGHTS
-from tests.video_jobs import wait
+from tests.video_jobs import submit, wait
 
 pytestmark = pytest.mark.serve
 KEYS_ENV, ALICE, BOB = "DIT_TEST_API_KEYS", "alice-token-1", "bob-token-2"
@@ -55,13 +55,6 @@ def client(tmp_path_factory):
         yield c
     serve.shutdown()
     ray.shutdown()
-
-
-def submit(client, **body) -> dict:
-    r = client.post("/v1/videos", json=body)
-    assert r.status_code == 202, r.text
-    assert r.json()["status"] == "queued"
-    return r.json()
 
 
 def test_models_and_health(client):

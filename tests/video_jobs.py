@@ -1,4 +1,5 @@
-"""Polling a video job over HTTP until it reaches a status: shared by the Serve HTTP and durability tests."""
+"""Submitting a video job over HTTP and polling it until it reaches a status: shared by the Serve HTTP and
+durability tests."""
 
 from __future__ import annotations
 
@@ -18,3 +19,11 @@ def wait(client: httpx.Client, video_id: str, until=TERMINAL, timeout: float = 1
             return job
         time.sleep(poll_s)
     raise AssertionError(f"{video_id} did not reach {until}: {job}")
+
+
+def submit(client: httpx.Client, **body) -> dict:
+    """POST /v1/videos: the new job, which must be accepted (202) and queued."""
+    r = client.post("/v1/videos", json=body)
+    assert r.status_code == 202, r.text
+    assert r.json()["status"] == "queued"
+    return r.json()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import sys
@@ -96,7 +97,7 @@ def evaluate_held_out(rollout, problems: list[Problem], cfg: TrainConfig, reward
 
 def _broadcast(value):
     """Rank 0's `value` on every worker (the batch: only rank 0 talks to the rollout and reward actors)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if dist.get_world_size() == 1:
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)
@@ -207,21 +208,21 @@ def train_loop(loop_config: dict) -> None:
         state = {"step": step + 1, **stream.position(), "version": version,
                  "max_response_tokens": cfg.max_response_tokens(step + 1)}
         if (step + 1) % cfg.checkpoint_every == 0 or last:
-            _checkpoint(work / f"checkpoint-{step + 1}", policy, optimizer, state, metrics, lead)
+            _checkpoint(work / f"checkpoint-{step + 1}", policy, optimizer, state, metrics, exported)
         else:
             ray.train.report(metrics)
     shutil.rmtree(work, ignore_errors=True)
 
 
-def _checkpoint(ckpt: Path, policy, optimizer, state: dict, metrics: dict, lead: bool) -> None:
+def _checkpoint(ckpt: Path, policy, optimizer, state: dict, metrics: dict, exported: str | None) -> None:
     """Every worker writes its shards (`sharded/`, loadable on any worker count) and reports its directory; Ray
-    Train merges them into one checkpoint. Rank 0 adds the loop state and the full weights in HF format
-    (`model/`: servable as it is)."""
+    Train merges them into one checkpoint. Rank 0 (which holds `exported`, this step's full weights in HF format)
+    adds them as `model/` (servable as it is; hard links, not a second gather) and the loop state."""
     import ray.train
 
     save_sharded(ckpt / "sharded", policy.model, optimizer)
-    _export(policy, ckpt / "model")
-    if lead:
+    if exported is not None:
+        shutil.copytree(exported, ckpt / "model", copy_function=os.link)
         (ckpt / STATE_FILE).write_text(json.dumps(state))
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt)))
     shutil.rmtree(ckpt, ignore_errors=True)
