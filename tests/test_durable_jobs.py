@@ -158,14 +158,15 @@ def test_a_killed_scheduler_replica_costs_time_not_jobs(app):
     runner re-admits both from their stored specs: they complete, each counting one restart."""
     [scheduler] = app.replica_pids("StepScheduler")
     with app.client() as client:
-        ids = [submit(client, model="cogvideox-tiny", prompt=f"survivor {i}", resolution="480p", num_frames=9,
-                      num_inference_steps=40, seed=i)["id"] for i in range(2)]
-        wait(client, ids[0], until=("running",), timeout=120, poll_s=0.2)
+        # Long enough (~7 s here; 40 steps of 9 frames took 0.76 s) that the kill lands while both still denoise.
+        ids = [submit(client, model="cogvideox-tiny", prompt=f"survivor {i}", resolution="480p", num_frames=17,
+                      num_inference_steps=200, seed=i)["id"] for i in range(2)]
+        wait(client, ids[0], until=("running",), timeout=120, poll_s=0.05)
         os.kill(scheduler, signal.SIGKILL)
         for job_id in ids:
             done = wait(client, job_id, timeout=300, poll_s=0.2)
             assert done["status"] == "completed" and done["restarts"] == 1, done
-            assert probe_mp4(client.get(f"/v1/videos/{job_id}/content").content)[0] == 9
+            assert probe_mp4(client.get(f"/v1/videos/{job_id}/content").content)[0] == 17
 
 
 JOBS = [dict(model=model, prompt=f"restart {i}", resolution=resolution, num_frames=frames, num_inference_steps=30,
