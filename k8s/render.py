@@ -8,9 +8,10 @@
   for the vLLM coder replicas and one of 1-GPU pods for the diffusion coder LMs (their
   checkpoints on the `dit-serve-models` volume at /models), autoscaling bounds, `nvidia.com/gpu` resources,
   health probes and the metrics port.
-- `rayjob-grpo.yaml` (RayJob): the GRPO+ run of configs/train/deepcoder-14b.yaml,
+- `rayjob-grpo.yaml` (RayJob): the GRPO+ run of configs/train/deepcoder-14b-served.yaml,
   submitted to the RayService's cluster (`clusterSelector` on the label KubeRay puts
-  on clusters it creates for a RayService).
+  on clusters it creates for a RayService), where it samples through the coder app and
+  syncs that app's weights in memory.
 tests/test_k8s.py checks the committed files equal this rendering and validates
 them against KubeRay v1.7.0's CRD schemas and ServeDeploySchema.
 """
@@ -106,7 +107,7 @@ def render_rayjob() -> dict:
         "apiVersion": "ray.io/v1", "kind": "RayJob",
         "metadata": {"name": "grpo-deepcoder-14b", "labels": {"app.kubernetes.io/name": SERVICE_NAME}},
         "spec": {
-            "entrypoint": "python -m training.train --config configs/train/deepcoder-14b.yaml",
+            "entrypoint": "python -m training.train --config configs/train/deepcoder-14b-served.yaml",
             # Submit to the RayService's cluster instead of creating one.
             "clusterSelector": {"ray.io/originated-from-cr-name": SERVICE_NAME},
             "submissionMode": "K8sJobMode",

@@ -13,6 +13,7 @@ from ray import serve
 from ray.serve.deployment import Application
 from ray.serve.llm import LLMConfig, build_llm_deployment
 
+from deployments.coder.weight_sync import EXTENSION_CLS
 from serve_graph.coder_config import CoderAppConfig
 
 
@@ -29,6 +30,8 @@ def make_llm_config(config: CoderAppConfig) -> LLMConfig:
         # "vllm" ignores a checkpoint's generation_config.json so the defaults are exactly these.
         "generation_config": "vllm",
         "override_generation_config": generation,
+        # Every worker can take in-memory weights from a trainer (`CoderLLMServer.update_weights`).
+        "worker_extension_cls": EXTENSION_CLS,
         **config.engine_kwargs,
     }
     return LLMConfig(

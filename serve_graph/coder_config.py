@@ -68,7 +68,8 @@ class CoderAppConfig(_Frozen):
     @field_validator("engine_kwargs")
     @classmethod
     def _no_shadowed_engine_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
-        owned = {"model", "dtype", "max_model_len", "tensor_parallel_size", "override_generation_config"}
+        owned = {"model", "dtype", "max_model_len", "tensor_parallel_size", "override_generation_config",
+                 "worker_extension_cls"}
         clash = sorted(owned & set(value))
         if clash:
             raise ValueError(f"engine_kwargs must not set {clash}: use the top-level fields of the coder config")

@@ -196,7 +196,7 @@ def test_weight_reload_changes_greedy_tokens_without_dropping_inflight_requests(
     streamer.join(timeout=120)
     assert r.status_code == 200, r.text
     [replica] = r.json()["replicas"]
-    assert replica["checkpoint_dir"] == str(checkpoints["seed1"]) and replica["total_seconds"] > 0
+    assert replica["source"] == str(checkpoints["seed1"]) and replica["total_seconds"] > 0
     assert greedy(client, "def solve():") != before
     # The request in flight during the reload was neither dropped nor cut short: it began
     # with the old weights' tokens and finished its 400 tokens with the new weights.
@@ -210,3 +210,71 @@ def test_weight_reload_changes_greedy_tokens_without_dropping_inflight_requests(
     # Reloading the first checkpoint restores the first outputs exactly.
     assert reload(served, checkpoints["seed0"]).status_code == 200
     assert greedy(client, "def solve():") == before
+
+
+def test_in_memory_sync_through_the_app_handle_serves_what_a_reload_serves(served, client, checkpoints):
+    """A trainer inside the cluster: weights from the object store via the ingress's `sync_weights`, completions
+    via its `sample` (no HTTP, same checks)."""
+    import torch
+    from ray.serve.llm.openai_api_models import CompletionRequest
+    from safetensors.torch import load_file
+
+    from deployments.coder.weights import IncompatibleCheckpoint
+
+    app = serve.get_app_handle("coder")
+    base = greedy(client, "def solve():")
+    assert reload(served, checkpoints["seed1"]).status_code == 200
+    from_disk = greedy(client, "def solve():")
+    assert reload(served, checkpoints["seed0"]).status_code == 200 and greedy(client, "def solve():") == base
+
+    seed1 = load_file(str(checkpoints["seed1"] / "model.safetensors"))
+    result = app.sync_weights.remote("tiny-coder", [ray.put(seed1)], 7).result()
+    [replica] = result["replicas"]
+    assert replica["source"] == "memory" and replica["trainer_version"] == 7 and replica["pause_seconds"] >= 0
+    assert greedy(client, "def solve():") == from_disk != base
+
+    body = CompletionRequest(model="tiny-coder", prompt="def solve():", max_tokens=16, temperature=0,
+                             return_token_ids=True)
+    [choice] = app.sample.remote(body).result()["choices"]
+    assert choice["text"] == from_disk and len(choice["token_ids"]) == 16
+    with pytest.raises(ValueError, match=r"max_tokens must be in \[1, 512\]"):
+        app.sample.remote(body.model_copy(update={"max_tokens": 10_000})).result()
+
+    wider = {**seed1, "model.norm.weight": torch.zeros(192)}
+    with pytest.raises(IncompatibleCheckpoint, match=r"model.norm.weight: served \(128,\), sent \(192,\)"):
+        app.sync_weights.remote("tiny-coder", [ray.put(wider)], 8).result()
+    with pytest.raises(ValueError, match="not served here"):
+        app.sync_weights.remote("other-model", [ray.put(seed1)], 8).result()
+    assert greedy(client, "def solve():") == from_disk  # refused before any pause: the model is unchanged
+    info = httpx.get(f"{served['base']}/admin/weights/tiny-coder",
+                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()
+    assert info["replicas"][0]["trainer_version"] == 7
+    assert reload(served, checkpoints["seed0"]).status_code == 200
+
+
+def test_a_trainer_outside_the_cluster_samples_over_http_and_syncs_through_a_directory(served, checkpoints):
+    """`ServedRollout` with `base_url`: token-id prompts in, sampled token ids out, rewards started per group,
+    weights through the admin route; the batch records the version it was sampled with."""
+    from training.rollout import RewardActor, ServedRollout, WeightsHandoff
+    from training.toy_tasks import held_out_problems
+
+    rollout = ServedRollout("tiny-coder", str(checkpoints["seed0"]), seed=0, base_url=served["base"],
+                            admin_token_env="CODER_ADMIN_TOKEN", request_timeout_s=120)
+    rewarder = RewardActor.options(num_cpus=0.1).remote(6.0, 2)
+    problems = held_out_problems()[:2]
+    batch = rollout.generate(problems, 3, 12, 0.6, 0.95, 1, [rewarder])
+    assert [s.problem for s in batch.samples] == [0, 0, 0, 1, 1, 1] and batch.weights_version == 0
+    prompt = rollout.tokenizer(rollout.tokenizer.apply_chat_template(
+        [{"role": "user", "content": problems[0].statement}], tokenize=False, add_generation_prompt=True),
+        add_special_tokens=False).input_ids
+    first = batch.samples[0]
+    assert first.prompt_ids == prompt and first.truncated == (len(first.response_ids) == 12)
+    assert rollout.tokenizer.decode(first.response_ids, skip_special_tokens=True) == first.text
+    assert [r.problem_id for r in ray.get(batch.reward_refs)] == [p.id for p in problems for _ in range(3)]
+
+    before = rollout.generate(problems, 1, 12, 0.0, 1.0, 1, [rewarder])
+    timing = rollout.load_weights(WeightsHandoff(4, directory=str(checkpoints["seed1"])))
+    assert timing.seconds >= timing.pause_s > 0 and rollout.version == 4
+    after = rollout.generate(problems, 1, 12, 0.0, 1.0, 1, [rewarder])
+    assert after.weights_version == 4 and after.samples[0].response_ids != before.samples[0].response_ids
+    assert reload(served, checkpoints["seed0"]).status_code == 200

@@ -1,13 +1,21 @@
-"""Coder app pieces that need neither Ray nor vLLM: config, message folding, checkpoint checks."""
+"""Coder app pieces that need neither Ray nor vLLM: config, message folding, checkpoint checks, packed weights."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 from pydantic import ValidationError
 
 from deployments.coder.ingress import fold_system_messages
 from deployments.coder.tiny_model import write_tiny_coder
-from deployments.coder.weights import IncompatibleCheckpoint, check_reloadable, read_model_config
+from deployments.coder.weight_sync import PackedWeights
+from deployments.coder.weights import (
+    IncompatibleCheckpoint,
+    check_reloadable,
+    check_state_dict,
+    expected_shapes,
+    read_model_config,
+)
 from serve_graph.coder_app import make_llm_config
 from serve_graph.coder_config import CoderAppConfig
 
@@ -72,6 +80,35 @@ def test_reload_checks_refuse_what_cannot_load(tiny_checkpoint, tmp_path):
     other = dict(served, num_hidden_layers=served["num_hidden_layers"] + 1)
     with pytest.raises(IncompatibleCheckpoint, match="num_hidden_layers: served 3, checkpoint 2"):
         check_reloadable(str(tiny_checkpoint), other)
+
+
+def test_packed_weights_carry_every_dtype_and_shape_bit_exactly():
+    weights = {"a": torch.randn(3, 5), "b": torch.randn(4, 2).to(torch.bfloat16), "scalar": torch.tensor(2.5),
+               "empty": torch.zeros(0, 7), "t": torch.randn(6, 4).t(), "i": torch.arange(5, dtype=torch.int64)}
+    packed = PackedWeights.pack(weights)
+    assert packed.nbytes() == sum(t.numel() * t.element_size() for t in weights.values())
+    assert all(isinstance(b, bytes) for b in packed.buffers)  # what msgpack carries as-is
+    out = dict(packed.tensors())
+    assert list(out) == list(weights)
+    for name, tensor in weights.items():
+        assert out[name].dtype == tensor.dtype and out[name].shape == tensor.shape
+        assert torch.equal(out[name], tensor), name
+
+
+def test_in_memory_weights_are_checked_against_the_served_architecture(tiny_checkpoint):
+    from safetensors.torch import load_file
+
+    expected = expected_shapes(str(tiny_checkpoint))
+    real = {name: tuple(t.shape) for name, t in load_file(str(tiny_checkpoint / "model.safetensors")).items()}
+    assert expected == real  # built on the meta device from the config alone
+    check_state_dict(real, expected, tied_embeddings=False)
+    with pytest.raises(IncompatibleCheckpoint, match="missing parameters .'lm_head.weight'"):
+        check_state_dict({n: s for n, s in real.items() if n != "lm_head.weight"}, expected, tied_embeddings=False)
+    check_state_dict({n: s for n, s in real.items() if n != "lm_head.weight"}, expected, tied_embeddings=True)
+    with pytest.raises(IncompatibleCheckpoint, match="unknown parameters .'extra.weight'"):
+        check_state_dict({**real, "extra.weight": (1,)}, expected, tied_embeddings=False)
+    with pytest.raises(IncompatibleCheckpoint, match=r"model.norm.weight: served \(128,\), sent \(192,\)"):
+        check_state_dict({**real, "model.norm.weight": (192,)}, expected, tied_embeddings=False)
 
 
 def test_tiny_coder_is_a_loadable_qwen2_with_the_deepcoder_template(tiny_checkpoint):

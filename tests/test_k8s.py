@@ -80,8 +80,8 @@ def test_rayservice_serves_the_gpu_config_with_the_documented_topology():
 
 def test_rayjob_runs_the_recipe_on_the_service_cluster():
     job = yaml.safe_load((ROOT / "k8s" / "rayjob-grpo.yaml").read_text())
-    assert job["spec"]["entrypoint"].endswith("configs/train/deepcoder-14b.yaml")
-    assert (ROOT / "configs/train/deepcoder-14b.yaml").exists()
+    assert job["spec"]["entrypoint"].endswith("configs/train/deepcoder-14b-served.yaml")  # trains the served coder
+    assert (ROOT / "configs/train/deepcoder-14b-served.yaml").exists()
     assert job["spec"]["clusterSelector"] == {"ray.io/originated-from-cr-name": "dit-serve"}
 
 

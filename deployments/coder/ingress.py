@@ -6,8 +6,12 @@ Added on top of the stock ingress, nothing else:
 - DeepCoder's model card asks for no system prompt: system messages are folded
   into the first user turn when the config says so;
 - authenticated admin routes: `POST /admin/reload_weights` swaps the weights of
-  every replica in place (see `deployments.coder.server`), `GET /admin/weights`
-  reports what each replica serves.
+  every replica in place from a checkpoint directory (see `deployments.coder.server`),
+  `GET /admin/weights` reports what each replica serves;
+- two methods with no HTTP route, for a trainer on the same Ray cluster holding the
+  app's deployment handle (only code inside the cluster can hold one): `sample`
+  (a completion, the same checks as the route, the response as a dict) and
+  `sync_weights` (every replica swaps in a state dict from the object store).
 
 Sampling defaults (temperature 0.6, top_p 0.95, max_tokens up to the model length)
 are vLLM's own `override_generation_config`, set by the app builder; the ingress
@@ -17,6 +21,7 @@ No `from __future__ import annotations` here: FastAPI reads the route signatures
 """
 
 import hmac
+import json
 import os
 from typing import Any, Optional
 
@@ -24,7 +29,7 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, make_fastapi_ingress
 from ray.serve.llm.ingress import OpenAiIngress
-from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest, ErrorResponse
 from starlette.responses import JSONResponse, Response
 
 from deployments.coder.weights import IncompatibleCheckpoint
@@ -146,6 +151,28 @@ class CoderIngress(OpenAiIngress):
             return error
         replicas = await self._default_serve_handles[model].broadcast("weights_info").results_async()
         return JSONResponse({"model": model, "replicas": replicas})
+
+
+    async def sample(self, body: CompletionRequest) -> dict:
+        """A non-streamed completion for in-cluster callers; refusals raise ValueError with the route's message."""
+        if body.stream:
+            raise ValueError("sample() answers whole completions: stream must be false")
+        if error := self._request_error(body):
+            raise ValueError(json.loads(error.body)["error"]["message"])
+        async for response in self._get_response(body=body, call_method="completions"):
+            if isinstance(response, ErrorResponse):
+                raise ValueError(response.error.message)
+            return response.model_dump()
+        raise RuntimeError("the engine returned no completion")
+
+    async def sync_weights(self, model: str, weights: list, version: int) -> dict:
+        """Every replica of `model` swaps in `weights` (`[ObjectRef]` of a state dict), labelled with the trainer's
+        `version`; returns each replica's `ReloadResult`."""
+        if model not in self._model_cards:
+            raise ValueError(f"model {model!r} is not served here; served: {sorted(self._model_cards)}")
+        handle = self._default_serve_handles[model]
+        replicas = await handle.broadcast("update_weights", weights=weights, trainer_version=version).results_async()
+        return {"model": model, "replicas": replicas}
 
 
 CODER_ENDPOINTS = {

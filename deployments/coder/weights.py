@@ -56,3 +56,28 @@ def check_reloadable(checkpoint_dir: str, served_config: dict) -> Path:
     if mismatched:
         raise IncompatibleCheckpoint("checkpoint architecture differs from the served model: " + "; ".join(mismatched))
     return directory.resolve()
+
+
+def expected_shapes(source: str) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes of the served model in HF checkpoint format, from its config alone (built on
+    the meta device: no memory, no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+def check_state_dict(shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
+                     tied_embeddings: bool) -> None:
+    """Raise unless in-memory weights (`name -> shape`) can replace the served ones: every name known, every shape
+    equal, nothing missing (a tied `lm_head.weight` may be left out: it is the embedding)."""
+    unknown = sorted(set(shapes) - set(expected))
+    missing = sorted(set(expected) - set(shapes) - ({"lm_head.weight"} if tied_embeddings else set()))
+    wrong = [f"{name}: served {expected[name]}, sent {shapes[name]}"
+             for name in sorted(set(shapes) & set(expected)) if tuple(shapes[name]) != expected[name]]
+    problems = ([f"unknown parameters {unknown[:5]}"] if unknown else []) + \
+               ([f"missing parameters {missing[:5]}"] if missing else []) + wrong[:5]
+    if problems:
+        raise IncompatibleCheckpoint("weights differ from the served model: " + "; ".join(problems))
