@@ -64,7 +64,7 @@ class RolloutConfig(_Frozen):
     request_timeout_s: float = Field(default=600.0, gt=0, description="served backend: per sampling request.")
 
     @model_validator(mode="after")
-    def _check_served(self) -> "RolloutConfig":
+    def _check_served(self) -> RolloutConfig:
         if self.backend == "local":
             return self
         if (self.app_name is None) == (self.base_url is None) or not self.served_model:

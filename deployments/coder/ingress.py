@@ -152,7 +152,6 @@ class CoderIngress(OpenAiIngress):
         replicas = await self._default_serve_handles[model].broadcast("weights_info").results_async()
         return JSONResponse({"model": model, "replicas": replicas})
 
-
     async def sample(self, body: CompletionRequest) -> dict:
         """A non-streamed completion for in-cluster callers; refusals raise ValueError with the route's message."""
         if body.stream:

@@ -35,7 +35,7 @@ class PackedWeights:
     buffers: list[bytes]
 
     @classmethod
-    def pack(cls, weights: dict[str, torch.Tensor]) -> "PackedWeights":
+    def pack(cls, weights: dict[str, torch.Tensor]) -> PackedWeights:
         names, dtypes, shapes, buffers = [], [], [], []
         for name, tensor in weights.items():
             tensor = tensor.detach().to("cpu").contiguous()
