@@ -278,3 +278,30 @@ def test_a_trainer_outside_the_cluster_samples_over_http_and_syncs_through_a_dir
     after = rollout.generate(problems, 1, 12, 0.0, 1.0, 1, [rewarder])
     assert after.weights_version == 4 and after.samples[0].response_ids != before.samples[0].response_ids
     assert reload(served, checkpoints["seed0"]).status_code == 200
+
+
+def test_a_replica_serving_other_weights_is_synced_again_before_the_next_batch(served, client, checkpoints):
+    """A replica that (re)started mid-training serves its deployed checkpoint: the rollout notices before sampling
+    and re-sends the last weights, so the batch comes from the trained weights only."""
+    from safetensors.torch import load_file
+
+    from training.rollout import RewardActor, ServedRollout, WeightsHandoff
+    from training.toy_tasks import held_out_problems
+
+    assert reload(served, checkpoints["seed1"]).status_code == 200
+    trained = greedy(client, "def solve():")
+    assert reload(served, checkpoints["seed0"]).status_code == 200
+    rollout = ServedRollout("tiny-coder", str(checkpoints["seed0"]), seed=0, app_name="coder")
+    seed1 = load_file(str(checkpoints["seed1"] / "model.safetensors"))
+    rollout.load_weights(WeightsHandoff(3, ref=[ray.put(seed1)]))
+    assert greedy(client, "def solve():") == trained
+
+    assert reload(served, checkpoints["seed0"]).status_code == 200  # the replica now lags behind the trainer
+    assert greedy(client, "def solve():") != trained
+    batch = rollout.generate(held_out_problems()[:1], 1, 8, 0.0, 1.0, 1,
+                             [RewardActor.options(num_cpus=0.1).remote(6.0, 1)])
+    assert rollout.resyncs == 1 and batch.weights_version == 3
+    assert greedy(client, "def solve():") == trained
+    rollout.generate(held_out_problems()[:1], 1, 8, 0.0, 1.0, 1, [RewardActor.options(num_cpus=0.1).remote(6.0, 1)])
+    assert rollout.resyncs == 1  # nothing lagged the second time
+    assert reload(served, checkpoints["seed0"]).status_code == 200

@@ -9,7 +9,9 @@ next chunk samples.
 the app's deployment handle when the trainer runs in the same Ray cluster, over HTTP
 when it runs outside. Prompts go as token ids and the engine returns the sampled
 token ids (`return_token_ids`), so the trainer scores exactly the sequences that were
-sampled, with no re-tokenization.
+sampled, with no re-tokenization. Before each batch it checks that every replica serves
+the last synced weights and sends them again if one does not (a replica started since
+serves the checkpoint it was deployed with).
 
 Both take new weights with `load_weights(WeightsHandoff)`, in place, no engine
 restart: from the Ray object store (`weight_sync: memory`; the served app pauses,
@@ -140,7 +142,8 @@ class ServedRollout:
 
         self.model, self.seed, self.timeout = model, seed, request_timeout_s
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        self.version = self.requests = 0
+        self.version = self.requests = self.resyncs = 0
+        self.last: WeightsHandoff | None = None  # the last weights every replica took (its object stays stored)
         if app_name is not None:
             from ray import serve
 
@@ -175,6 +178,9 @@ class ServedRollout:
         """All the batch's requests at once (the app batches them); rewards start as each group returns.
         `chunk_problems` is the local engine's knob and has no use here."""
         started = time.perf_counter()
+        if self.last is not None and self._lagging_replicas():
+            self.load_weights(self.last)  # all replicas again: the others reload what they have, in place
+            self.resyncs += 1
         prompts = [self.tokenizer(chat_prompt(self.tokenizer, p.statement), add_special_tokens=False).input_ids
                    for p in problems]
         pending = [self._request({"model": self.model, "prompt": ids, "n": group_size, "max_tokens": max_tokens,
@@ -203,12 +209,28 @@ class ServedRollout:
             if r.status_code != 200:
                 raise RuntimeError(f"the coder app refused the weights ({r.status_code}): {r.text}")
             result = r.json()
-        expected = "memory" if weights.ref is not None else weights.directory
-        stale = [r for r in result["replicas"] if r["source"] != expected]
-        if not result["replicas"] or stale:
+        if not result["replicas"] or any(not self._serves(r, weights) for r in result["replicas"]):
             raise RuntimeError(f"weights version {weights.version} did not reach every replica: {result}")
-        self.version = weights.version
+        self.version, self.last = weights.version, weights
         return SyncTiming(started, time.time(), max(r["total_seconds"] for r in result["replicas"]))
+
+    @staticmethod
+    def _serves(replica: dict, weights: WeightsHandoff) -> bool:
+        """Whether a replica's `WeightsInfo` / `ReloadResult` is these weights."""
+        if weights.ref is not None:
+            return replica["source"] == "memory" and replica["trainer_version"] == weights.version
+        return os.path.realpath(replica["source"]) == os.path.realpath(weights.directory)
+
+    def _lagging_replicas(self) -> list[dict]:
+        """Replicas not serving the last synced weights: one started (autoscaling, a restart) since the sync
+        serves the checkpoint it was deployed with, and would mix versions into a batch."""
+        if self.app is not None:
+            replicas = self.app.replica_weights.remote(self.model).result(timeout_s=self.timeout)
+        else:
+            r = self.http.get(f"/admin/weights/{self.model}")
+            r.raise_for_status()
+            replicas = r.json()["replicas"]
+        return [r for r in replicas if not self._serves(r, self.last)]
 
 
 @ray.remote

@@ -10,8 +10,9 @@ Added on top of the stock ingress, nothing else:
   `GET /admin/weights` reports what each replica serves;
 - two methods with no HTTP route, for a trainer on the same Ray cluster holding the
   app's deployment handle (only code inside the cluster can hold one): `sample`
-  (a completion, the same checks as the route, the response as a dict) and
-  `sync_weights` (every replica swaps in a state dict from the object store).
+  (a completion, the same checks as the route, the response as a dict),
+  `sync_weights` (every replica swaps in a state dict from the object store) and
+  `replica_weights` (what each replica serves).
 
 Sampling defaults (temperature 0.6, top_p 0.95, max_tokens up to the model length)
 are vLLM's own `override_generation_config`, set by the app builder; the ingress
@@ -164,14 +165,21 @@ class CoderIngress(OpenAiIngress):
             return response.model_dump()
         raise RuntimeError("the engine returned no completion")
 
+    def _replicas_of(self, model: str):
+        if model not in self._model_cards:
+            raise ValueError(f"model {model!r} is not served here; served: {sorted(self._model_cards)}")
+        return self._default_serve_handles[model]
+
     async def sync_weights(self, model: str, weights: list, version: int) -> dict:
         """Every replica of `model` swaps in `weights` (`[ObjectRef]` of a state dict), labelled with the trainer's
         `version`; returns each replica's `ReloadResult`."""
-        if model not in self._model_cards:
-            raise ValueError(f"model {model!r} is not served here; served: {sorted(self._model_cards)}")
-        handle = self._default_serve_handles[model]
-        replicas = await handle.broadcast("update_weights", weights=weights, trainer_version=version).results_async()
+        replicas = await self._replicas_of(model).broadcast(
+            "update_weights", weights=weights, trainer_version=version).results_async()
         return {"model": model, "replicas": replicas}
+
+    async def replica_weights(self, model: str) -> list:
+        """What every replica of `model` serves (`WeightsInfo`), for a trainer checking that none lags behind."""
+        return await self._replicas_of(model).broadcast("weights_info").results_async()
 
 
 CODER_ENDPOINTS = {
