@@ -119,14 +119,12 @@ class LocalRollout:
         return RolloutBatch(problems, samples, refs, self.version, time.perf_counter() - started, max_tokens)
 
     def load_weights(self, weights: WeightsHandoff) -> SyncTiming:
-        from deployments.coder.weight_sync import PackedWeights
+        from deployments.coder.weight_sync import PackedWeights, load_call
 
         started = time.time()
-        if weights.ref is not None:
-            packed = PackedWeights.pack(ray.get(weights.ref[0]))
-            self.llm.collective_rpc("load_packed_weights", kwargs=packed.rpc_kwargs())
-        else:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": weights.directory})
+        method, kwargs = load_call(PackedWeights.pack(ray.get(weights.ref[0])) if weights.ref is not None
+                                   else weights.directory)
+        self.llm.collective_rpc(method, kwargs=kwargs)
         self.llm.reset_prefix_cache()
         self.version = weights.version
         return SyncTiming(started, time.time())

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from ray.serve import metrics
 from ray.serve.llm import LLMConfig, LLMServer
 
-from deployments.coder.weight_sync import PackedWeights
+from deployments.coder.weight_sync import PackedWeights, load_call
 from deployments.coder.weights import check_reloadable, check_state_dict, expected_shapes, read_model_config
 
 
@@ -66,7 +66,7 @@ class CoderLLMServer(LLMServer):
         self._served_config = read_model_config(source)
         self._expected_shapes = expected_shapes(source)
         self._weights = WeightsInfo(source=source, version=0, trainer_version=None, last_reload_seconds=None)
-        self._load_current: Callable[[], Awaitable[None]] = functools.partial(self._load_directory, source)
+        self._load_current: Callable[[], Awaitable[None]] = functools.partial(self._load, source)
         self._reload_lock = asyncio.Lock()
         self._reload_seconds = metrics.Histogram(
             "coder_weight_reload_seconds",
@@ -81,7 +81,7 @@ class CoderLLMServer(LLMServer):
     async def reload_weights(self, checkpoint_dir: str) -> dict:
         """Swap in the weights of `checkpoint_dir` without dropping in-flight requests."""
         directory = str(check_reloadable(checkpoint_dir, self._served_config))
-        load = functools.partial(self._load_directory, directory)
+        load = functools.partial(self._load, directory)
         return await self._swap(directory, None, load, load)
 
     async def update_weights(self, weights: list, trainer_version: int) -> dict:
@@ -96,7 +96,7 @@ class CoderLLMServer(LLMServer):
         del state
         # A later failed swap restores these weights from the object store (the replica keeps the reference,
         # not a second copy of the bytes).
-        return await self._swap("memory", trainer_version, functools.partial(self._load_packed, packed),
+        return await self._swap("memory", trainer_version, functools.partial(self._load, packed),
                                 functools.partial(self._load_memory, ref))
 
     async def _swap(self, source: str, trainer_version: int | None, load: Callable[[], Awaitable[None]],
@@ -124,11 +124,9 @@ class CoderLLMServer(LLMServer):
             return asdict(ReloadResult(source, self._weights.version, trainer_version, paused - started,
                                        loaded - paused, total))
 
-    async def _load_directory(self, directory: str) -> None:
-        await self.engine.collective_rpc("reload_weights", kwargs={"weights_path": directory})
-
-    async def _load_packed(self, packed: PackedWeights) -> None:
-        await self.engine.collective_rpc("load_packed_weights", kwargs=packed.rpc_kwargs())
+    async def _load(self, weights: PackedWeights | str) -> None:
+        method, kwargs = load_call(weights)
+        await self.engine.collective_rpc(method, kwargs=kwargs)
 
     async def _load_memory(self, ref) -> None:
-        await self._load_packed(await asyncio.to_thread(PackedWeights.pack, await ref))
+        await self._load(await asyncio.to_thread(PackedWeights.pack, await ref))

@@ -56,8 +56,13 @@ class PackedWeights:
     def nbytes(self) -> int:
         return sum(len(b) for b in self.buffers)
 
-    def rpc_kwargs(self) -> dict:
-        return asdict(self)
+
+def load_call(weights: PackedWeights | str) -> tuple[str, dict]:
+    """The `collective_rpc` method and kwargs that make every vLLM worker load `weights` in place: packed
+    in-memory weights (through `WeightSyncExtension`) or an HF checkpoint directory (vLLM's own reload)."""
+    if isinstance(weights, PackedWeights):
+        return "load_packed_weights", asdict(weights)
+    return "reload_weights", {"weights_path": weights}
 
 
 class WeightSyncExtension:
