@@ -20,3 +20,4 @@ fi
 .venv/bin/python -m deployments.coder.tiny_model --out .cache/models/tiny-coder
 .venv/bin/python -m deployments.coder.tiny_model --out .cache/models/tiny-coder-train --init-std 0.02
 .venv/bin/python -m models.dllm.tiny --out .cache/models/tiny-dllm
+.venv/bin/python -m models.dllm.tiny --out .cache/models/tiny-dllm-train --init-std 0.02

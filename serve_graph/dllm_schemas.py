@@ -33,7 +33,8 @@ class _Sampling(BaseModel):
     top_k: int | None = Field(default=None, ge=1)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="Default: drawn per request.")
     stop: str | list[str] | None = Field(default=None, description="Up to 4 strings; the text ends before the first.")
-    n: int = Field(default=1, ge=1, le=1, description="One choice per prompt.")
+    n: int = Field(default=1, ge=1, le=16, description="Choices per prompt, each its own request in the pool; with "
+                   "a seed, choice j of a prompt decodes with seed + j.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -53,7 +54,11 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] = Field(description="A prompt, or a list of prompts (one choice each).")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A prompt, a list of prompts, or prompts as token ids (a list of ids, or a list of such lists).")
+    return_token_ids: bool = Field(default=False, description="Unstreamed only: each choice also carries "
+                                   "`prompt_token_ids` and `token_ids` (the response's tokens, before any stop string "
+                                   "cut its text), as vLLM does; a trainer scores exactly what was sampled.")
 
 
 class ChatMessage(BaseModel):

@@ -24,6 +24,9 @@ class InvalidRequest(ValueError):
         self.message = message
         self.status_code = status_code
 
+    def __reduce__(self):  # rebuilt from its three fields where Ray hands it to a caller in another process
+        return type(self), (self.param, self.message, self.status_code)
+
 
 @dataclass(frozen=True)
 class ServedModel:

@@ -216,7 +216,6 @@ def test_in_memory_sync_through_the_app_handle_serves_what_a_reload_serves(serve
     """A trainer inside the cluster: weights from the object store via the ingress's `sync_weights`, completions
     via its `sample` (no HTTP, same checks)."""
     import torch
-    from ray.serve.llm.openai_api_models import CompletionRequest
     from safetensors.torch import load_file
 
     from deployments.coder.weights import IncompatibleCheckpoint
@@ -233,12 +232,12 @@ def test_in_memory_sync_through_the_app_handle_serves_what_a_reload_serves(serve
     assert replica["source"] == "memory" and replica["trainer_version"] == 7 and replica["pause_seconds"] >= 0
     assert greedy(client, "def solve():") == from_disk != base
 
-    body = CompletionRequest(model="tiny-coder", prompt="def solve():", max_tokens=16, temperature=0,
-                             return_token_ids=True)
+    body = {"model": "tiny-coder", "prompt": "def solve():", "max_tokens": 16, "temperature": 0,
+            "return_token_ids": True}
     [choice] = app.sample.remote(body).result()["choices"]
     assert choice["text"] == from_disk and len(choice["token_ids"]) == 16
     with pytest.raises(ValueError, match=r"max_tokens must be in \[1, 512\]"):
-        app.sample.remote(body.model_copy(update={"max_tokens": 10_000})).result()
+        app.sample.remote({**body, "max_tokens": 10_000}).result()
 
     wider = {**seed1, "model.norm.weight": torch.zeros(192)}
     with pytest.raises(IncompatibleCheckpoint, match=r"model.norm.weight: served \(128,\), sent \(192,\)"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -196,7 +197,7 @@ def test_bad_requests_get_openai_errors_naming_the_field(client, reference):
     assert error(openai.BadRequestError, max_tokens=16, block_length=4, steps=6)["param"] == "steps"
     assert error(openai.BadRequestError, prefix_cache=True)["param"] == "prefix_cache"
     assert error(openai.BadRequestError, temperature=3)["param"] == "temperature"
-    assert error(openai.BadRequestError, n=2)["param"] == "n"
+    assert error(openai.BadRequestError, n=17)["param"] == "n"
     assert error(openai.BadRequestError, prompt="a b " * CONTEXT)["param"] == "prompt"
     assert error(openai.BadRequestError, logprobs=2)["param"] == "logprobs"  # not honoured: refused, not ignored
     with pytest.raises(openai.NotFoundError) as unknown:
@@ -237,3 +238,61 @@ def test_a_full_pool_answers_429_and_admitted_requests_finish(client):
                 outcomes.append(429)
     assert outcomes.count(429) >= 1 and len(outcomes) - outcomes.count(429) >= POOL - 2
     assert all(o in ("length", "stop") for o in outcomes if o != 429)
+
+
+def test_n_choices_token_id_prompts_and_token_ids_back(client, reference):
+    tokenizer, decode = reference
+    ids = tokenizer.encode("def twice(x):", add_special_tokens=False)
+    r = client.completions.create(model=MODEL, prompt=ids, n=3, max_tokens=12, seed=5, temperature=0.8,
+                                  extra_body={"steps": 6, "return_token_ids": True})
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    for j, choice in enumerate(r.choices):  # choice j decodes with seed + j, exactly as alone
+        assert choice.text == decode(ids, max_tokens=12, steps=6, temperature=0.8, top_p=0.95, seed=5 + j)
+        assert choice.prompt_token_ids == ids
+        assert tokenizer.decode(choice.token_ids, skip_special_tokens=True) == choice.text
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=MODEL, prompt=[ids[0], 10**6], max_tokens=4)
+    assert caught.value.body["param"] == "prompt" and "token ids must be in [0," in caught.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=MODEL, prompt="x", stream=True, extra_body={"return_token_ids": True})
+    assert caught.value.body["param"] == "return_token_ids"
+
+
+def test_a_trainer_in_the_cluster_samples_and_swaps_weights_through_the_app_handle(served, checkpoint, tmp_path):
+    """`sample` / `sync_weights` / `replica_weights` (no HTTP route): the weights synced in memory are what the
+    replicas serve, bad weights are refused with the model unchanged."""
+    import torch
+
+    from models.dllm.checkpoint import checkpoint_tensors
+
+    app = serve.get_app_handle("dllm")
+    body = {"model": MODEL, "prompt": "def solve(a, b):", "max_tokens": 12, "steps": 6, "temperature": 0,
+            "return_token_ids": True}
+    [before] = app.sample.remote(body).result()["choices"]
+    [info] = app.replica_weights.remote(MODEL).result()
+    assert info["source"] == str(checkpoint) and info["trainer_version"] is None
+
+    other = write_tiny_dllm(tmp_path / "seed1", seed=1, max_position_embeddings=CONTEXT)
+    weights = checkpoint_tensors(other)
+    [result] = app.sync_weights.remote(MODEL, [ray.put(weights)], 3).result()["replicas"]
+    assert result["source"] == "memory" and result["trainer_version"] == 3 and result["load_seconds"] > 0
+    [after] = app.sample.remote(body).result()["choices"]
+    network, tokenizer = load_dllm(other), load_dllm_tokenizer(other)
+    stops = stop_token_ids(network.config, tokenizer)
+    tokens = reference_decode(network, tokenizer.encode("def solve(a, b):", add_special_tokens=False),
+                              DecodeParams(max_tokens=12, steps=6, temperature=0), network.config.mask_token_id, stops)
+    expected = list(itertools.takewhile(lambda t: t not in stops, tokens))
+    assert after["token_ids"] == expected != before["token_ids"]
+    assert app.replica_weights.remote(MODEL).result()[0]["trainer_version"] == 3
+
+    wrong = {**weights, "model.norm.weight": torch.zeros(7)}
+    with pytest.raises(ValueError, match=r"model.norm.weight: \(7,\) != \(128,\)"):
+        app.sync_weights.remote(MODEL, [ray.put(wrong)], 4).result()
+    assert app.sample.remote(body).result()["choices"][0]["token_ids"] == after["token_ids"]
+    with pytest.raises(ValueError, match="not served here"):
+        app.sync_weights.remote("other", [ray.put(weights)], 4).result()
+    with pytest.raises(ValueError, match="max_tokens"):
+        app.sample.remote({**body, "max_tokens": 10**6}).result()
+    # Back to the fixture's weights, for the tests after this one.
+    app.sync_weights.remote(MODEL, [ray.put(checkpoint_tensors(checkpoint))], 5).result()
+    assert app.sample.remote(body).result()["choices"][0]["token_ids"] == before["token_ids"]

@@ -23,6 +23,9 @@ class _Frozen(BaseModel):
 class ModelConfig(_Frozen):
     path: str = Field(description="HF checkpoint directory (relative: to the project root) or hub id of the policy.")
     dtype: Literal["float32", "bfloat16"] = "float32"
+    family: Literal["causal", "dllm"] = Field(
+        default="causal", description="causal: a HF causal LM (vLLM rollouts, exact log-probs); dllm: a Dream-layout "
+                                      "masked-diffusion coder (rollouts from the diffusion-LM app, coupled-GRPO).")
 
     def resolved(self) -> str:
         candidate = PROJECT_ROOT / self.path
@@ -62,6 +65,8 @@ class RolloutConfig(_Frozen):
     weights_dir: str | None = Field(default=None, description="disk sync: a directory the engines can read, where "
                                                               "each step's weights are written (default: a temp dir).")
     request_timeout_s: float = Field(default=600.0, gt=0, description="served backend: per sampling request.")
+    request_fields: dict[str, Any] = Field(default_factory=dict, description="served backend: extra fields of every "
+                                           "sampling request, e.g. the diffusion LM's {steps: 32, alg: entropy}.")
 
     @model_validator(mode="after")
     def _check_served(self) -> RolloutConfig:
@@ -86,6 +91,15 @@ class AlgorithmConfig(_Frozen):
     mini_batches: int = Field(default=1, ge=1, description="Optimizer updates per pass over the batch.")
     epochs: int = Field(default=1, ge=1, description="Passes over each batch (PPO epochs).")
     max_grad_norm: float = 1.0
+    substitute_zero_advantage: bool = Field(
+        default=False, description="Dream-Coder: replace groups whose rewards are all equal by copies of groups "
+                                   "with signal (training.coupled_grpo).")
+    estimator: Literal["coupled", "single"] = Field(
+        default="coupled", description="dllm family: per-token log-likelihoods from complementary mask pairs "
+                                       "(coupled-GRPO) or from as many independent masks (the baseline).")
+    mask_pairs: int = Field(default=1, ge=1, description="dllm family: mask pairs per sample (2 forwards each).")
+    mask_ratio_low: float = Field(default=0.2, gt=0.0, le=0.5, description="dllm family: mask ratios are drawn "
+                                                                          "from [low, 1 - low].")
 
 
 class ContextStage(_Frozen):
@@ -135,6 +149,9 @@ class TrainConfig(_Frozen):
         starts = [s.from_step for s in self.context_schedule]
         if not starts or starts[0] != 0 or starts != sorted(set(starts)):
             raise ValueError("context_schedule must start at step 0 with increasing from_step values")
+        if self.model.family == "dllm" and self.rollout.app_name is None:
+            raise ValueError("a diffusion-LM policy (model.family: dllm) samples from the diffusion-LM Serve app: "
+                             "set rollout.backend: served, rollout.app_name and rollout.served_model")
         return self
 
     def max_response_tokens(self, step: int) -> int:

@@ -27,16 +27,18 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
 
 def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def shard_policy(model: torch.nn.Module) -> torch.nn.Module:
-    """`fully_shard` every decoder layer (`model.model.layers`, the transformers causal-LM layout), then the root
-    (embeddings, final norm, head; tied embeddings stay one parameter). Gradients are summed over workers."""
+def shard_policy(model: torch.nn.Module, forward_methods: tuple[str, ...] = ()) -> torch.nn.Module:
+    """`fully_shard` every decoder layer (`model.model.layers`: the transformers causal-LM layout, and Dream's),
+    then the root (embeddings, final norm, head; tied embeddings stay one parameter). Gradients are summed over
+    workers. `forward_methods`: root methods called instead of `forward` (the diffusion LM's packed forward), which
+    FSDP2 must wrap too to gather the root's parameters around them."""
     if not dist.is_initialized():
         raise RuntimeError("shard_policy needs the trainer's process group (Ray Train forms it on every worker)")
     device = next(model.parameters()).device.type
@@ -44,6 +46,8 @@ def shard_policy(model: torch.nn.Module) -> torch.nn.Module:
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    for name in forward_methods:
+        register_fsdp_forward_method(model, name)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

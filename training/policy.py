@@ -10,12 +10,16 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from training.fsdp import all_sum, rank_and_world
 from training.problems import Problem
+
+if TYPE_CHECKING:
+    from training.rollout import Sample
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,8 @@ def chat_prompt(tokenizer, statement: str) -> str:
 
 
 class Policy:
+    FORWARD_METHODS: tuple[str, ...] = ()  # only forward(): FSDP2's default hooks gather the parameters
+
     def __init__(self, path: str, dtype: torch.dtype = torch.float32) -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -54,6 +60,10 @@ class Policy:
             attention[i, :len(p) + len(r)] = 1
             response[i, len(p) - 1:len(p) + len(r) - 1] = 1  # position t predicts token t + 1
         return Sequences(ids, attention, response)
+
+    def prepare(self, samples: list[Sample], seed: int, indices: list[int]) -> Sequences:
+        """The samples as the loss sees them (`seed`, `indices`: for estimators that draw masks; exact here)."""
+        return self.pack([s.prompt_ids for s in samples], [s.response_ids for s in samples])
 
     def token_logprobs(self, seq: Sequences) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-prob of every next token (batch, length - 1) and the mean entropy over response tokens."""

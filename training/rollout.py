@@ -5,7 +5,8 @@ official vLLM on GPU). It samples a batch chunk by chunk and hands every finishe
 chunk's responses to the reward actors at once, so rewards are computed while the
 next chunk samples.
 
-`ServedRollout` samples through the coder Serve app, the one users talk to: through
+`ServedRollout` samples through a Serve app users talk to (the coder app, or the
+diffusion-LM app for coupled-GRPO: both offer the same handle methods): through
 the app's deployment handle when the trainer runs in the same Ray cluster, over HTTP
 when it runs outside. Prompts go as token ids and the engine returns the sampled
 token ids (`return_token_ids`), so the trainer scores exactly the sequences that were
@@ -65,6 +66,7 @@ class Sample:
     response_ids: list[int]
     text: str
     truncated: bool
+    max_tokens: int       # the response limit it was sampled with (a diffusion LM's canvas)
 
 
 @dataclass
@@ -113,7 +115,7 @@ class LocalRollout:
             for offset, out in enumerate(outputs):
                 for completion in out.outputs:
                     sample = Sample(start + offset, list(out.prompt_token_ids), list(completion.token_ids),
-                                    completion.text, completion.finish_reason == "length")
+                                    completion.text, completion.finish_reason == "length", max_tokens)
                     refs.append(_score(rewarders, len(samples), problems[sample.problem], sample.text))
                     samples.append(sample)
         return RolloutBatch(problems, samples, refs, self.version, time.perf_counter() - started, max_tokens)
@@ -135,11 +137,15 @@ class ServedRollout:
 
     def __init__(self, model: str, tokenizer_path: str, seed: int, app_name: str | None = None,
                  base_url: str | None = None, admin_token_env: str = "CODER_ADMIN_TOKEN",
-                 request_timeout_s: float = 600.0) -> None:
+                 request_timeout_s: float = 600.0, family: str = "causal", request_fields: dict | None = None) -> None:
         from transformers import AutoTokenizer
 
+        from models.dllm.checkpoint import load_dllm_tokenizer
+
         self.model, self.seed, self.timeout = model, seed, request_timeout_s
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.request_fields = dict(request_fields or {})
+        # A Dream checkpoint names remote tokenizer code; its BPE files are read without it.
+        self.tokenizer = (load_dllm_tokenizer if family == "dllm" else AutoTokenizer.from_pretrained)(tokenizer_path)
         self.version = self.requests = self.resyncs = 0
         self.last: WeightsHandoff | None = None  # the last weights every replica took (its object stays stored)
         if app_name is not None:
@@ -158,9 +164,7 @@ class ServedRollout:
     def _request(self, body: dict):
         """Start one completion; returns a zero-argument function that waits for its response dict."""
         if self.app is not None:
-            from ray.serve.llm.openai_api_models import CompletionRequest
-
-            response = self.app.sample.remote(CompletionRequest(**body))
+            response = self.app.sample.remote(body)
             return lambda: response.result(timeout_s=self.timeout)
 
         def post() -> dict:
@@ -183,14 +187,15 @@ class ServedRollout:
                    for p in problems]
         pending = [self._request({"model": self.model, "prompt": ids, "n": group_size, "max_tokens": max_tokens,
                                   "temperature": temperature, "top_p": top_p, "return_token_ids": True,
-                                  "seed": self.seed + self.requests + i})
+                                  "seed": self.seed + (self.requests + i) * group_size,  # choice j: + j
+                                  **self.request_fields})
                    for i, ids in enumerate(prompts)]
         self.requests += len(prompts)  # every request of the run gets its own seed: reproducible, never repeated
         samples, refs = [], []
         for i, wait in enumerate(pending):
             for choice in sorted(wait()["choices"], key=lambda c: c["index"]):
                 sample = Sample(i, prompts[i], list(choice["token_ids"]), choice["text"],
-                                choice["finish_reason"] == "length")
+                                choice["finish_reason"] == "length", max_tokens)
                 refs.append(_score(rewarders, len(samples), problems[i], sample.text))
                 samples.append(sample)
         return RolloutBatch(problems, samples, refs, self.version, time.perf_counter() - started, max_tokens)

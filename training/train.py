@@ -98,6 +98,19 @@ def evaluate_held_out(rollout, problems: list[Problem], cfg: TrainConfig, reward
     return sum(r.reward for r in ray.get(batch.reward_refs)) / len(batch.samples)
 
 
+def make_policy(cfg: TrainConfig):
+    """The trainer's policy of the configured family: a causal LM (`Policy`) or a diffusion LM (`DllmPolicy`, its
+    warm start on the first context stage's canvas, its log-likelihoods from the configured mask estimator)."""
+    if cfg.model.family == "dllm":
+        from training.dllm_policy import DllmPolicy
+
+        return DllmPolicy(cfg.model.resolved(), getattr(torch, cfg.model.dtype), cfg.algorithm.estimator,
+                          cfg.algorithm.mask_pairs, cfg.algorithm.mask_ratio_low, cfg.max_response_tokens(0))
+    from training.policy import Policy
+
+    return Policy(cfg.model.resolved())
+
+
 def _broadcast(value):
     """Rank 0's `value` on every worker (the batch: only rank 0 talks to the rollout and reward actors)."""
     if dist.get_world_size() == 1:
@@ -134,7 +147,6 @@ def train_loop(loop_config: dict) -> None:
     import ray.train.torch
 
     from training.metrics import TrainingMetrics
-    from training.policy import Policy
 
     cfg = TrainConfig.model_validate(loop_config["config"])
     lead = ray.train.get_context().get_world_rank() == 0
@@ -148,10 +160,10 @@ def train_loop(loop_config: dict) -> None:
         checkpoint = ray.train.Checkpoint(loop_config["resume_from"])
     work = Path(tempfile.mkdtemp(prefix="grpo-"))
     weights_root = Path(cfg.rollout.weights_dir) / cfg.name if cfg.rollout.weights_dir else work
-    policy = Policy(cfg.model.resolved())
+    policy = make_policy(cfg)
     if cfg.trainer_use_gpu:
         policy.model.to(ray.train.torch.get_device())
-    shard_policy(policy.model)
+    shard_policy(policy.model, policy.FORWARD_METHODS)
     optimizer = torch.optim.AdamW(policy.model.parameters(), lr=cfg.algorithm.lr)
     state = {"step": 0, "epoch": 0, "index": 0, "version": 0}
     if checkpoint:
@@ -267,7 +279,8 @@ def run(cfg: TrainConfig, resume: str | None = None):
         rollout = ray.remote(ServedRollout).options(num_cpus=0.1).remote(
             cfg.rollout.served_model, cfg.model.resolved(), cfg.data.seed, app_name=cfg.rollout.app_name,
             base_url=cfg.rollout.base_url, admin_token_env=cfg.rollout.admin_token_env,
-            request_timeout_s=cfg.rollout.request_timeout_s)
+            request_timeout_s=cfg.rollout.request_timeout_s, family=cfg.model.family,
+            request_fields=dict(cfg.rollout.request_fields))
     rewarders = [RewardActor.options(num_cpus=0.1).remote(cfg.reward.timeout_s, cfg.reward.tests_per_problem)
                  for _ in range(cfg.reward.workers)]
     trainer = TorchTrainer(

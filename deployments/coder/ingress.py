@@ -153,8 +153,10 @@ class CoderIngress(OpenAiIngress):
         replicas = await self._default_serve_handles[model].broadcast("weights_info").results_async()
         return JSONResponse({"model": model, "replicas": replicas})
 
-    async def sample(self, body: CompletionRequest) -> dict:
-        """A non-streamed completion for in-cluster callers; refusals raise ValueError with the route's message."""
+    async def sample(self, body: dict) -> dict:
+        """A non-streamed completion for in-cluster callers (`body`: the /v1/completions fields); refusals raise
+        ValueError with the route's message."""
+        body = CompletionRequest(**body)
         if body.stream:
             raise ValueError("sample() answers whole completions: stream must be false")
         if error := self._request_error(body):

@@ -25,34 +25,14 @@ import asyncio
 import functools
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from ray.serve import metrics
 from ray.serve.llm import LLMConfig, LLMServer
 
 from deployments.coder.weight_sync import PackedWeights, load_call
 from deployments.coder.weights import check_reloadable, check_state_dict, expected_shapes, read_model_config
-
-
-@dataclass(frozen=True)
-class WeightsInfo:
-    """Which weights a replica serves: `source` is a directory or `memory`; `version` counts successful swaps;
-    `trainer_version` is the trainer's step count of in-memory weights (None for a directory)."""
-
-    source: str
-    version: int
-    trainer_version: int | None
-    last_reload_seconds: float | None
-
-
-@dataclass(frozen=True)
-class ReloadResult:
-    source: str
-    version: int
-    trainer_version: int | None
-    pause_seconds: float
-    load_seconds: float
-    total_seconds: float
+from deployments.weight_swaps import ReloadResult, WeightsInfo
 
 
 class WeightReloadFailed(RuntimeError):

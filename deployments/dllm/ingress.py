@@ -8,11 +8,18 @@ unmasked prefix as it grows. Streamed and unstreamed answers are built from the 
 text deltas (`deployments.dllm.text.ResponseText`). A client that disconnects, or a
 stop string, cancels the request in the scheduler.
 
+Three methods have no HTTP route, for a trainer on the same Ray cluster holding the
+app's deployment handle (coupled-GRPO, `training.coupled_grpo`): `sample` (a whole
+completion from a dict body, the route's checks, the response as a dict), `sync_weights`
+(every scheduler replica swaps in a state dict from the object store) and
+`replica_weights` (what each replica serves) - the same contract as the coder app's.
+
 No `from __future__ import annotations` here: FastAPI reads the route signatures.
 """
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -24,6 +31,7 @@ from typing import Any, Optional
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
@@ -55,11 +63,13 @@ class ServedDllm:
     config: DllmModelConfig
     tokenizer: Any
     context: int  # prompt + response tokens one request may hold
+    vocab_size: int
 
     @classmethod
     def load(cls, config: DllmModelConfig) -> "ServedDllm":
         path: Path = config.resolved_source()
-        return cls(config, load_dllm_tokenizer(path), DllmConfig.from_dir(path).max_position_embeddings)
+        architecture = DllmConfig.from_dir(path)
+        return cls(config, load_dllm_tokenizer(path), architecture.max_position_embeddings, architecture.vocab_size)
 
     def card(self) -> dict:
         return {"id": self.config.name, "object": "model", "created": 0, "owned_by": "dit-serve",
@@ -75,11 +85,13 @@ class _Choice:
     stream: DeploymentResponseGenerator
     text: ResponseText
     ended: bool = False  # the scheduler sent the result, or this side cancelled the request
+    token_ids: tuple[int, ...] = ()  # the response's tokens, once it finished
 
 
 def _final_text(choice: _Choice, result: DllmResult) -> str:
     if result.status is not RequestStatus.FINISHED:
         raise GenerationFailed(result.error or f"the request ended as {result.status.value}")
+    choice.token_ids = result.token_ids
     return choice.text.update(result.token_ids, final=True)
 
 
@@ -97,8 +109,8 @@ def _event(payload: dict) -> str:
 class _Reply:
     """The OpenAI response objects of one call: completion or chat, whole or as chunks."""
 
-    def __init__(self, model: str, chat: bool, choices: list[_Choice]) -> None:
-        self.model, self.chat, self.choices = model, chat, choices
+    def __init__(self, model: str, chat: bool, choices: list[_Choice], token_ids: bool = False) -> None:
+        self.model, self.chat, self.choices, self.token_ids = model, chat, choices, token_ids
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
@@ -114,6 +126,9 @@ class _Reply:
         else:
             choices = [{"index": c.index, "text": c.text.text, "finish_reason": c.text.finish_reason(),
                         "logprobs": None} for c in self.choices]
+        if self.token_ids:
+            for choice, c in zip(choices, self.choices):
+                choice.update(prompt_token_ids=list(c.new.prompt_ids), token_ids=list(c.token_ids))
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": choices, "usage": self.usage()}
 
@@ -150,10 +165,14 @@ class DllmIngress:
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest):
         served = self._model(body.model)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        single = isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], int))
+        prompts = [body.prompt] if single else body.prompt
         if not prompts or not all(prompts):
-            raise InvalidRequest("prompt", "prompt must be a non-empty string or a non-empty list of them")
-        ids = [served.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+            raise InvalidRequest("prompt", "prompt must be a non-empty string, a non-empty list of token ids, or a "
+                                 "non-empty list of either")
+        ids = [p if isinstance(p, list) else served.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        if any(not 0 <= t < served.vocab_size for p in ids for t in p):
+            raise InvalidRequest("prompt", f"prompt token ids must be in [0, {served.vocab_size - 1}]")
         return await self._respond(body, served, ids, "prompt", chat=False)
 
     @app.post("/v1/chat/completions")
@@ -166,6 +185,34 @@ class DllmIngress:
         ids = [served.tokenizer.encode(text, add_special_tokens=False)]
         return await self._respond(body, served, ids, "messages", chat=True)
 
+    # ---- for a trainer in the cluster (no HTTP route) -----------------------------
+    async def sample(self, body: dict) -> dict:
+        """A whole completion (`body`: the /v1/completions fields); refusals raise ValueError with the route's
+        message, a full pool `Overloaded`."""
+        try:
+            request = CompletionRequest(**body)
+        except ValidationError as exc:
+            raise ValueError(f"invalid completion request: {exc}") from exc
+        if request.stream:
+            raise ValueError("sample() answers whole completions: stream must be false")
+        response = await self.completions(request)
+        if response.status_code != 200:
+            raise RuntimeError(f"the completion failed ({response.status_code}): {response.body.decode()}")
+        return json.loads(response.body)
+
+    async def sync_weights(self, model: str, weights: list, version: int) -> dict:
+        """Every scheduler replica swaps `model`'s weights for `weights` (`[ObjectRef]` of a state dict), labelled
+        with the trainer's `version`; returns each replica's `ReloadResult`."""
+        self._model(model)
+        replicas = await self.scheduler.broadcast("update_weights", model=model, weights=weights,
+                                                  trainer_version=version).results_async()
+        return {"model": model, "replicas": replicas}
+
+    async def replica_weights(self, model: str) -> list:
+        """What every scheduler replica serves for `model` (`WeightsInfo`)."""
+        self._model(model)
+        return await self.scheduler.broadcast("weights_info", model=model).results_async()
+
     # ---- one request -----------------------------------------------------------
     def _model(self, name: str) -> ServedDllm:
         if name not in self.models:
@@ -173,6 +220,10 @@ class DllmIngress:
         return self.models[name]
 
     async def _respond(self, body, served: ServedDllm, prompt_ids: list[list[int]], prompt_field: str, chat: bool):
+        token_ids = getattr(body, "return_token_ids", False)
+        if token_ids and body.stream:
+            raise InvalidRequest("return_token_ids", "return_token_ids is for unstreamed completions; set stream to "
+                                 "false")
         requests = []
         for ids in prompt_ids:
             if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
@@ -180,10 +231,13 @@ class DllmIngress:
                                      f"{self.max_prompt_tokens} are accepted")
             if not ids:
                 raise InvalidRequest(prompt_field, "the prompt encodes to no token")
-            params = resolve_params(body, served.config.decoding, len(ids), served.context, prompt_field)
-            requests.append(NewDllmRequest(f"dllm-{uuid.uuid4().hex}", served.config.name, tuple(ids), params))
+            for choice in range(body.n):  # a seed unset is drawn for each choice
+                params = resolve_params(body, served.config.decoding, len(ids), served.context, prompt_field)
+                if body.seed is not None:
+                    params = dataclasses.replace(params, seed=body.seed + choice)
+                requests.append(NewDllmRequest(f"dllm-{uuid.uuid4().hex}", served.config.name, tuple(ids), params))
         choices = await self._admit(requests, served, body.stop_strings())
-        reply = _Reply(body.model, chat, choices)
+        reply = _Reply(body.model, chat, choices, token_ids)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(self._sse(reply, usage), media_type="text/event-stream")

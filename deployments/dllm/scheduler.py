@@ -10,6 +10,13 @@ join and leave at every step, and SRPTF ranks them by remaining steps x tokens.
 `generate()` streams `DllmPrefix` events as a request's fully unmasked response prefix
 grows, then one `DllmResult`. Cancelling the stream (the client went away) cancels
 the request: its slot and its device state are freed with the next step.
+
+A trainer on the same cluster swaps a model's weights in place (`update_weights`, a state
+dict from the object store; coupled-GRPO, `training.coupled_grpo`): checked against the
+architecture first, then copied into the parameters by the step thread between two steps,
+so no forward sees half of them and the requests in the pool carry on with the new
+weights (what the coder's `pause(mode="keep")` does). A load that fails half-way reloads
+the weights served before.
 """
 
 from __future__ import annotations
@@ -17,24 +24,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import AsyncIterator
 
+import ray
 import torch
 from ray import serve
 
 from deployments import init_replica
 from deployments.metrics import ServeMetrics
+from deployments.weight_swaps import ReloadResult, WeightsInfo
 from engine.config import SchedulerConfig
 from engine.dllm_runner import DllmModel, DllmRunner
 from engine.messages import NewDllmRequest, StepPlan
 from engine.policies import make_policy
 from engine.request import RequestMeta, RequestStatus
 from engine.scheduler import StepSchedulerCore
-from models.dllm.checkpoint import load_dllm, load_dllm_tokenizer
+from models.dllm.checkpoint import checkpoint_tensors, load_dllm, load_dllm_tokenizer, map_names
 from models.dllm.config import stop_token_ids
+from models.dllm.model import DiffusionLM
 from serve_graph.dllm_config import DllmModelConfig
 
 logger = logging.getLogger(__name__)
@@ -102,6 +114,9 @@ class DllmScheduler:
         self._loop_task: asyncio.Task | None = None
         self._largest_step = 0  # most requests packed in one step, since start
         self._ended: Counter[str] = Counter()  # requests that left the pool, by status, since start
+        self._weights = {m["name"]: WeightsInfo(str(DllmModelConfig(**m).resolved_source()), 0, None, None)
+                         for m in models}
+        self._sources: dict[str, str | ray.ObjectRef] = {name: w.source for name, w in self._weights.items()}  # to reload
 
     async def generate(self, new: NewDllmRequest) -> AsyncIterator[DllmAdmitted | DllmPrefix | DllmResult]:
         """Admit (PoolFullError when full), acknowledge, stream prefixes, then the result. Cancelling the stream
@@ -130,6 +145,48 @@ class DllmScheduler:
         """Pool and device state (tests and operators): nothing may be left once every request has ended."""
         return {"pooled": len(self.core.pool), "held_on_device": len(self.runner.held),
                 "largest_step": self._largest_step, "ended": dict(self._ended)}
+
+    # ---- weights ---------------------------------------------------------------
+    async def weights_info(self, model: str) -> dict:
+        self._network(model)  # an unknown model is refused with the served ones
+        return asdict(self._weights[model])
+
+    async def update_weights(self, model: str, weights: list, trainer_version: int) -> dict:
+        """Swap in a state dict from the object store (`[ObjectRef]`: Serve passes the reference and every replica
+        reads the one stored copy). Names and shapes are checked before anything changes (ValueError naming
+        them); the copy runs on the step thread between two steps."""
+        started = time.perf_counter()
+        network = self._network(model)
+        [ref] = weights
+        mapped = map_names(await ref, network)
+        loop = asyncio.get_running_loop()
+        load_started, loaded = await loop.run_in_executor(self._executor, self._load, model, network, mapped, ref)
+        done = time.perf_counter()
+        self._weights[model] = WeightsInfo("memory", self._weights[model].version + 1, trainer_version, done - started)
+        return asdict(ReloadResult("memory", self._weights[model].version, trainer_version, load_started - started,
+                                   loaded - load_started, done - started))
+
+    def _network(self, model: str) -> DiffusionLM:
+        if model not in self.runner.models:
+            raise ValueError(f"model {model!r} is not served here; served: {sorted(self.runner.models)}")
+        return self.runner.models[model].network
+
+    def _load(self, model: str, network: DiffusionLM, mapped: dict,
+              source: ray.ObjectRef) -> tuple[float, float]:
+        """On the step thread: copy `mapped` into the parameters; if that fails half-way, the previous weights
+        (`self._sources[model]`: a checkpoint directory or an object reference) are copied back."""
+        started = time.perf_counter()
+        tied = network.config.tie_word_embeddings
+        try:
+            network.load_state_dict(mapped, strict=not tied)
+        except Exception:
+            logger.exception("loading new weights into %s failed; restoring the previous ones", model)
+            previous = self._sources[model]
+            tensors = ray.get(previous) if isinstance(previous, ray.ObjectRef) else checkpoint_tensors(Path(previous))
+            network.load_state_dict(map_names(tensors, network), strict=not tied)
+            raise
+        self._sources[model] = source
+        return started, time.perf_counter()
 
     # ---- the loop -------------------------------------------------------------
     def _ensure_loop(self) -> None:

@@ -92,13 +92,16 @@ def load_dllm_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     raise FileNotFoundError(f"{path} has no tokenizer.json nor vocab.json + merges.txt")
 
 
-def save_dream_checkpoint(model: DiffusionLM, path: str | Path, tokenizer=None) -> Path:
-    """Write `model` in Dream's layout: config.json (`model_type: Dream`), model.safetensors, the tokenizer."""
+def save_dream_checkpoint(model: DiffusionLM, path: str | Path, tokenizer=None,
+                          state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `model` in Dream's layout: config.json (`model_type: Dream`), model.safetensors, the tokenizer.
+    `state`: the weights to write instead of the model's own (a trainer's gathered full weights)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    config = {**model.config.to_json(), "torch_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+    state = model.state_dict() if state is None else state
+    config = {**model.config.to_json(), "torch_dtype": str(next(iter(state.values())).dtype).removeprefix("torch.")}
     (path / "config.json").write_text(json.dumps(config, indent=1))
-    state = {n: t.detach().contiguous() for n, t in model.state_dict().items()
+    state = {n: t.detach().contiguous() for n, t in state.items()
              if not (model.config.tie_word_embeddings and n == "lm_head.weight")}
     save_file(state, path / "model.safetensors", metadata={"format": "pt"})
     if tokenizer is not None:
