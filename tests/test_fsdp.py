@@ -32,7 +32,7 @@ def _batch(vocab: int) -> tuple[list[Sample], list[float]]:
     rng = random.Random(0)
     samples = [Sample(problem=i // GROUP, prompt_ids=[rng.randrange(3, vocab) for _ in range(rng.randint(4, 9))],
                       response_ids=[rng.randrange(3, vocab) for _ in range(rng.randint(2, 12))], text="",
-                      truncated=i == 5) for i in range(4 * GROUP)]
+                      truncated=i == 5, max_tokens=16) for i in range(4 * GROUP)]
     rewards = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0]
     return samples, rewards
 
@@ -91,3 +91,32 @@ def test_a_sharded_checkpoint_resumes_on_another_worker_count(runs, workers):
     resumed = run_spmd(workers, _worker, {"model": runs["model"], "resume": runs["root"] / "ckpt-2"})[0]
     assert _max_diff(resumed["loaded"], runs["two"][0]["after_one"]) == 0.0
     assert _max_diff(resumed["after_two"], runs["two"][0]["after_two"]) < 1e-5
+
+
+def _dllm_worker(rank: int, world: int, job: dict) -> dict:
+    """One coupled-GRPO step of the diffusion policy (its packed forward under FSDP2, masks drawn per sample)."""
+    from training.dllm_policy import DllmPolicy
+
+    torch.manual_seed(0)
+    cfg = TrainConfig.model_validate(dict(
+        model={"path": str(job["model"]), "family": "dllm"}, data={"train": "toy"},
+        rollout={"backend": "served", "app_name": "dllm", "served_model": "tiny-dllm", "group_size": GROUP},
+        algorithm={"lr": 1e-3, "mini_batches": 2, "max_grad_norm": 0.5, "substitute_zero_advantage": True},
+        context_schedule=[{"from_step": 0, "max_response_tokens": 16}], steps=1))
+    policy = DllmPolicy(str(job["model"]), canvas_tokens=16)
+    shard_policy(policy.model, policy.FORWARD_METHODS)
+    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=cfg.algorithm.lr, eps=1e-6)
+    samples, rewards = _batch(policy.model.config.vocab_size)
+    metrics = grpo_update(policy, optimizer, samples, rewards, cfg, seed=7)
+    return {"metrics": metrics, "after": full_weights(policy.model)}
+
+
+def test_two_workers_take_the_coupled_grpo_step_one_worker_takes(tmp_path):
+    from models.dllm.tiny import write_tiny_dllm
+
+    model = write_tiny_dllm(tmp_path / "dllm", seed=0, init_std=0.02)
+    one = run_spmd(1, _dllm_worker, {"model": model}, threads_per_rank=1)[0]
+    two = run_spmd(2, _dllm_worker, {"model": model}, threads_per_rank=1)[0]
+    assert abs(one["metrics"]["loss"] - two["metrics"]["loss"]) < 1e-5, (one["metrics"], two["metrics"])
+    assert one["metrics"]["groups_substituted"] == two["metrics"]["groups_substituted"] == 1
+    assert _max_diff(one["after"], two["after"]) < 1e-5
