@@ -3,7 +3,7 @@
     python -m training.train --config configs/train/tiny-cpu.yaml [--steps N] [--resume CHECKPOINT_DIR]
 
 The driver starts the rollout actor (`training.rollout`: a private vLLM engine, or the
-coder Serve app users are talking to), the reward actors, and a `TorchTrainer`
+coder / diffusion-LM Serve app users are talking to), the reward actors, and a `TorchTrainer`
 (`trainer_workers` workers, each holding an FSDP2 shard of the policy,
 `training/fsdp.py`: gloo on CPU, NCCL on GPU; rank 0 drives the actors) whose loop
 does, per step k:
@@ -19,7 +19,9 @@ so with one-off pipelining a batch is sampled by weights at most one step old
 (logged as staleness), and the trainer never waits for sampling it could overlap.
 The maximum response length follows `context_schedule` by step. Checkpoints hold
 the sharded model and optimiser (loadable on any worker count), the full model in HF
-format, the step, the data position and the schedule in force.
+format (Dream's layout for a diffusion policy), the step, the data position and the
+schedule in force. `model.family: dllm` trains a masked-diffusion coder with coupled-GRPO
+(`training.dllm_policy`, `training.coupled_grpo`) through the same loop.
 """
 
 from __future__ import annotations
