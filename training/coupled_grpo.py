@@ -45,16 +45,18 @@ from typing import Literal
 
 import torch
 
+from training.grpo import groups_with_signal
+
 Estimator = Literal["coupled", "single"]
 
 
 @dataclass(frozen=True)
 class CanvasBatch:
-    """Samples laid out for the estimator: packed prompt + canvas ids, the scored positions, and the masks.
+    """Samples laid out for the estimator: prompt ids, canvas targets, the scored positions, and the masks.
 
-    Per sample i: `prompt_lengths[i]` prompt tokens then `canvas[i]` positions (width = the longest canvas,
-    shorter ones padded and never scored). `masks[i, k]` is forward k's set of masked canvas positions and
-    `weights[i, k]` its 1/t (0 where a forward does not score a position)."""
+    Per sample i: `prompt_ids[i]` then `canvas[i]` positions (width = the longest canvas, shorter ones padded and
+    never scored). `masks[i, k]` is forward k's set of masked canvas positions and `weights[i, k]` that forward's
+    1/t (it scores only the positions it masks)."""
 
     prompt_ids: list[list[int]]
     targets: torch.Tensor        # (n, width) canvas token ids
@@ -154,10 +156,10 @@ def estimate_logprobs(model, batch: CanvasBatch, mask_id: int) -> tuple[torch.Te
 def substitute_zero_advantage(rewards: torch.Tensor, group_size: int, generator: torch.Generator) -> list[int]:
     """Sample indices of the batch to train on: every group whose rewards are all equal replaced by a copy of a
     group with signal, drawn uniformly; the identity when no group (or every group) has signal."""
-    grouped = rewards.view(-1, group_size)
-    signal = (grouped.max(dim=1).values != grouped.min(dim=1).values).nonzero().squeeze(-1).tolist()
+    with_signal = groups_with_signal(rewards, group_size)
+    signal = with_signal.nonzero().squeeze(-1).tolist()
     order = []
-    for g in range(grouped.shape[0]):
+    for g in range(with_signal.shape[0]):
         source = g
         if signal and g not in signal:
             source = signal[int(torch.randint(len(signal), (1,), generator=generator))]

@@ -63,15 +63,15 @@ class DllmPolicy:
         rank, world = rank_and_world()
         rng = random.Random(seed)
         generator = torch.Generator().manual_seed(seed)  # every worker draws every mask: the same for any N
-        pairs = [(self.prompt(p.statement), s) for p in problems for s in p.reference_solutions]
+        pairs = [(self.tokenizer(self.prompt(p.statement), add_special_tokens=False).input_ids,
+                  self.tokenizer(s, add_special_tokens=False).input_ids[:self.canvas_tokens])
+                 for p in problems for s in p.reference_solutions]
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr)
         losses = []
         for _ in range(steps):
             drawn = [(pairs[rng.randrange(len(pairs))], self._sft_mask(generator)) for _ in range(batch)]
             ids, lengths, rows, targets = [], [], [], []
-            for (prompt_text, solution), mask in drawn[rank::world]:
-                prompt = self.tokenizer(prompt_text, add_special_tokens=False).input_ids
-                answer = self.tokenizer(solution, add_special_tokens=False).input_ids[:self.canvas_tokens]
+            for (prompt, answer), mask in drawn[rank::world]:
                 canvas = torch.tensor(answer + [self.eos_id] * (self.canvas_tokens - len(answer)))
                 start = sum(lengths)
                 ids += [torch.tensor(prompt), torch.where(mask, self.mask_id, canvas)]

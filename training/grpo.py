@@ -39,6 +39,12 @@ class GroupStats:
         return self.groups_with_signal / self.groups if self.groups else 0.0
 
 
+def groups_with_signal(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per group (rewards laid out group after group): whether its rewards differ, i.e. whether it carries signal."""
+    grouped = rewards.view(-1, group_size)
+    return grouped.max(dim=1).values != grouped.min(dim=1).values
+
+
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> tuple[torch.Tensor, GroupStats]:
     """Rewards laid out group after group (len = groups * group_size) -> per-response advantages."""
     if rewards.numel() % group_size:
@@ -47,7 +53,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
     mean = grouped.mean(dim=1, keepdim=True)
     std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
     advantages = torch.where(std > 0, (grouped - mean) / (std + eps), torch.zeros_like(grouped))
-    with_signal = int((grouped.max(dim=1).values != grouped.min(dim=1).values).sum())
+    with_signal = int(groups_with_signal(grouped, group_size).sum())
     return advantages.view(-1), GroupStats(grouped.shape[0], with_signal)
 
 
