@@ -142,13 +142,18 @@ def run_point(model: str, rate: float, cv: float, sweep: Sweep, profile: CostPro
     return points
 
 
+def naive_ring_stable(model: str, rate: float, requests: int, profile: CostProfile) -> bool:
+    """Whether Naive + Ring keeps up with the evaluation's Poisson trace (seed 7) at `rate`."""
+    return is_stable(simulate(make_trace(model, requests, rate, 1.0, seed=7), load_system(NAIVE), profile))
+
+
 def stability_edge(model: str, stable_rate: float, unstable_rate: float, sweep: Sweep,
                    profile: CostProfile) -> float:
     """The highest λ where Naive + Ring is stable, to within (unstable - stable) / 2^bisections: the grid alone
     places it up to a whole grid step low, and the baselines' latency climbs steeply in that step."""
     for _ in range(sweep.bisections):
         middle = round((stable_rate + unstable_rate) / 2, 5)
-        if is_stable(simulate(make_trace(model, sweep.requests, middle, 1.0, seed=7), load_system(NAIVE), profile)):
+        if naive_ring_stable(model, middle, sweep.requests, profile):
             stable_rate = middle
         else:
             unstable_rate = middle

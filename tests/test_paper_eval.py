@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from benchmarks.cost_profiles import CostProfile, H100Profile
-from benchmarks.paper_eval import QUICK, capacity, stability_edge
+from benchmarks.paper_eval import QUICK, capacity, naive_ring_stable, stability_edge
 from benchmarks.simulator import SYSTEMS, is_stable, load_system, physical_limit_s, simulate
 from benchmarks.workloads import FRAMES, TraceRequest, arrival_times, make_trace, read_jsonl, write_jsonl
 from engine.config import PlannerConfig
@@ -62,8 +62,7 @@ def test_under_overload_srptf_beats_run_to_completion_and_the_naive_queue_grows(
 def test_the_reference_rate_is_naive_rings_stability_edge_to_the_bisection_resolution():
     profile, sweep = H100Profile(), dataclasses.replace(QUICK, requests=120, bisections=3)
     cap = capacity("cogvideox", profile)
-    stable_at = lambda rate: is_stable(simulate(make_trace("cogvideox", 120, rate, 1.0, seed=7),  # noqa: E731
-                                                load_system("naive_ring"), profile))
+    stable_at = lambda rate: naive_ring_stable("cogvideox", rate, 120, profile)  # noqa: E731
     low, high = round(0.6 * cap, 5), round(1.6 * cap, 5)
     assert stable_at(low) and not stable_at(high)
     edge = stability_edge("cogvideox", low, high, sweep, profile)

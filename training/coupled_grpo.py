@@ -161,7 +161,7 @@ def substitute_zero_advantage(rewards: torch.Tensor, group_size: int, generator:
     order = []
     for g in range(with_signal.shape[0]):
         source = g
-        if signal and g not in signal:
+        if signal and not with_signal[g]:
             source = signal[int(torch.randint(len(signal), (1,), generator=generator))]
         order.extend(range(source * group_size, (source + 1) * group_size))
     return order

@@ -53,7 +53,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
     mean = grouped.mean(dim=1, keepdim=True)
     std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
     advantages = torch.where(std > 0, (grouped - mean) / (std + eps), torch.zeros_like(grouped))
-    with_signal = int(groups_with_signal(grouped, group_size).sum())
+    with_signal = int(groups_with_signal(rewards, group_size).sum())
     return advantages.view(-1), GroupStats(grouped.shape[0], with_signal)
 
 
