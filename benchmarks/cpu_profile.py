@@ -11,9 +11,9 @@ outside the step loop (prompt encoding, VAE decode + mp4 of each resolution). It
 
 (M: tokens the rank holds, S: a row's tokens, r: its ring size) by non-negative least
 squares. Then it fits the app's shell on a calibration trace of its own, run through the
-real app (`real_run`): jobs one at a time give how the app stretches those isolated step
-costs (one factor for steps of 1-rank rings, one for steps with a 2-rank ring) and a
-constant per job (Ray calls between the replicas, the handoff of the final latents, the
+real app (`real_run`) three times (`--app-runs`; each job's mean latency is fitted): jobs
+one at a time give how the app stretches those isolated step costs (one factor for steps
+of 1-rank rings, one for steps with a 2-rank ring) and a constant per job (Ray calls between the replicas, the handoff of the final latents, the
 mp4); a burst of jobs together gives `per_job_threads`, the CPU that each job in the
 app takes outside the steps (progress messages, status polls). The simulator then runs
 the ranks, the VAE replica and those per-job threads on two shared cores (processor
@@ -285,14 +285,15 @@ work outside the steps competes with the ranks for the two cores (`per_job_threa
 CALIBRATION_SYSTEM = {"policy": "srptf", "admission": "step", "planner": {"mode": "brick"}}
 
 
-def fit_app(profile: CpuProfile) -> dict:
+def fit_app(profile: CpuProfile, repeats: int) -> dict:
     """Fit the app's shell on a calibration trace of its own (the evaluation's traces are never fitted on).
 
-    Jobs alone (Wan, 6 s apart), their decode at its measured time (the app's VAE replica
-    decodes as fast as the in-process measurement: one thread either way):
-    latency - decode = a·steps·isolated step (1-rank rings) + b·steps·isolated step (2-rank
-    rings) + c, by NNLS. Then a burst of jobs together: the per-job threads for which the
-    simulator's mean latency of the burst equals the app's."""
+    The trace runs `repeats` times and each job's latency is its mean over the runs (this
+    machine's speed drifts between runs). Jobs alone (Wan, 6 s apart), their decode at its
+    measured time (the app's VAE replica decodes as fast as the in-process measurement: one
+    thread either way): latency - decode = a·steps·isolated step (1-rank rings) +
+    b·steps·isolated step (2-rank rings) + c, by NNLS. Then a burst of jobs together: the
+    per-job threads for which the simulator's mean latency of the burst equals the app's."""
     from benchmarks.real_run import run_systems
     from benchmarks.simulator import System, make_core, new_request, simulate
 
@@ -302,7 +303,8 @@ def fit_app(profile: CpuProfile) -> dict:
     burst = [TraceRequest(f"burst-{i}", burst_start + 0.1 * i, "wan", res, FRAMES["wan"], steps,
                           "a calibration scene", 100 + i) for i, (res, steps) in enumerate(BURST)]
     system = System("calibration", "calibration", CALIBRATION_SYSTEM)
-    real = run_systems(alone + burst, [system])["calibration"]
+    runs = run_systems(alone + burst, [system], repeats)["calibration"]
+    latency = [statistics.mean(run[i].latency_s for run in runs) for i in range(len(alone) + len(burst))]
     rows = []
     for request in alone:
         core = make_core(system, profile, clock=lambda: 0.0)
@@ -310,20 +312,20 @@ def fit_app(profile: CpuProfile) -> dict:
         plan = core.schedule()
         steps = request.steps * profile.isolated_step_seconds(plan)
         rows.append([steps, 0.0, 1.0] if not sharded(plan) else [0.0, steps, 1.0])
-    y = np.array([o.latency_s - profile.decode_seconds(o.request) for o in real[:len(alone)]])
+    y = np.array([latency[i] - profile.decode_seconds(request) for i, request in enumerate(alone)])
     (step_scale, ring_step_scale, per_job), _ = nnls(np.array(rows), y)
     profile.app = {"step_scale": step_scale, "ring_step_scale": ring_step_scale, "per_job_s": per_job,
                    "per_job_threads": 0.0}
     burst_trace = [dataclasses.replace(r, arrival_s=r.arrival_s - burst_start) for r in burst]
-    burst_latency = statistics.mean(o.latency_s for o in real[len(alone):])
+    burst_latency = statistics.mean(latency[len(alone):])
 
     def burst_error(threads: float) -> float:
         profile.app["per_job_threads"] = threads
         return abs(statistics.mean(o.latency_s for o in simulate(burst_trace, system, profile)) - burst_latency)
 
     profile.app["per_job_threads"] = min(np.arange(0.0, 1.001, 0.05).tolist(), key=burst_error)
-    return {**profile.app, "alone_latency_s": [o.latency_s for o in real[:len(alone)]],
-            "burst_latency_s": burst_latency}
+    return {**profile.app, "alone_latency_s": latency[:len(alone)], "burst_latency_s": burst_latency,
+            "calibration_runs": repeats}
 
 
 def main() -> None:
@@ -331,6 +333,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per grid entry (median)")
+    parser.add_argument("--app-runs", type=int, default=3, help="runs of the app's calibration trace (mean per job)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     per_rank = run_spmd(2, measure_steps, args.repeats, timeout_s=900)
@@ -341,7 +344,7 @@ def main() -> None:
     errors = [abs(p - m) / m for p, m in zip(predicted, measured)]
     print(f"{len(measured)} grid steps, {min(measured) * 1e3:.1f}-{max(measured) * 1e3:.1f} ms; fit error mean "
           f"{statistics.mean(errors):.1%}, max {max(errors):.1%}")
-    profile.app = fit_app(profile)
+    profile.app = fit_app(profile, args.app_runs)
     print("app shell: 1-rank steps x{step_scale:.2f}, 2-rank steps x{ring_step_scale:.2f}, +{per_job_s:.2f} s per "
           "job, {per_job_threads:.2f} threads per job in the app".format(
         **profile.app))

@@ -51,13 +51,14 @@ class Sweep:
     cvs: tuple[float, ...]
     real_requests: int  # per real run on the CPU app
     real_loads: dict[float, tuple[str, ...]]  # load fraction -> systems run for real at it
+    real_runs: int  # runs of each real system and load (their mean is compared with the simulator)
     bisections: int  # halvings of the gap between Naive + Ring's highest stable and lowest unstable grid λ
 
 
 CALIBRATION_SYSTEMS = ("naive_ring", "cb_brick_fifo", "cb_brick_srptf")
 FULL = Sweep(400, (0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.2, 1.5), (1, 2, 4, 8), 24,
-             {0.25: CALIBRATION_SYSTEMS, 0.45: SYSTEMS}, bisections=4)
-QUICK = Sweep(80, (0.15, 0.3, 0.6), (1, 4), 8, {0.4: (OURS,)}, bisections=2)
+             {0.25: CALIBRATION_SYSTEMS, 0.45: SYSTEMS}, real_runs=3, bisections=4)
+QUICK = Sweep(80, (0.15, 0.3, 0.6), (1, 4), 8, {0.4: (OURS,)}, real_runs=1, bisections=2)
 REAL_MODEL = "wan"
 REAL_STEPS = (10, 20)
 """The real CPU runs scale the step mix down with the resolutions (10/20 instead of 10-80) to keep a run in minutes."""
@@ -68,13 +69,23 @@ class RealPoint:
     fraction: float
     rate: float
     system: str
-    real_latency_s: float
+    run_latencies_s: tuple[float, ...]  # the mean latency of each real run of the trace
     simulated_latency_s: float
     failed: int
 
     @property
+    def real_latency_s(self) -> float:
+        """The mean over the runs: one run of ~30 s on this shared machine is up to ~1.8x off another."""
+        return statistics.mean(self.run_latencies_s)
+
+    @property
     def error(self) -> float:
         return abs(self.simulated_latency_s - self.real_latency_s) / self.real_latency_s
+
+    @property
+    def spread(self) -> float:
+        """(slowest run - fastest run) / their mean: how far apart the real runs themselves are."""
+        return (max(self.run_latencies_s) - min(self.run_latencies_s)) / self.real_latency_s
 
 
 def real_vs_simulated(sweep: Sweep) -> list[RealPoint]:
@@ -88,12 +99,13 @@ def real_vs_simulated(sweep: Sweep) -> list[RealPoint]:
     for fraction, systems in sweep.real_loads.items():
         rate = fraction * cap
         trace = make_trace(REAL_MODEL, sweep.real_requests, rate, seed=11, steps=REAL_STEPS)
-        real = run_systems(trace, [load_system(s) for s in systems])
+        real = run_systems(trace, [load_system(s) for s in systems], sweep.real_runs)
         for name in systems:
-            done = [o.latency_s for o in real[name] if o.status == "completed"]
+            done = [[o.latency_s for o in run if o.status == "completed"] for run in real[name]]
             simulated = statistics.mean(o.latency_s for o in simulate(trace, load_system(name), profile))
-            points.append(RealPoint(fraction, rate, name, statistics.mean(done) if done else float("nan"), simulated,
-                                    len(real[name]) - len(done)))
+            points.append(RealPoint(fraction, rate, name,
+                                    tuple(statistics.mean(run) if run else float("nan") for run in done), simulated,
+                                    sum(len(run) for run in real[name]) - sum(len(run) for run in done)))
     return points
 
 
@@ -249,12 +261,15 @@ def real_report(real: list[RealPoint]) -> list[str]:
     lines = ["", f"## The real CPU app vs the simulator (CPU profile), {REAL_MODEL}", "",
              "The same trace through the Serve app over HTTP (2 gloo ranks, tiny models, 240p-720p scaled to 32-96 px, "
              f"steps {'/'.join(map(str, REAL_STEPS))}) and through the simulator with the calibrated CPU profile "
-             "(`python -m benchmarks.cpu_profile`).", "",
-             "| load (of capacity) | λ | system | real mean latency | simulated | error | failed |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "(`python -m benchmarks.cpu_profile`). Each system ran the trace "
+             f"{len(real[0].run_latencies_s) if real else 0} times, in rounds over the systems; the error is the "
+             "simulator's against the mean of the runs, the spread is (slowest run - fastest run) / mean.", "",
+             "| load (of capacity) | λ | system | real mean latency | each run | spread | simulated | error | failed |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for p in real:
-        lines.append(f"| {p.fraction} | {p.rate:.3g} | {labels[p.system]} | {p.real_latency_s:.1f} s | "
-                     f"{p.simulated_latency_s:.1f} s | {p.error:.0%} | {p.failed} |")
+        lines.append(f"| {p.fraction} | {p.rate:.3g} | {labels[p.system]} | {p.real_latency_s:.2f} s | "
+                     + " / ".join(f"{run:.2f}" for run in p.run_latencies_s)
+                     + f" | {p.spread:.0%} | {p.simulated_latency_s:.2f} s | {p.error:.0%} | {p.failed} |")
     for fraction in sorted({p.fraction for p in real}):
         at = {p.system: p for p in real if p.fraction == fraction}
         if NAIVE in at and OURS in at:
@@ -324,8 +339,9 @@ def main() -> None:
     start = time.perf_counter()
     real = [] if args.no_real else real_vs_simulated(sweep)
     for p in real:
-        print(f"calibration: {p.system} at load {p.fraction} (λ={p.rate:.3g}/s): real {p.real_latency_s:.2f} s, "
-              f"simulated {p.simulated_latency_s:.2f} s, error {p.error:.1%}")
+        print(f"calibration: {p.system} at load {p.fraction} (λ={p.rate:.3g}/s): real {p.real_latency_s:.2f} s "
+              f"(mean of {len(p.run_latencies_s)} runs, spread {p.spread:.0%}), simulated {p.simulated_latency_s:.2f} s, "
+              f"error {p.error:.1%}")
     points, reference, grid_reference = evaluate(sweep, H100Profile())
     out = Path(args.out)
     images = plot(points, reference, out / "img")

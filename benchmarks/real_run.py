@@ -1,4 +1,4 @@
-"""Drive a trace through the real video app over HTTP, once per system, on this machine.
+"""Drive a trace through the real video app over HTTP, once or more per system, on this machine.
 
 One local Ray + Serve; for each system the video app is deployed with the system's
 `scheduler` section on the CPU profile's models and sizes (`cpu_profile.real_app_args`:
@@ -38,17 +38,23 @@ class RealOutcome:
     job: dict  # the server's last view of the job (timestamps: created_at, started_at, completed_at)
 
 
-def run_systems(trace: list[TraceRequest], systems: list[System]) -> dict[str, list[RealOutcome]]:
-    """Every system over the same trace, one after the other on one local Serve instance."""
+def run_systems(trace: list[TraceRequest], systems: list[System],
+                repeats: int = 1) -> dict[str, list[list[RealOutcome]]]:
+    """Every system over the same trace, `repeats` runs each, on one local Serve instance: system name -> runs.
+
+    The runs go in rounds (every system once, then again), so that a slow period of this shared machine (the
+    same job alone measured up to 1.4x apart from one run to the next) falls on all systems alike rather than
+    on one system's runs."""
     port = free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        out = {}
-        for system in systems:
-            serve.run(build_video_app(real_app_args(system.scheduler)), name="video", route_prefix="/")
-            out[system.name] = asyncio.run(_replay(f"http://127.0.0.1:{port}", trace))
-            serve.delete("video")
+        out: dict[str, list[list[RealOutcome]]] = {system.name: [] for system in systems}
+        for _ in range(repeats):
+            for system in systems:
+                serve.run(build_video_app(real_app_args(system.scheduler)), name="video", route_prefix="/")
+                out[system.name].append(asyncio.run(_replay(f"http://127.0.0.1:{port}", trace)))
+                serve.delete("video")
         return out
     finally:
         serve.shutdown()

@@ -84,6 +84,17 @@ def test_paper_eval_quick_writes_plots_and_a_report_with_ratios_from_the_same_ru
         row = re.search(rf"^\| {model} \| [0-9.e-]+ \| ([0-9.]+)x", report, re.M)
         assert row and float(row.group(1)) == pytest.approx(ratio, abs=0.006)
         assert ratio > 1
+    printed = re.findall(r"^calibration: cb_brick_srptf at load 0.4 .*: real ([0-9.]+) s \(mean of 1 runs, spread 0%\), "
+                         r"simulated ([0-9.]+) s, error ([0-9.]+)%$", run.stdout, re.M)
+    assert len(printed) == 1, run.stdout  # the real app's run against the simulator, its error printed
+    real, simulated, error = map(float, printed[0])
+    assert real > 0 and simulated > 0
+    assert error == pytest.approx(100 * abs(simulated - real) / real, abs=1.0)  # from the rounded latencies
+    row = re.search(r"^\| 0.4 \| [0-9.]+ \| CB \+ Brick \+ SRPTF \| ([0-9.]+) s \| ([0-9.]+) \| 0% \| ([0-9.]+) s \| "
+                    r"([0-9]+)% \| 0 \|$", report, re.M)
+    assert row, report  # the report's calibration row is the printed one
+    assert [float(x) for x in row.groups()[:3]] == pytest.approx([real, real, simulated], abs=0.006)
+    assert float(row.group(4)) == pytest.approx(error, abs=0.6)
 
 
 class _OneCoreProfile(CostProfile):
