@@ -75,7 +75,7 @@ class RealPoint:
 
     @property
     def real_latency_s(self) -> float:
-        """The mean over the runs: one run of ~30 s on this shared machine is up to ~1.8x off another."""
+        """The mean over the runs: one run of ~30 s on this shared machine is up to ~2.3x off another."""
         return statistics.mean(self.run_latencies_s)
 
     @property
