@@ -13,9 +13,10 @@ outside the step loop (prompt encoding, VAE decode + mp4 of each resolution). It
 squares. Then it fits the app's shell on a calibration trace of its own, run through the
 real app (`real_run`) three times (`--app-runs`; each job's mean latency is fitted): jobs
 one at a time give how the app stretches those isolated step costs (one factor for steps
-of 1-rank rings, one for steps with a 2-rank ring) and a constant per job (Ray calls between the replicas, the handoff of the final latents, the
-mp4); a burst of jobs together gives `per_job_threads`, the CPU that each job in the
-app takes outside the steps (progress messages, status polls). The simulator then runs
+of 1-rank rings, one for steps with a 2-rank ring) and a constant per job (Ray calls
+between the replicas, the handoff of the final latents, the mp4); a burst of jobs
+together gives `per_job_threads`, the CPU that each job in the app takes outside the
+steps (progress messages, status polls). The simulator then runs
 the ranks, the VAE replica and those per-job threads on two shared cores (processor
 sharing). The result goes to `benchmarks/results/cpu_profile.json`, which `CpuProfile`
 reads.

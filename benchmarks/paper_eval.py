@@ -102,10 +102,10 @@ def real_vs_simulated(sweep: Sweep) -> list[RealPoint]:
         real = run_systems(trace, [load_system(s) for s in systems], sweep.real_runs)
         for name in systems:
             done = [[o.latency_s for o in run if o.status == "completed"] for run in real[name]]
+            failed = sum(o.status != "completed" for run in real[name] for o in run)
             simulated = statistics.mean(o.latency_s for o in simulate(trace, load_system(name), profile))
-            points.append(RealPoint(fraction, rate, name,
-                                    tuple(statistics.mean(run) if run else float("nan") for run in done), simulated,
-                                    sum(len(run) for run in real[name]) - sum(len(run) for run in done)))
+            points.append(RealPoint(fraction, rate, name, tuple(statistics.mean(run) if run else float("nan")
+                                                                for run in done), simulated, failed))
     return points
 
 
@@ -262,7 +262,7 @@ def real_report(real: list[RealPoint]) -> list[str]:
              "The same trace through the Serve app over HTTP (2 gloo ranks, tiny models, 240p-720p scaled to 32-96 px, "
              f"steps {'/'.join(map(str, REAL_STEPS))}) and through the simulator with the calibrated CPU profile "
              "(`python -m benchmarks.cpu_profile`). Each system ran the trace "
-             f"{len(real[0].run_latencies_s) if real else 0} times, in rounds over the systems; the error is the "
+             f"{len(real[0].run_latencies_s)} times, in rounds over the systems; the error is the "
              "simulator's against the mean of the runs, the spread is (slowest run - fastest run) / mean.", "",
              "| load (of capacity) | λ | system | real mean latency | each run | spread | simulated | error | failed |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
