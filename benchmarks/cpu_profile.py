@@ -289,8 +289,8 @@ CALIBRATION_SYSTEM = {"policy": "srptf", "admission": "step", "planner": {"mode"
 def fit_app(profile: CpuProfile, repeats: int) -> dict:
     """Fit the app's shell on a calibration trace of its own (the evaluation's traces are never fitted on).
 
-    The trace runs `repeats` times and each job's latency is its mean over the runs (this
-    machine's speed drifts between runs). Jobs alone (Wan, 6 s apart), their decode at its
+    The trace is replayed `repeats` times in one deployment and each job's latency is its
+    mean over the replays (this machine's speed drifts from one replay to the next). Jobs alone (Wan, 6 s apart), their decode at its
     measured time (the app's VAE replica decodes as fast as the in-process measurement: one
     thread either way): latency - decode = a·steps·isolated step (1-rank rings) +
     b·steps·isolated step (2-rank rings) + c, by NNLS. Then a burst of jobs together: the
@@ -304,7 +304,7 @@ def fit_app(profile: CpuProfile, repeats: int) -> dict:
     burst = [TraceRequest(f"burst-{i}", burst_start + 0.1 * i, "wan", res, FRAMES["wan"], steps,
                           "a calibration scene", 100 + i) for i, (res, steps) in enumerate(BURST)]
     system = System("calibration", "calibration", CALIBRATION_SYSTEM)
-    runs = run_systems(alone + burst, [system], repeats)["calibration"]
+    runs = run_systems(alone + burst, [system], replays=repeats)["calibration"]
     latency = [statistics.mean(run[i].latency_s for run in runs) for i in range(len(alone) + len(burst))]
     rows = []
     for request in alone:
@@ -329,15 +329,13 @@ def fit_app(profile: CpuProfile, repeats: int) -> dict:
             "calibration_runs": repeats}
 
 
-def main() -> None:
+def measure_profile(out: Path, step_repeats: int = 3, app_runs: int = 3) -> CpuProfile:
+    """Measure this machine now (the step grid on two gloo ranks, the work outside the steps, the app's shell),
+    write the profile to `out` and return it. This machine's speed drifts from day to day (the grid's steps
+    measured 1.3x apart on two days), so `paper_eval` measures it in the same run as the real runs it predicts."""
     from attention.spmd import run_spmd
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per grid entry (median)")
-    parser.add_argument("--app-runs", type=int, default=3, help="runs of the app's calibration trace (mean per job)")
-    parser.add_argument("--out", default=str(RESULTS))
-    args = parser.parse_args()
-    per_rank = run_spmd(2, measure_steps, args.repeats, timeout_s=900)
+    per_rank = run_spmd(2, measure_steps, step_repeats, timeout_s=900)
     measured = [max(times) for times in zip(*per_rank)]
     coefficients = fit(measured)
     profile = CpuProfile(coefficients, measure_outside())
@@ -345,16 +343,24 @@ def main() -> None:
     errors = [abs(p - m) / m for p, m in zip(predicted, measured)]
     print(f"{len(measured)} grid steps, {min(measured) * 1e3:.1f}-{max(measured) * 1e3:.1f} ms; fit error mean "
           f"{statistics.mean(errors):.1%}, max {max(errors):.1%}")
-    profile.app = fit_app(profile, args.app_runs)
+    profile.app = fit_app(profile, app_runs)
     print("app shell: 1-rank steps x{step_scale:.2f}, 2-rank steps x{ring_step_scale:.2f}, +{per_job_s:.2f} s per "
-          "job, {per_job_threads:.2f} threads per job in the app".format(
-        **profile.app))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"measured_at": time.strftime("%Y-%m-%d"), "terms": list(_FAMILY_TERMS),
-                                          "families": list(MODELS), "coefficients": coefficients,
-                                          "outside": profile.outside, "app": profile.app,
-                                          "grid_seconds": measured}, indent=1))
-    print(f"wrote {args.out}")
+          "job, {per_job_threads:.2f} threads per job in the app".format(**profile.app))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"measured_at": time.strftime("%Y-%m-%d"), "terms": list(_FAMILY_TERMS),
+                               "families": list(MODELS), "coefficients": coefficients, "outside": profile.outside,
+                               "app": profile.app, "grid_seconds": measured}, indent=1))
+    print(f"wrote {out}")
+    return profile
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per grid entry (median)")
+    parser.add_argument("--app-runs", type=int, default=3, help="replays of the app's calibration trace (mean per job)")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    measure_profile(Path(args.out), args.repeats, args.app_runs)
 
 
 if __name__ == "__main__":

@@ -51,14 +51,18 @@ class Sweep:
     cvs: tuple[float, ...]
     real_requests: int  # per real run on the CPU app
     real_loads: dict[float, tuple[str, ...]]  # load fraction -> systems run for real at it
-    real_runs: int  # runs of each real system and load (their mean is compared with the simulator)
+    real_rounds: int  # deployments of each real system and load, in rounds over the systems
+    real_replays: int  # replays of the trace per deployment (the runs' mean is compared with the simulator)
+    measure_profile: bool  # measure the CPU profile in this run (else the stored one) before the real runs
     bisections: int  # halvings of the gap between Naive + Ring's highest stable and lowest unstable grid λ
 
 
 CALIBRATION_SYSTEMS = ("naive_ring", "cb_brick_fifo", "cb_brick_srptf")
 FULL = Sweep(400, (0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.2, 1.5), (1, 2, 4, 8), 24,
-             {0.25: CALIBRATION_SYSTEMS, 0.45: SYSTEMS}, real_runs=3, bisections=4)
-QUICK = Sweep(80, (0.15, 0.3, 0.6), (1, 4), 8, {0.4: (OURS,)}, real_runs=1, bisections=2)
+             {0.25: CALIBRATION_SYSTEMS, 0.45: SYSTEMS}, real_rounds=2, real_replays=3, measure_profile=True,
+             bisections=4)
+QUICK = Sweep(80, (0.15, 0.3, 0.6), (1, 4), 8, {0.4: (OURS,)}, real_rounds=1, real_replays=1, measure_profile=False,
+              bisections=2)
 REAL_MODEL = "wan"
 REAL_STEPS = (10, 20)
 """The real CPU runs scale the step mix down with the resolutions (10/20 instead of 10-80) to keep a run in minutes."""
@@ -75,7 +79,7 @@ class RealPoint:
 
     @property
     def real_latency_s(self) -> float:
-        """The mean over the runs: one run of ~30 s on this shared machine is up to ~2.3x off another."""
+        """The mean over the runs: one run of ~30 s on this shared machine is up to ~2x off the next one."""
         return statistics.mean(self.run_latencies_s)
 
     @property
@@ -89,17 +93,18 @@ class RealPoint:
 
 
 def real_vs_simulated(sweep: Sweep) -> list[RealPoint]:
-    """Each load's trace through the real app (CPU, 2 ranks) and through the simulator on the calibrated CPU profile."""
-    from benchmarks.cpu_profile import CpuProfile
+    """Each load's trace through the real app (CPU, 2 ranks) and through the simulator on the calibrated CPU profile
+    (measured in this run for the full sweep: loads are fractions of the machine's capacity today)."""
+    from benchmarks.cpu_profile import RESULTS, CpuProfile, measure_profile
     from benchmarks.real_run import run_systems
 
-    profile = CpuProfile.load()
+    profile = measure_profile(RESULTS) if sweep.measure_profile else CpuProfile.load()
     cap = capacity(REAL_MODEL, profile, steps=REAL_STEPS)
     points = []
     for fraction, systems in sweep.real_loads.items():
         rate = fraction * cap
         trace = make_trace(REAL_MODEL, sweep.real_requests, rate, seed=11, steps=REAL_STEPS)
-        real = run_systems(trace, [load_system(s) for s in systems], sweep.real_runs)
+        real = run_systems(trace, [load_system(s) for s in systems], sweep.real_rounds, sweep.real_replays)
         for name in systems:
             done = [[o.latency_s for o in run if o.status == "completed"] for run in real[name]]
             failed = sum(o.status != "completed" for run in real[name] for o in run)
@@ -256,13 +261,14 @@ def cv_growth(points: list[Point]) -> dict[tuple[str, float], float]:
     return out
 
 
-def real_report(real: list[RealPoint]) -> list[str]:
+def real_report(real: list[RealPoint], sweep: Sweep) -> list[str]:
     labels = {name: load_system(name).label for name in SYSTEMS}
     lines = ["", f"## The real CPU app vs the simulator (CPU profile), {REAL_MODEL}", "",
              "The same trace through the Serve app over HTTP (2 gloo ranks, tiny models, 240p-720p scaled to 32-96 px, "
-             f"steps {'/'.join(map(str, REAL_STEPS))}) and through the simulator with the calibrated CPU profile "
-             "(`python -m benchmarks.cpu_profile`). Each system ran the trace "
-             f"{len(real[0].run_latencies_s)} times, in rounds over the systems; the error is the "
+             f"steps {'/'.join(map(str, REAL_STEPS))}) and through the simulator with the CPU profile "
+             f"(`benchmarks.cpu_profile`, {'measured in this run' if sweep.measure_profile else 'the stored one'}). "
+             f"Each system ran the trace {len(real[0].run_latencies_s)} times: {sweep.real_rounds} deployment(s), "
+             f"in rounds over the systems, {sweep.real_replays} replay(s) each; the error is the "
              "simulator's against the mean of the runs, the spread is (slowest run - fastest run) / mean.", "",
              "| load (of capacity) | λ | system | real mean latency | each run | spread | simulated | error | failed |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -322,7 +328,7 @@ def write_report(points: list[Point], reference: dict[str, float], grid_referenc
         lines.append(f"| {model} | {rate:.4g} | " + " | ".join(f"{p.latency_s:.1f}" for p in series)
                      + f" | {growth:.2f}x |")
     if real:
-        lines += real_report(real)
+        lines += real_report(real, sweep)
     text = "\n".join(lines) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

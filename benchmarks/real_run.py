@@ -2,15 +2,17 @@
 
 One local Ray + Serve; for each system the video app is deployed with the system's
 `scheduler` section on the CPU profile's models and sizes (`cpu_profile.real_app_args`:
-2 gloo ranks, tiny CogVideoX / Wan, 240p-720p scaled to 32-96 pixels), warmed up with
-one short job, then the trace is replayed: each job is POSTed at its arrival offset and
-polled until done. Latency is what the client sees: the server's `completed_at` minus
-the client's submission time (one machine, one clock).
+2 gloo ranks, tiny CogVideoX / Wan, 240p-720p scaled to 32-96 pixels) and a job store
+in a temporary directory; each replay warms it up with one short job, then replays the
+trace: each job is POSTed at its arrival offset and polled until done. Latency is what
+the client sees: the server's `completed_at` minus the client's submission time (one
+machine, one clock).
 """
 
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -38,23 +40,30 @@ class RealOutcome:
     job: dict  # the server's last view of the job (timestamps: created_at, started_at, completed_at)
 
 
-def run_systems(trace: list[TraceRequest], systems: list[System],
-                repeats: int = 1) -> dict[str, list[list[RealOutcome]]]:
-    """Every system over the same trace, `repeats` runs each, on one local Serve instance: system name -> runs.
+def run_systems(trace: list[TraceRequest], systems: list[System], rounds: int = 1,
+                replays: int = 1) -> dict[str, list[list[RealOutcome]]]:
+    """Every system over the same trace, `rounds` x `replays` runs each, on one local Serve instance: system
+    name -> runs.
 
-    The runs go in rounds (every system once, then again), so that a slow period of this shared machine (the
-    same job alone measured up to 1.4x apart from one run to the next) falls on all systems alike rather than
-    on one system's runs."""
+    A round deploys each system once (on an empty job store) and replays the trace `replays` times in that
+    deployment; a deployment costs ~40 s here, a replay of 24 jobs ~30 s, and back-to-back replays in one
+    deployment differ as much as replays in two (measured: 4.4-8.4 s mean latency either way), so replays are
+    the cheap way to more runs. The rounds go over all systems before the next, so that a slow period of this
+    shared machine falls on all systems alike rather than on one system's runs."""
     port = free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         out: dict[str, list[list[RealOutcome]]] = {system.name: [] for system in systems}
-        for _ in range(repeats):
+        for _ in range(rounds):
             for system in systems:
-                serve.run(build_video_app(real_app_args(system.scheduler)), name="video", route_prefix="/")
-                out[system.name].append(asyncio.run(_replay(f"http://127.0.0.1:{port}", trace)))
-                serve.delete("video")
+                with tempfile.TemporaryDirectory(prefix="real-run-") as data_dir:
+                    args = real_app_args(system.scheduler)
+                    args["store"]["data_dir"] = data_dir  # an empty store per deployment, never the user's .data
+                    serve.run(build_video_app(args), name="video", route_prefix="/")
+                    for _ in range(replays):
+                        out[system.name].append(asyncio.run(_replay(f"http://127.0.0.1:{port}", trace)))
+                    serve.delete("video")
         return out
     finally:
         serve.shutdown()
