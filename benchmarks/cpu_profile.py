@@ -10,8 +10,8 @@ outside the step loop (prompt encoding, VAE decode + mp4 of each resolution). It
          + max over ranks Σ_model (per_token · M + per_attention · Σ S²/r + per_hop · rows sharded)
 
 (M: tokens the rank holds, S: a row's tokens, r: its ring size) by non-negative least
-squares. Then it fits the app's shell on a calibration trace of its own, run through the
-real app (`real_run`) three times (`--app-runs`; each job's mean latency is fitted): jobs
+squares. Then it fits the app's shell on a calibration trace of its own, replayed through
+the real app (`real_run`) three times (`--app-runs`; each job's mean latency is fitted): jobs
 one at a time give how the app stretches those isolated step costs (one factor for steps
 of 1-rank rings, one for steps with a 2-rank ring) and a constant per job (Ray calls
 between the replicas, the handoff of the final latents, the mp4); a burst of jobs
@@ -290,9 +290,9 @@ def fit_app(profile: CpuProfile, repeats: int) -> dict:
     """Fit the app's shell on a calibration trace of its own (the evaluation's traces are never fitted on).
 
     The trace is replayed `repeats` times in one deployment and each job's latency is its
-    mean over the replays (this machine's speed drifts from one replay to the next). Jobs alone (Wan, 6 s apart), their decode at its
-    measured time (the app's VAE replica decodes as fast as the in-process measurement: one
-    thread either way): latency - decode = a·steps·isolated step (1-rank rings) +
+    mean over the replays (this machine's speed drifts from one replay to the next). Jobs
+    alone (Wan, 6 s apart), their decode at its measured time (the app's VAE replica decodes
+    as fast as the in-process measurement: one thread either way): latency - decode = a·steps·isolated step (1-rank rings) +
     b·steps·isolated step (2-rank rings) + c, by NNLS. Then a burst of jobs together: the
     per-job threads for which the simulator's mean latency of the burst equals the app's."""
     from benchmarks.real_run import run_systems
