@@ -292,9 +292,10 @@ def fit_app(profile: CpuProfile, repeats: int) -> dict:
     The trace is replayed `repeats` times in one deployment and each job's latency is its
     mean over the replays (this machine's speed drifts from one replay to the next). Jobs
     alone (Wan, 6 s apart), their decode at its measured time (the app's VAE replica decodes
-    as fast as the in-process measurement: one thread either way): latency - decode = a·steps·isolated step (1-rank rings) +
-    b·steps·isolated step (2-rank rings) + c, by NNLS. Then a burst of jobs together: the
-    per-job threads for which the simulator's mean latency of the burst equals the app's."""
+    as fast as the in-process measurement: one thread either way): latency - decode =
+    a·steps·isolated step (1-rank rings) + b·steps·isolated step (2-rank rings) + c, by
+    NNLS. Then a burst of jobs together: the per-job threads for which the simulator's mean
+    latency of the burst equals the app's."""
     from benchmarks.real_run import run_systems
     from benchmarks.simulator import System, make_core, new_request, simulate
 
