@@ -16,9 +16,12 @@ arrivals, CV 1-8), and writes:
   Naive + Ring is stable, found on the grid, then bisected between the grid's last
   stable and first unstable λ);
 - `evaluation.md`: the tables, every system's latency as a multiple of the physical
-  limit, the ratios of CB + Brick + SRPTF against the baselines, and the CV smoothness.
+  limit, the ratios of CB + Brick + SRPTF against the baselines, the CV smoothness, and
+  the real CPU app against the simulator on the CPU profile (same traces, several runs
+  per system and load; the full sweep first measures that profile and rewrites
+  `benchmarks/results/cpu_profile.json`, `--quick` reads the stored one).
 
-    python -m benchmarks.paper_eval            # docs/img/*.png and docs/evaluation.md
+    python -m benchmarks.paper_eval            # docs/img/*.png, docs/evaluation.md (~60 minutes)
     python -m benchmarks.paper_eval --quick    # fewer requests and rates (< 3 minutes)
 """
 
