@@ -10,16 +10,15 @@ outside the step loop (prompt encoding, VAE decode + mp4 of each resolution). It
          + max over ranks Σ_model (per_token · M + per_attention · Σ S²/r + per_hop · rows sharded)
 
 (M: tokens the rank holds, S: a row's tokens, r: its ring size) by non-negative least
-squares. Then it fits the app's shell on a calibration trace of its own, replayed through
-the real app (`real_run`) three times (`--app-runs`; each job's mean latency is fitted): jobs
-one at a time give how the app stretches those isolated step costs (one factor for steps
-of 1-rank rings, one for steps with a 2-rank ring) and a constant per job (Ray calls
-between the replicas, the handoff of the final latents, the mp4); a burst of jobs
-together gives `per_job_threads`, the CPU that each job in the app takes outside the
-steps (progress messages, status polls). The simulator then runs
-the ranks, the VAE replica and those per-job threads on two shared cores (processor
-sharing). The result goes to `benchmarks/results/cpu_profile.json`, which `CpuProfile`
-reads.
+squares. Then it fits the app's shell on calibration traces of its own, each replayed
+through the real app (`real_run`) three times (`--app-runs`; each job's mean latency is
+fitted): jobs one at a time give how the app stretches those isolated step costs (one
+factor for steps of 1-rank rings, one for steps with a 2-rank ring) and a constant per job
+(Ray calls between the replicas, the handoff of the final latents, the mp4); a Poisson
+trace at a moderate load gives `per_job_threads`, the CPU that each job in the app takes
+outside the steps (progress messages, status polls). The simulator then runs the ranks,
+the VAE replica and those per-job threads on two shared cores (processor sharing). The
+result goes to `benchmarks/results/cpu_profile.json`, which `CpuProfile` reads.
 Resolutions are scaled as in the tests (240p-720p rendered 32-96 pixels high), so all
 four fit a CPU run; the real app of `real_app_args()` serves the same sizes.
 """
@@ -27,7 +26,6 @@ four fit a CPU run; the real app of `real_app_args()` serves the same sizes.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import time
@@ -44,7 +42,7 @@ from models.spec import ModelSpec
 from serve_graph.validation import video_size
 
 from benchmarks.cost_profiles import CostProfile
-from benchmarks.workloads import FRAMES, RESOLUTIONS, TraceRequest
+from benchmarks.workloads import FRAMES, RESOLUTIONS, TraceRequest, make_trace
 
 RESULTS = Path(__file__).parent / "results" / "cpu_profile.json"
 HEIGHTS = {"240p": 32, "360p": 48, "480p": 64, "720p": 96}
@@ -52,6 +50,10 @@ MODELS = {"cogvideox": "cogvideox-tiny", "wan": "wan-tiny"}
 """Trace family -> served tiny model. Mochi is left out on CPU: its packed rows depend on each prompt's length."""
 PLANNER = PlannerConfig(min_shard_tokens=256, ring_sizes=(1, 2), linear_tokens=192)
 """480p and 720p rows (>= 512 tokens) shard over both ranks; 240p and 360p stay on one."""
+REAL_MODEL = "wan"
+REAL_STEPS = (10, 20)
+"""The real CPU app's workload (calibration and evaluation): Wan, with the step mix scaled down with the resolutions
+(10/20 instead of 10-80) to keep a run in minutes."""
 STEP_GAP_S = 0.007
 """The rank's idle time between two forwards in the app (Ray's actor-call turnaround; `ray_dit_step_gap_seconds`
 in benchmarks/engine_step.py), which the grid's in-process steps do not pay."""
@@ -279,34 +281,34 @@ class CpuProfile(CostProfile):
 ALONE = [("240p", 10), ("720p", 20), ("360p", 20), ("480p", 10), ("240p", 20), ("720p", 10), ("480p", 20),
          ("360p", 10), ("720p", 20), ("240p", 10), ("720p", 10), ("360p", 20)]
 """(resolution, steps) of the jobs run one at a time through the app to fit its shell."""
-BURST = [("720p", 20), ("240p", 10), ("480p", 20), ("360p", 10), ("720p", 10), ("240p", 20), ("480p", 10),
-         ("360p", 20)]
-"""(resolution, steps) of jobs sent 0.1 s apart after the alone ones: with several jobs in the app at once, the
-work outside the steps competes with the ranks for the two cores (`per_job_threads`)."""
 CALIBRATION_SYSTEM = {"policy": "srptf", "admission": "step", "planner": {"mode": "brick"}}
+CALIBRATION_LOAD = 0.35
+"""The Poisson calibration trace's rate as a fraction of the fitted capacity: a moderate load like the ones the
+simulator is asked about (the evaluation's real runs are at 0.25 and 0.45), on a trace of its own."""
+CALIBRATION_SEED = 5
+"""No evaluation trace uses it (they use 7, 11 and 99)."""
+CALIBRATION_REQUESTS = 24
 
 
 def fit_app(profile: CpuProfile, repeats: int) -> dict:
-    """Fit the app's shell on a calibration trace of its own (the evaluation's traces are never fitted on).
+    """Fit the app's shell on calibration traces of its own (the evaluation's traces are never fitted on).
 
-    The trace is replayed `repeats` times in one deployment and each job's latency is its
-    mean over the replays (this machine's speed drifts from one replay to the next). Jobs
-    alone (Wan, 6 s apart), their decode at its measured time (the app's VAE replica decodes
-    as fast as the in-process measurement: one thread either way): latency - decode =
-    a·steps·isolated step (1-rank rings) + b·steps·isolated step (2-rank rings) + c, by
-    NNLS. Then a burst of jobs together: the per-job threads for which the simulator's mean
-    latency of the burst equals the app's."""
+    Each trace is replayed `repeats` times in one deployment and each job's latency is its
+    mean over the replays (this machine's speed drifts from one replay to the next). First
+    jobs alone (Wan, 6 s apart), their decode at its measured time (the app's VAE replica
+    decodes as fast as the in-process measurement: one thread either way): latency - decode
+    = a·steps·isolated step (1-rank rings) + b·steps·isolated step (2-rank rings) + c, by
+    NNLS. Then a Poisson trace at `CALIBRATION_LOAD` of the capacity those give: the per-job
+    threads for which the simulator's mean latency of that trace equals the app's. (An
+    8-job burst 0.1 s apart, fitted before, is an overload: its term came out 0.05-0.15 in
+    three fits and left the simulator 37-110% slow at load 0.45.)"""
     from benchmarks.real_run import run_systems
-    from benchmarks.simulator import System, make_core, new_request, simulate
+    from benchmarks.simulator import System, capacity, make_core, new_request, simulate
 
+    system = System("calibration", "calibration", CALIBRATION_SYSTEM)
     alone = [TraceRequest(f"alone-{i}", 6.0 * i, "wan", res, FRAMES["wan"], steps, "a calibration scene", i)
              for i, (res, steps) in enumerate(ALONE)]
-    burst_start = 6.0 * len(ALONE)
-    burst = [TraceRequest(f"burst-{i}", burst_start + 0.1 * i, "wan", res, FRAMES["wan"], steps,
-                          "a calibration scene", 100 + i) for i, (res, steps) in enumerate(BURST)]
-    system = System("calibration", "calibration", CALIBRATION_SYSTEM)
-    runs = run_systems(alone + burst, [system], replays=repeats)["calibration"]
-    latency = [statistics.mean(run[i].latency_s for run in runs) for i in range(len(alone) + len(burst))]
+    latency = _mean_per_job(run_systems(alone, [system], replays=repeats)["calibration"])
     rows = []
     for request in alone:
         core = make_core(system, profile, clock=lambda: 0.0)
@@ -318,16 +320,25 @@ def fit_app(profile: CpuProfile, repeats: int) -> dict:
     (step_scale, ring_step_scale, per_job), _ = nnls(np.array(rows), y)
     profile.app = {"step_scale": step_scale, "ring_step_scale": ring_step_scale, "per_job_s": per_job,
                    "per_job_threads": 0.0}
-    burst_trace = [dataclasses.replace(r, arrival_s=r.arrival_s - burst_start) for r in burst]
-    burst_latency = statistics.mean(latency[len(alone):])
+    rate = CALIBRATION_LOAD * capacity(REAL_MODEL, profile, steps=REAL_STEPS)
+    poisson = make_trace(REAL_MODEL, CALIBRATION_REQUESTS, rate, seed=CALIBRATION_SEED, steps=REAL_STEPS)
+    poisson_latency = statistics.mean(_mean_per_job(run_systems(poisson, [system], replays=repeats)["calibration"]))
 
-    def burst_error(threads: float) -> float:
+    def poisson_error(threads: float) -> float:
         profile.app["per_job_threads"] = threads
-        return abs(statistics.mean(o.latency_s for o in simulate(burst_trace, system, profile)) - burst_latency)
+        return abs(statistics.mean(o.latency_s for o in simulate(poisson, system, profile)) - poisson_latency)
 
-    profile.app["per_job_threads"] = min(np.arange(0.0, 1.001, 0.05).tolist(), key=burst_error)
-    return {**profile.app, "alone_latency_s": latency[:len(alone)], "burst_latency_s": burst_latency,
+    profile.app["per_job_threads"] = min(np.arange(0.0, 1.001, 0.05).tolist(), key=poisson_error)
+    return {**profile.app, "alone_latency_s": latency, "poisson_rate": rate, "poisson_latency_s": poisson_latency,
             "calibration_runs": repeats}
+
+
+def _mean_per_job(runs: list[list]) -> list[float]:
+    """Each job's latency averaged over the replays; a failed calibration job stops the fit (nothing to fit)."""
+    failed = [o for run in runs for o in run if o.status != "completed"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} calibration jobs did not complete, e.g. {failed[0].status}")
+    return [statistics.mean(jobs) for jobs in zip(*([o.latency_s for o in run] for run in runs))]
 
 
 def measure_profile(out: Path, step_repeats: int = 3, app_runs: int = 3) -> CpuProfile:

@@ -39,9 +39,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks.cost_profiles import CostProfile, H100Profile  # noqa: E402
-from benchmarks.simulator import (SYSTEMS, System, is_stable, load_system, make_core, new_request,  # noqa: E402
-                                  physical_limit_s, simulate)
-from benchmarks.workloads import FRAMES, STEP_CHOICES, make_trace  # noqa: E402
+from benchmarks.cpu_profile import REAL_MODEL, REAL_STEPS, RESULTS, CpuProfile, measure_profile  # noqa: E402
+from benchmarks.simulator import SYSTEMS, capacity, is_stable, load_system, physical_limit_s, simulate  # noqa: E402
+from benchmarks.workloads import FRAMES, make_trace  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 OURS, NAIVE, SAME_SHAPE, REQUEST_SP = "cb_brick_srptf", "naive_ring", "same_shape_step_sp", "request_batch_sp"
@@ -66,9 +66,6 @@ FULL = Sweep(400, (0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.2, 1.5), (1, 2, 4, 8), 
              bisections=4)
 QUICK = Sweep(80, (0.15, 0.3, 0.6), (1, 4), 8, {0.4: (OURS,)}, real_rounds=1, real_replays=1, measure_profile=False,
               bisections=2)
-REAL_MODEL = "wan"
-REAL_STEPS = (10, 20)
-"""The real CPU runs scale the step mix down with the resolutions (10/20 instead of 10-80) to keep a run in minutes."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +95,6 @@ class RealPoint:
 def real_vs_simulated(sweep: Sweep) -> list[RealPoint]:
     """Each load's trace through the real app (CPU, 2 ranks) and through the simulator on the calibrated CPU profile
     (measured in this run for the full sweep: loads are fractions of the machine's capacity today)."""
-    from benchmarks.cpu_profile import RESULTS, CpuProfile, measure_profile
     from benchmarks.real_run import run_systems
 
     profile = measure_profile(RESULTS) if sweep.measure_profile else CpuProfile.load()
@@ -127,27 +123,6 @@ class Point:
     jct_s: float
     limit_s: float
     stable: bool
-
-
-def capacity(model: str, profile: CostProfile, n: int = 200, steps: tuple[int, ...] = STEP_CHOICES) -> float:
-    """Requests/s the machine could finish: ranks / mean single-rank service time if every request ran on one rank
-    with no rank idle, or the decode servers' rate if that is lower; where ranks and decoding share the cores (the
-    CPU machine), cores / mean (service + decode) seconds of one request."""
-    trace = make_trace(model, n, rate=1.0, seed=99, steps=steps)
-    one_rank = System("one-rank", "", {"policy": "fifo", "admission": "request", "planner": {"mode": "fixed",
-                                                                                          "fixed_degree": 1}})
-    service = []
-    for request in trace:
-        core = make_core(one_rank, profile, clock=lambda: 0.0)
-        core.admit(new_request(request, profile))
-        service.append(request.steps * profile.step_seconds(core.schedule()))
-    decode = statistics.mean(profile.decode_seconds(r) for r in trace)
-    if profile.shared_cores is not None:
-        return profile.shared_cores / (statistics.mean(service) + decode)
-    engine = profile.world_size / statistics.mean(service)
-    if profile.decode_servers is None:
-        return engine
-    return min(engine, profile.decode_servers / decode)
 
 
 def run_point(model: str, rate: float, cv: float, sweep: Sweep, profile: CostProfile,

@@ -14,6 +14,7 @@ stability test used to find the highest load a system sustains.
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from engine.policies import make_policy
 from engine.scheduler import StepSchedulerCore
 
 from benchmarks.cost_profiles import CostProfile
-from benchmarks.workloads import TraceRequest
+from benchmarks.workloads import STEP_CHOICES, TraceRequest, make_trace
 
 SYSTEMS_DIR = Path(__file__).parent / "systems"
 SYSTEMS = ("naive_ring", "naive_batching_ring", "cb_brick_fifo", "cb_brick_srptf", "same_shape_step_sp",
@@ -201,3 +202,24 @@ def is_stable(outcomes: list[Outcome]) -> bool:
     last_arrival = max(o.request.arrival_s for o in outcomes)
     backlog = sum(1 for o in outcomes if o.finish_s > last_arrival)
     return backlog <= len(outcomes) / 10
+
+
+def capacity(model: str, profile: CostProfile, n: int = 200, steps: tuple[int, ...] = STEP_CHOICES) -> float:
+    """Requests/s the machine could finish: ranks / mean single-rank service time if every request ran on one rank
+    with no rank idle, or the decode servers' rate if that is lower; where ranks and decoding share the cores (the
+    CPU machine), cores / mean (service + decode) seconds of one request."""
+    trace = make_trace(model, n, rate=1.0, seed=99, steps=steps)
+    one_rank = System("one-rank", "", {"policy": "fifo", "admission": "request", "planner": {"mode": "fixed",
+                                                                                          "fixed_degree": 1}})
+    service = []
+    for request in trace:
+        core = make_core(one_rank, profile, clock=lambda: 0.0)
+        core.admit(new_request(request, profile))
+        service.append(request.steps * profile.step_seconds(core.schedule()))
+    decode = statistics.mean(profile.decode_seconds(r) for r in trace)
+    if profile.shared_cores is not None:
+        return profile.shared_cores / (statistics.mean(service) + decode)
+    engine = profile.world_size / statistics.mean(service)
+    if profile.decode_servers is None:
+        return engine
+    return min(engine, profile.decode_servers / decode)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from benchmarks.cost_profiles import CostProfile, H100Profile
-from benchmarks.paper_eval import QUICK, capacity, naive_ring_stable, stability_edge
-from benchmarks.simulator import SYSTEMS, is_stable, load_system, physical_limit_s, simulate
+from benchmarks.paper_eval import QUICK, naive_ring_stable, stability_edge
+from benchmarks.simulator import SYSTEMS, capacity, is_stable, load_system, physical_limit_s, simulate
 from benchmarks.workloads import FRAMES, TraceRequest, arrival_times, make_trace, read_jsonl, write_jsonl
 from engine.config import PlannerConfig
 from training.config import PROJECT_ROOT
