@@ -28,6 +28,7 @@ from typing import AsyncIterator
 import torch
 from ray import serve
 
+from deployments.drain import DrainRate
 from deployments.metrics import ServeMetrics
 from deployments.worker_group import WorkerGroup
 from engine.config import SchedulerConfig
@@ -43,8 +44,6 @@ from serve_graph.config import WorkerGroupConfig
 logger = logging.getLogger(__name__)
 
 GAUGE_REFRESH_S = 5.0
-THROUGHPUT_SMOOTHING = 0.2
-"""Weight of the newest step in the measured token-steps per second (an exponential moving average)."""
 PROGRESS_INTERVAL_S = 0.5
 PIPELINE_DEPTH = 2
 """Plans in flight to the group: the one running and the next one, already planned."""
@@ -108,7 +107,7 @@ class StepScheduler:
         self._waiters: dict[str, _Waiter] = {}
         self._final_latents: dict[str, torch.Tensor] = {}
         self._ring_sizes: Counter[int] = Counter()  # forward rows per ring size, since start
-        self._token_steps_per_s: float | None = None  # measured over the steps run so far
+        self.drain_rate = DrainRate()
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         await self.group.start()  # the replica is ready when its group is (models loaded on every rank)
@@ -154,8 +153,7 @@ class StepScheduler:
     async def load(self) -> dict:
         """The pool's remaining work and the measured rate it drains at: what admission's Retry-After and a queued
         job's estimated start are computed from (None before the first step)."""
-        return {"remaining_token_steps": self.core.remaining_token_steps(),
-                "token_steps_per_second": self._token_steps_per_s}
+        return self.drain_rate.load(self.core.remaining_token_steps())
 
     # ---- the loop -------------------------------------------------------------
     def _ensure_loop(self) -> None:
@@ -219,11 +217,7 @@ class StepScheduler:
     def _observe(self, step: _InFlight, result: StepResult, rank_seconds: list[float]) -> None:
         m = self.metrics
         if step.plan.scheduled:
-            if max(rank_seconds) > 0:
-                rate = step.plan.num_tokens / max(rank_seconds)
-                previous = self._token_steps_per_s
-                self._token_steps_per_s = rate if previous is None else (
-                    THROUGHPUT_SMOOTHING * rate + (1 - THROUGHPUT_SMOOTHING) * previous)
+            self.drain_rate.observe(step.plan.num_tokens, max(rank_seconds))
             m.forwards_per_step.observe(result.forwards)
             m.step_shapes.observe(result.shapes)
             m.step_duration.observe(max(rank_seconds))

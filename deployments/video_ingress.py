@@ -13,7 +13,6 @@ and tells the runner, whose cancelled stream drops the request from the pool. Im
 
 import asyncio
 import base64
-import math
 import time
 import uuid
 from dataclasses import replace
@@ -25,7 +24,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.api_keys import ApiKeys
-from deployments.errors import Overloaded, install_error_handlers
+from deployments.drain import drain_seconds, overloaded
+from deployments.errors import install_error_handlers
 from deployments.pipeline import MediaPipeline
 from deployments.store.blobs import BlobStore
 from deployments.store.jobs import JobRecord, open_job_store
@@ -45,7 +45,6 @@ from serve_graph.schemas import (
 )
 from serve_graph.validation import InvalidRequest, RequestValidator, ServedModel
 
-MAX_RETRY_AFTER_S = 3600
 EVENTS_POLL_S = 0.25  # how often an events stream reads its job from the store
 app = FastAPI(title="DiT-Serve video API")
 install_error_handlers(app)
@@ -196,17 +195,12 @@ class VideoIngress:
     async def _admit_or_raise(self, n: int = 1) -> None:
         active = self.jobs.count_unfinished() + self._active_images
         if active + n > self.max_active:
-            drain_s = await self._drain_seconds()
-            retry_after = None if drain_s is None else min(MAX_RETRY_AFTER_S, max(1, math.ceil(drain_s)))
-            estimate = "" if drain_s is None else f"; the pool's work drains in about {drain_s:.0f} s"
-            raise Overloaded(f"server is at capacity ({active} active of {self.max_active}){estimate}; retry later",
-                             retry_after)
+            raise overloaded(f"server is at capacity ({active} active of {self.max_active})",
+                             await self._drain_seconds())
 
     async def _drain_seconds(self) -> float | None:
         """The pool's remaining work over the rate the scheduler measured it drains at (None before any step)."""
-        load = await self.scheduler.load.remote()
-        rate = load["token_steps_per_second"]
-        return None if not rate else load["remaining_token_steps"] / rate
+        return drain_seconds(await self.scheduler.load.remote())
 
     async def _view(self, job: JobRecord) -> VideoJob:
         view = job.view()

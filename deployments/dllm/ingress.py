@@ -38,7 +38,8 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.dllm.scheduler import DllmAdmitted, DllmPrefix, DllmResult
 from deployments.dllm.text import ResponseText
-from deployments.errors import Overloaded, install_error_handlers, openai_error
+from deployments.drain import drain_seconds, overloaded
+from deployments.errors import install_error_handlers, openai_error
 from engine.messages import NewDllmRequest
 from engine.request import RequestStatus
 from engine.scheduler import PoolFullError
@@ -264,7 +265,8 @@ class DllmIngress:
         except BaseException as exc:
             _cancel(choices)
             if isinstance(exc, PoolFullError):
-                raise Overloaded(f"the diffusion-LM pool is full: {exc}") from exc
+                drain_s = drain_seconds(await self.scheduler.load.remote())
+                raise overloaded(f"the diffusion-LM pool is full: {exc}", drain_s) from exc
             if isinstance(exc, RayActorError):
                 raise GenerationFailed(f"the diffusion-LM scheduler replica died: {exc}") from exc
             raise

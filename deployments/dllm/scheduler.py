@@ -36,6 +36,7 @@ import torch
 from ray import serve
 
 from deployments import init_replica
+from deployments.drain import DrainRate
 from deployments.metrics import ServeMetrics
 from deployments.weight_swaps import ReloadResult, WeightsInfo
 from engine.config import SchedulerConfig
@@ -112,6 +113,7 @@ class DllmScheduler:
         self._waiters: dict[str, _Waiter] = {}
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
+        self.drain_rate = DrainRate()
         self._largest_step = 0  # most requests packed in one step, since start
         self._ended: Counter[str] = Counter()  # requests that left the pool, by status, since start
         self._weights = {m["name"]: WeightsInfo(str(DllmModelConfig(**m).resolved_source()), 0, None, None)
@@ -145,6 +147,11 @@ class DllmScheduler:
         """Pool and device state (tests and operators): nothing may be left once every request has ended."""
         return {"pooled": len(self.core.pool), "held_on_device": len(self.runner.held),
                 "largest_step": self._largest_step, "ended": dict(self._ended)}
+
+    async def load(self) -> dict:
+        """The pool's remaining work (steps x tokens, an upper bound: a request may unmask its last token early)
+        and the measured rate it drains at: a 429's Retry-After (None before the first step)."""
+        return self.drain_rate.load(self.core.remaining_token_steps())
 
     # ---- weights ---------------------------------------------------------------
     async def weights_info(self, model: str) -> dict:
@@ -225,6 +232,7 @@ class DllmScheduler:
             self.metrics.batch_size.observe(len(plan.scheduled))
             self.metrics.batch_tokens.observe(plan.num_tokens)
             self.metrics.step_duration.observe(seconds)
+            self.drain_rate.observe(plan.num_tokens, seconds)
 
     def _resolve_done(self, responses: dict[str, tuple[int, ...]]) -> None:
         for meta in self.core.pop_done():

@@ -1,0 +1,47 @@
+"""How fast a scheduler's pool drains, measured, and what an overloaded ingress tells the client from it.
+
+Both step schedulers (video and diffusion LM) measure token-steps per second over the
+steps they run; their ingresses divide the pool's remaining work by that rate to give a
+429 a `Retry-After` and a queued job its estimated start, rather than a constant.
+"""
+
+from __future__ import annotations
+
+import math
+
+from deployments.errors import Overloaded
+
+SMOOTHING = 0.2
+"""Weight of the newest step in the measured token-steps per second (an exponential moving average)."""
+MAX_RETRY_AFTER_S = 3600
+
+
+class DrainRate:
+    """Token-steps per second over the steps run so far (None before the first)."""
+
+    def __init__(self) -> None:
+        self.token_steps_per_s: float | None = None
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        rate, previous = tokens / seconds, self.token_steps_per_s
+        self.token_steps_per_s = rate if previous is None else SMOOTHING * rate + (1 - SMOOTHING) * previous
+
+    def load(self, remaining_token_steps: int) -> dict:
+        """What a scheduler's `load()` answers: the pool's remaining work and the rate it drains at."""
+        return {"remaining_token_steps": remaining_token_steps, "token_steps_per_second": self.token_steps_per_s}
+
+
+def drain_seconds(load: dict) -> float | None:
+    """The pool's remaining work over its measured rate (None before any step)."""
+    rate = load["token_steps_per_second"]
+    return None if not rate else load["remaining_token_steps"] / rate
+
+
+def overloaded(message: str, drain_s: float | None) -> Overloaded:
+    """A 429 whose message says when the pool's work drains and whose Retry-After is that, within 1 s-1 h."""
+    if drain_s is None:
+        return Overloaded(f"{message}; retry later")
+    return Overloaded(f"{message}; the pool's work drains in about {drain_s:.0f} s; retry later",
+                      min(MAX_RETRY_AFTER_S, max(1, math.ceil(drain_s))))
