@@ -301,7 +301,7 @@ def fit_app(profile: CpuProfile, repeats: int) -> dict:
     NNLS. Then a Poisson trace at `CALIBRATION_LOAD` of the capacity those give: the per-job
     threads for which the simulator's mean latency of that trace equals the app's. (An
     8-job burst 0.1 s apart, fitted before, is an overload: its term came out 0.05-0.15 in
-    three fits and left the simulator 37-110% slow at load 0.45.)"""
+    three fits and left the simulated latency 37-110% high at load 0.45.)"""
     from benchmarks.real_run import run_systems
     from benchmarks.simulator import System, capacity, make_core, new_request, simulate
 
