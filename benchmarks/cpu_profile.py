@@ -26,7 +26,9 @@ four fit a CPU run; the real app of `real_app_args()` serves the same sizes.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -42,6 +44,7 @@ from models.spec import ModelSpec
 from serve_graph.validation import video_size
 
 from benchmarks.cost_profiles import CostProfile
+from benchmarks.simulator import System, capacity, make_core, new_request, simulate
 from benchmarks.workloads import FRAMES, RESOLUTIONS, TraceRequest, make_trace
 
 RESULTS = Path(__file__).parent / "results" / "cpu_profile.json"
@@ -245,7 +248,16 @@ class CpuProfile(CostProfile):
         self.coefficients = np.array(coefficients)
         self.outside = outside
         self.app = app or {"step_scale": 1.0, "ring_step_scale": 1.0, "per_job_s": 0.0, "per_job_threads": 0.0}
+        self.slowdown = 1.0
+        """How much slower this machine runs now than when the profile was measured: every measured time (steps,
+        encode, decode) is multiplied by it. `fit_slowdown` measures it beside the runs it is used for."""
         self._tokens: dict[tuple[str, str, int], int] = {}
+
+    def slowed(self, factor: float) -> CpuProfile:
+        """This profile with every measured time `factor` times longer."""
+        profile = copy.copy(self)
+        profile.slowdown = factor
+        return profile
 
     @classmethod
     def load(cls, path: Path = RESULTS) -> CpuProfile:
@@ -261,7 +273,7 @@ class CpuProfile(CostProfile):
         return (self._tokens[key],) * 2
 
     def step_seconds(self, plan: StepPlan) -> float:
-        return self._step_scale(plan) * self.isolated_step_seconds(plan)
+        return self.slowdown * self._step_scale(plan) * self.isolated_step_seconds(plan)
 
     def _step_scale(self, plan: StepPlan) -> float:
         """In the app a step on a ring of both ranks needs both cores at once, beside the proxy, ingress and
@@ -272,10 +284,10 @@ class CpuProfile(CostProfile):
         return STEP_GAP_S + max(float(_features(plan.rings, 2, rank) @ self.coefficients) for rank in range(2))
 
     def encode_seconds(self, request: TraceRequest) -> float:
-        return self.outside["encode"][request.model] + self.app["per_job_s"]
+        return self.slowdown * (self.outside["encode"][request.model] + self.app["per_job_s"])
 
     def decode_seconds(self, request: TraceRequest) -> float:
-        return self.outside["decode"][request.model][request.resolution]
+        return self.slowdown * self.outside["decode"][request.model][request.resolution]
 
 
 ALONE = [("240p", 10), ("720p", 20), ("360p", 20), ("480p", 10), ("240p", 20), ("720p", 10), ("480p", 20),
@@ -288,6 +300,40 @@ simulator is asked about (the evaluation's real runs are at 0.25 and 0.45), on a
 CALIBRATION_SEED = 5
 """No evaluation trace uses it (they use 7, 11 and 99)."""
 CALIBRATION_REQUESTS = 24
+SLOWDOWN_RANGE = (0.1, 10.0)
+"""Slowdowns `fit_slowdown` searches; one outside it means a broken run, not a slow machine."""
+
+
+def calibration_rate(profile: CpuProfile) -> float:
+    return CALIBRATION_LOAD * capacity(REAL_MODEL, profile, steps=REAL_STEPS)
+
+
+def calibration_trace(profile: CpuProfile, requests: int = CALIBRATION_REQUESTS) -> list[TraceRequest]:
+    """The Poisson calibration trace: `CALIBRATION_LOAD` of `profile`'s capacity, seed `CALIBRATION_SEED`."""
+    return make_trace(REAL_MODEL, requests, calibration_rate(profile), seed=CALIBRATION_SEED, steps=REAL_STEPS)
+
+
+def fit_slowdown(profile: CpuProfile, trace: list[TraceRequest], system: System, real_latency_s: float) -> float:
+    """The machine's slowdown during a real run of `trace` on `system` (mean latency `real_latency_s`), relative to
+    when `profile` was measured: the factor on every measured time for which the simulator's mean latency of the
+    trace equals the real one.
+
+    This machine's speed drifts up to 2x from one half hour to the next (the same trace on the same system,
+    measured), so a profile measured at the start of an hour-long evaluation cannot predict its later runs; a
+    calibration trace replayed beside them, in the same deployment, gives the speed they ran at. The simulated
+    mean grows with the factor, so bisection on its logarithm finds it."""
+
+    def simulated(factor: float) -> float:
+        return statistics.mean(o.latency_s for o in simulate(trace, system, profile.slowed(factor)))
+
+    low, high = SLOWDOWN_RANGE
+    if not simulated(low) <= real_latency_s <= simulated(high):
+        raise RuntimeError(f"{system.name}: no slowdown in {SLOWDOWN_RANGE} gives the real mean latency "
+                           f"{real_latency_s:.2f} s of the calibration trace")
+    for _ in range(20):
+        middle = math.sqrt(low * high)
+        low, high = (middle, high) if simulated(middle) < real_latency_s else (low, middle)
+    return math.sqrt(low * high)
 
 
 def fit_app(profile: CpuProfile, repeats: int) -> dict:
@@ -303,12 +349,11 @@ def fit_app(profile: CpuProfile, repeats: int) -> dict:
     8-job burst 0.1 s apart, fitted before, is an overload: its term came out 0.05-0.15 in
     three fits and left the simulated latency 37-110% high at load 0.45.)"""
     from benchmarks.real_run import run_systems
-    from benchmarks.simulator import System, capacity, make_core, new_request, simulate
 
     system = System("calibration", "calibration", CALIBRATION_SYSTEM)
     alone = [TraceRequest(f"alone-{i}", 6.0 * i, "wan", res, FRAMES["wan"], steps, "a calibration scene", i)
              for i, (res, steps) in enumerate(ALONE)]
-    latency = _mean_per_job(run_systems(alone, [system], replays=repeats)["calibration"])
+    latency = _mean_per_job(run_systems({"alone": alone}, [system], repeats)["calibration"]["alone"])
     rows = []
     for request in alone:
         core = make_core(system, profile, clock=lambda: 0.0)
@@ -320,17 +365,17 @@ def fit_app(profile: CpuProfile, repeats: int) -> dict:
     (step_scale, ring_step_scale, per_job), _ = nnls(np.array(rows), y)
     profile.app = {"step_scale": step_scale, "ring_step_scale": ring_step_scale, "per_job_s": per_job,
                    "per_job_threads": 0.0}
-    rate = CALIBRATION_LOAD * capacity(REAL_MODEL, profile, steps=REAL_STEPS)
-    poisson = make_trace(REAL_MODEL, CALIBRATION_REQUESTS, rate, seed=CALIBRATION_SEED, steps=REAL_STEPS)
-    poisson_latency = statistics.mean(_mean_per_job(run_systems(poisson, [system], replays=repeats)["calibration"]))
+    poisson = calibration_trace(profile)
+    runs = run_systems({"poisson": poisson}, [system], repeats)["calibration"]["poisson"]
+    poisson_latency = statistics.mean(_mean_per_job(runs))
 
     def poisson_error(threads: float) -> float:
         profile.app["per_job_threads"] = threads
         return abs(statistics.mean(o.latency_s for o in simulate(poisson, system, profile)) - poisson_latency)
 
     profile.app["per_job_threads"] = min(np.arange(0.0, 1.001, 0.05).tolist(), key=poisson_error)
-    return {**profile.app, "alone_latency_s": latency, "poisson_rate": rate, "poisson_latency_s": poisson_latency,
-            "calibration_runs": repeats}
+    return {**profile.app, "alone_latency_s": latency, "poisson_rate": calibration_rate(profile),
+            "poisson_latency_s": poisson_latency, "calibration_runs": repeats}
 
 
 def _mean_per_job(runs: list[list]) -> list[float]:

@@ -18,7 +18,8 @@ arrivals, CV 1-8), and writes:
 - `evaluation.md`: the tables, every system's latency as a multiple of the physical
   limit, the ratios of CB + Brick + SRPTF against the baselines, the CV smoothness, and
   the real CPU app against the simulator on the CPU profile (same traces, several runs
-  per system and load; the full sweep first measures that profile and rewrites
+  per system and load, each after a run of a calibration trace that gives the machine's
+  speed at that time; the full sweep first measures that profile and rewrites
   `benchmarks/results/cpu_profile.json`, `--quick` reads the stored one).
 
     python -m benchmarks.paper_eval            # docs/img/*.png, docs/evaluation.md (~60 minutes)
@@ -39,7 +40,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks.cost_profiles import CostProfile, H100Profile  # noqa: E402
-from benchmarks.cpu_profile import REAL_MODEL, REAL_STEPS, RESULTS, CpuProfile, measure_profile  # noqa: E402
+from benchmarks.cpu_profile import (REAL_MODEL, REAL_STEPS, RESULTS, CpuProfile, calibration_trace,  # noqa: E402
+                                    fit_slowdown, measure_profile)
 from benchmarks.simulator import SYSTEMS, capacity, is_stable, load_system, physical_limit_s, simulate  # noqa: E402
 from benchmarks.workloads import FRAMES, make_trace  # noqa: E402
 
@@ -54,18 +56,15 @@ class Sweep:
     cvs: tuple[float, ...]
     real_requests: int  # per real run on the CPU app
     real_loads: dict[float, tuple[str, ...]]  # load fraction -> systems run for real at it
-    real_rounds: int  # deployments of each real system and load, in rounds over the systems
-    real_replays: int  # replays of the trace per deployment (the runs' mean is compared with the simulator)
+    real_replays: int  # replays of the trace, each after one of the calibration trace, in one deployment per system
     measure_profile: bool  # measure the CPU profile in this run (else the stored one) before the real runs
     bisections: int  # halvings of the gap between Naive + Ring's highest stable and lowest unstable grid λ
 
 
 CALIBRATION_SYSTEMS = ("naive_ring", "cb_brick_fifo", "cb_brick_srptf")
 FULL = Sweep(400, (0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.2, 1.5), (1, 2, 4, 8), 24,
-             {0.25: CALIBRATION_SYSTEMS, 0.45: SYSTEMS}, real_rounds=2, real_replays=3, measure_profile=True,
-             bisections=4)
-QUICK = Sweep(80, (0.15, 0.3, 0.6), (1, 4), 8, {0.4: (OURS,)}, real_rounds=1, real_replays=1, measure_profile=False,
-              bisections=2)
+             {0.25: CALIBRATION_SYSTEMS, 0.45: SYSTEMS}, real_replays=4, measure_profile=True, bisections=4)
+QUICK = Sweep(80, (0.15, 0.3, 0.6), (1, 4), 8, {0.4: (OURS,)}, real_replays=1, measure_profile=False, bisections=2)
 
 
 @dataclass(frozen=True)
@@ -74,8 +73,10 @@ class RealPoint:
     rate: float
     system: str
     run_latencies_s: tuple[float, ...]  # the mean latency of each real run of the trace
-    simulated_latency_s: float
-    failed: int
+    calibration_latencies_s: tuple[float, ...]  # the same of the calibration trace's runs, each just before one
+    slowdown: float  # the machine's slowdown during the runs, fitted on the calibration runs (`fit_slowdown`)
+    simulated_latency_s: float  # the trace on the profile at that slowdown
+    failed: int  # jobs of either trace that did not complete
 
     @property
     def real_latency_s(self) -> float:
@@ -94,23 +95,37 @@ class RealPoint:
 
 def real_vs_simulated(sweep: Sweep) -> list[RealPoint]:
     """Each load's trace through the real app (CPU, 2 ranks) and through the simulator on the calibrated CPU profile
-    (measured in this run for the full sweep: loads are fractions of the machine's capacity today)."""
+    (measured in this run for the full sweep: loads are fractions of the machine's capacity today).
+
+    Each system's deployment replays the calibration trace and the load's trace in turns; the calibration runs
+    give the machine's slowdown during that deployment (`fit_slowdown`), and the simulator predicts the load's
+    trace at it. The calibration trace is never the evaluated one (its own seed, its own load)."""
     from benchmarks.real_run import run_systems
 
     profile = measure_profile(RESULTS) if sweep.measure_profile else CpuProfile.load()
     cap = capacity(REAL_MODEL, profile, steps=REAL_STEPS)
+    calibration = calibration_trace(profile, sweep.real_requests)
     points = []
     for fraction, systems in sweep.real_loads.items():
         rate = fraction * cap
         trace = make_trace(REAL_MODEL, sweep.real_requests, rate, seed=11, steps=REAL_STEPS)
-        real = run_systems(trace, [load_system(s) for s in systems], sweep.real_rounds, sweep.real_replays)
+        real = run_systems({"calibration": calibration, "evaluation": trace}, [load_system(s) for s in systems],
+                           sweep.real_replays)
         for name in systems:
-            done = [[o.latency_s for o in run if o.status == "completed"] for run in real[name]]
-            failed = sum(o.status != "completed" for run in real[name] for o in run)
-            simulated = statistics.mean(o.latency_s for o in simulate(trace, load_system(name), profile))
-            points.append(RealPoint(fraction, rate, name, tuple(statistics.mean(run) if run else float("nan")
-                                                                for run in done), simulated, failed))
+            runs, system = real[name], load_system(name)
+            calibration_means = _run_means(runs["calibration"])
+            slowdown = fit_slowdown(profile, calibration, system, statistics.mean(calibration_means))
+            simulated = statistics.mean(o.latency_s for o in simulate(trace, system, profile.slowed(slowdown)))
+            failed = sum(o.status != "completed" for name_runs in runs.values() for run in name_runs for o in run)
+            points.append(RealPoint(fraction, rate, name, _run_means(runs["evaluation"]), calibration_means, slowdown,
+                                    simulated, failed))
     return points
+
+
+def _run_means(runs: list[list]) -> tuple[float, ...]:
+    """Each run's mean latency over its completed jobs."""
+    done = [[o.latency_s for o in run if o.status == "completed"] for run in runs]
+    return tuple(statistics.mean(latencies) if latencies else float("nan") for latencies in done)
 
 
 @dataclass(frozen=True)
@@ -245,14 +260,19 @@ def real_report(real: list[RealPoint], sweep: Sweep) -> list[str]:
              "The same trace through the Serve app over HTTP (2 gloo ranks, tiny models, 240p-720p scaled to 32-96 px, "
              f"steps {'/'.join(map(str, REAL_STEPS))}) and through the simulator with the CPU profile "
              f"(`benchmarks.cpu_profile`, {'measured in this run' if sweep.measure_profile else 'the stored one'}). "
-             f"Each system ran the trace {len(real[0].run_latencies_s)} times: {sweep.real_rounds} deployment(s), "
-             f"in rounds over the systems, {sweep.real_replays} replay(s) each; the error is the "
-             "simulator's against the mean of the runs, the spread is (slowest run - fastest run) / mean.", "",
-             "| load (of capacity) | λ | system | real mean latency | each run | spread | simulated | error | failed |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"Each system was deployed once per load and ran the calibration trace (seed 5, its own load) and the "
+             f"load's trace in turns, {sweep.real_replays} time(s) each. The calibration runs give the machine's "
+             "slowdown during that deployment, relative to when the profile was measured (the factor on every "
+             "measured time for which the simulated mean latency of the calibration trace is the real one); the "
+             "simulated column is the load's trace at that slowdown. The error is the simulator's against the mean "
+             "of the load's runs, the spread is (slowest run - fastest run) / mean.", "",
+             "| load (of capacity) | λ | system | calibration trace, real | slowdown | real mean latency | each run | "
+             "spread | simulated | error | failed |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for p in real:
-        lines.append(f"| {p.fraction} | {p.rate:.3g} | {labels[p.system]} | {p.real_latency_s:.2f} s | "
-                     + " / ".join(f"{run:.2f}" for run in p.run_latencies_s)
+        lines.append(f"| {p.fraction} | {p.rate:.3g} | {labels[p.system]} | "
+                     f"{statistics.mean(p.calibration_latencies_s):.2f} s | {p.slowdown:.2f}x | "
+                     f"{p.real_latency_s:.2f} s | " + " / ".join(f"{run:.2f}" for run in p.run_latencies_s)
                      + f" | {p.spread:.0%} | {p.simulated_latency_s:.2f} s | {p.error:.0%} | {p.failed} |")
     for fraction in sorted({p.fraction for p in real}):
         at = {p.system: p for p in real if p.fraction == fraction}
@@ -324,8 +344,8 @@ def main() -> None:
     real = [] if args.no_real else real_vs_simulated(sweep)
     for p in real:
         print(f"calibration: {p.system} at load {p.fraction} (λ={p.rate:.3g}/s): real {p.real_latency_s:.2f} s "
-              f"(mean of {len(p.run_latencies_s)} runs, spread {p.spread:.0%}), simulated {p.simulated_latency_s:.2f} s, "
-              f"error {p.error:.1%}")
+              f"(mean of {len(p.run_latencies_s)} runs, spread {p.spread:.0%}), "
+              f"simulated {p.simulated_latency_s:.2f} s at slowdown {p.slowdown:.2f}, error {p.error:.1%}")
     points, reference, grid_reference = evaluate(sweep, H100Profile())
     out = Path(args.out)
     images = plot(points, reference, out / "img")

@@ -1,9 +1,9 @@
-"""Drive a trace through the real video app over HTTP, once or more per system, on this machine.
+"""Drive traces through the real video app over HTTP, once or more per system, on this machine.
 
 One local Ray + Serve; for each system the video app is deployed with the system's
 `scheduler` section on the CPU profile's models and sizes (`cpu_profile.real_app_args`:
 2 gloo ranks, tiny CogVideoX / Wan, 240p-720p scaled to 32-96 pixels) and a job store
-in a temporary directory; each replay warms it up with one short job, then replays the
+in a temporary directory; each replay of a trace warms it up with one short job, then replays the
 trace: each job is POSTed at its arrival offset and polled until done. Latency is what
 the client sees: the server's `completed_at` minus the client's submission time (one
 machine, one clock).
@@ -40,30 +40,35 @@ class RealOutcome:
     job: dict  # the server's last view of the job (timestamps: created_at, started_at, completed_at)
 
 
-def run_systems(trace: list[TraceRequest], systems: list[System], rounds: int = 1,
-                replays: int = 1) -> dict[str, list[list[RealOutcome]]]:
-    """Every system over the same trace, `rounds` x `replays` runs each, on one local Serve instance: system
-    name -> runs.
+Deployment = dict[str, list[list[RealOutcome]]]
+"""One deployment of a system: trace name -> its replays, each a list of outcomes in trace order."""
 
-    A round deploys each system once (on an empty job store) and replays the trace `replays` times in that
-    deployment; a deployment costs ~40 s here, a replay of 24 jobs ~30 s, and back-to-back replays in one
-    deployment differ as much as replays in two (measured: 4.4-8.4 s mean latency either way), so replays are
-    the cheap way to more runs. The rounds go over all systems before the next, so that a slow period of this
-    shared machine falls on all systems alike rather than on one system's runs."""
+
+def run_systems(traces: dict[str, list[TraceRequest]], systems: list[System],
+                replays: int = 1) -> dict[str, Deployment]:
+    """Every system deployed once on one local Serve instance (an empty job store each), every trace replayed
+    `replays` times in it: system name -> its deployment's runs.
+
+    The traces take turns (the first, the second, ..., then the first again), so that the runs of two traces in
+    one deployment share the machine's speed: it drifts up to 2x from one half hour to the next here (the same
+    trace on the same system, measured), so a trace run beside another is the only fair yardstick for it. A
+    deployment costs ~40 s, a replay of 24 jobs ~30-45 s; back-to-back replays in one deployment differ as much
+    as replays in two, so replays are the cheap way to more runs."""
     port = free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        out: dict[str, list[list[RealOutcome]]] = {system.name: [] for system in systems}
-        for _ in range(rounds):
-            for system in systems:
-                with tempfile.TemporaryDirectory(prefix="real-run-") as data_dir:
-                    args = real_app_args(system.scheduler)
-                    args["store"]["data_dir"] = data_dir  # an empty store per deployment, never the user's .data
-                    serve.run(build_video_app(args), name="video", route_prefix="/")
-                    for _ in range(replays):
-                        out[system.name].append(asyncio.run(_replay(f"http://127.0.0.1:{port}", trace)))
-                    serve.delete("video")
+        out: dict[str, Deployment] = {}
+        for system in systems:
+            with tempfile.TemporaryDirectory(prefix="real-run-") as data_dir:
+                args = real_app_args(system.scheduler)
+                args["store"]["data_dir"] = data_dir  # an empty store per deployment, never the user's .data
+                serve.run(build_video_app(args), name="video", route_prefix="/")
+                out[system.name] = {name: [] for name in traces}
+                for _ in range(replays):
+                    for name, trace in traces.items():
+                        out[system.name][name].append(asyncio.run(_replay(f"http://127.0.0.1:{port}", trace)))
+                serve.delete("video")
         return out
     finally:
         serve.shutdown()

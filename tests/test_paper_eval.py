@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import statistics
 import subprocess
 import sys
 
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 
 from benchmarks.cost_profiles import CostProfile, H100Profile
-from benchmarks.paper_eval import QUICK, naive_ring_stable, stability_edge
+from benchmarks.cpu_profile import CpuProfile, calibration_trace
+from benchmarks.paper_eval import OURS, QUICK, naive_ring_stable, stability_edge
 from benchmarks.simulator import SYSTEMS, capacity, is_stable, load_system, physical_limit_s, simulate
 from benchmarks.workloads import FRAMES, TraceRequest, arrival_times, make_trace, read_jsonl, write_jsonl
 from engine.config import PlannerConfig
@@ -84,17 +86,22 @@ def test_paper_eval_quick_writes_plots_and_a_report_with_ratios_from_the_same_ru
         row = re.search(rf"^\| {model} \| [0-9.e-]+ \| ([0-9.]+)x", report, re.M)
         assert row and float(row.group(1)) == pytest.approx(ratio, abs=0.006)
         assert ratio > 1
-    printed = re.findall(r"^calibration: cb_brick_srptf at load 0.4 .*: real ([0-9.]+) s \(mean of 1 runs, spread 0%\), "
-                         r"simulated ([0-9.]+) s, error ([0-9.]+)%$", run.stdout, re.M)
+    printed = re.findall(r"^calibration: cb_brick_srptf at load 0.4 .*: real ([0-9.]+) s \(mean of 1 runs, "
+                         r"spread 0%\), simulated ([0-9.]+) s at slowdown ([0-9.]+), error ([0-9.]+)%$",
+                         run.stdout, re.M)
     assert len(printed) == 1, run.stdout  # the real app's run against the simulator, its error printed
-    real, simulated, error = map(float, printed[0])
-    assert real > 0 and simulated > 0
+    real, simulated, slowdown, error = map(float, printed[0])
+    assert real > 0 and simulated > 0 and 0.1 < slowdown < 10
     assert error == pytest.approx(100 * abs(simulated - real) / real, abs=1.0)  # from the rounded latencies
-    row = re.search(r"^\| 0.4 \| [0-9.]+ \| CB \+ Brick \+ SRPTF \| ([0-9.]+) s \| ([0-9.]+) \| 0% \| ([0-9.]+) s \| "
-                    r"([0-9]+)% \| 0 \|$", report, re.M)
+    row = re.search(r"^\| 0.4 \| [0-9.]+ \| CB \+ Brick \+ SRPTF \| ([0-9.]+) s \| ([0-9.]+)x \| ([0-9.]+) s \| "
+                    r"([0-9.]+) \| 0% \| ([0-9.]+) s \| ([0-9]+)% \| 0 \|$", report, re.M)
     assert row, report  # the report's calibration row is the printed one
-    assert [float(x) for x in row.groups()[:3]] == pytest.approx([real, real, simulated], abs=0.006)
-    assert float(row.group(4)) == pytest.approx(error, abs=0.6)
+    calibration_real, *latencies = (float(x) for x in row.groups()[:5])
+    assert latencies == pytest.approx([slowdown, real, real, simulated], abs=0.006)
+    assert float(row.group(6)) == pytest.approx(error, abs=0.6)
+    profile = CpuProfile.load().slowed(slowdown)  # the slowdown makes the simulator reproduce the calibration runs
+    calibration = simulate(calibration_trace(CpuProfile.load(), QUICK.real_requests), load_system(OURS), profile)
+    assert statistics.mean(o.latency_s for o in calibration) == pytest.approx(calibration_real, rel=0.05)
 
 
 class _OneCoreProfile(CostProfile):
