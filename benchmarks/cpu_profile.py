@@ -18,7 +18,10 @@ factor for steps of 1-rank rings, one for steps with a 2-rank ring) and a consta
 trace at a moderate load gives `per_job_threads`, the CPU that each job in the app takes
 outside the steps (progress messages, status polls). The simulator then runs the ranks,
 the VAE replica and those per-job threads on two shared cores (processor sharing). The
-result goes to `benchmarks/results/cpu_profile.json`, which `CpuProfile` reads.
+result goes to `benchmarks/results/cpu_profile.json`, which `CpuProfile` reads. This
+machine's speed drifts up to 2x within an hour, so a run is predicted at a slowdown
+(`CpuProfile.slowed`: every measured time multiplied) that `fit_slowdown` finds from the
+calibration trace replayed beside it (`paper_eval`).
 Resolutions are scaled as in the tests (240p-720p rendered 32-96 pixels high), so all
 four fit a CPU run; the real app of `real_app_args()` serves the same sizes.
 """
