@@ -22,7 +22,7 @@ arrivals, CV 1-8), and writes:
   speed at that time; the full sweep first measures that profile and rewrites
   `benchmarks/results/cpu_profile.json`, `--quick` reads the stored one).
 
-    python -m benchmarks.paper_eval            # docs/img/*.png, docs/evaluation.md (~60 minutes)
+    python -m benchmarks.paper_eval            # docs/img/*.png, docs/evaluation.md (~55 minutes)
     python -m benchmarks.paper_eval --quick    # fewer requests and rates (< 3 minutes)
 """
 
@@ -43,7 +43,7 @@ from benchmarks.cost_profiles import CostProfile, H100Profile  # noqa: E402
 from benchmarks.cpu_profile import (REAL_MODEL, REAL_STEPS, RESULTS, CpuProfile, calibration_trace,  # noqa: E402
                                     fit_slowdown, measure_profile)
 from benchmarks.simulator import SYSTEMS, capacity, is_stable, load_system, physical_limit_s, simulate  # noqa: E402
-from benchmarks.workloads import FRAMES, make_trace  # noqa: E402
+from benchmarks.workloads import FRAMES, TraceRequest, make_trace  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 OURS, NAIVE, SAME_SHAPE, REQUEST_SP = "cb_brick_srptf", "naive_ring", "same_shape_step_sp", "request_batch_sp"
@@ -76,6 +76,7 @@ class RealPoint:
     calibration_latencies_s: tuple[float, ...]  # the same of the calibration trace's runs, each just before one
     slowdown: float  # the machine's slowdown during the runs, fitted on the calibration runs (`fit_slowdown`)
     simulated_latency_s: float  # the trace on the profile at that slowdown
+    runs_slowdown: float  # the slowdown at which the simulator gives the real runs' mean (a diagnostic, never used)
     failed: int  # jobs of either trace that did not complete
 
     @property
@@ -86,6 +87,13 @@ class RealPoint:
     @property
     def error(self) -> float:
         return abs(self.simulated_latency_s - self.real_latency_s) / self.real_latency_s
+
+    @property
+    def speed_error(self) -> float:
+        """How far the calibration's slowdown is from the one the runs needed: the simulator's error in speed
+        terms. Near saturation latency grows 2-4x faster than the slowdown, so a small speed error is a large
+        latency one."""
+        return self.slowdown / self.runs_slowdown - 1
 
     @property
     def spread(self) -> float:
@@ -108,7 +116,7 @@ def real_vs_simulated(sweep: Sweep) -> list[RealPoint]:
     points = []
     for fraction, systems in sweep.real_loads.items():
         rate = fraction * cap
-        trace = make_trace(REAL_MODEL, sweep.real_requests, rate, seed=11, steps=REAL_STEPS)
+        trace = evaluated_trace(profile, sweep, fraction)
         real = run_systems({"calibration": calibration, "evaluation": trace}, [load_system(s) for s in systems],
                            sweep.real_replays)
         for name in systems:
@@ -116,10 +124,18 @@ def real_vs_simulated(sweep: Sweep) -> list[RealPoint]:
             calibration_means = _run_means(runs["calibration"])
             slowdown = fit_slowdown(profile, calibration, system, statistics.mean(calibration_means))
             simulated = statistics.mean(o.latency_s for o in simulate(trace, system, profile.slowed(slowdown)))
+            evaluation_means = _run_means(runs["evaluation"])
+            runs_slowdown = fit_slowdown(profile, trace, system, statistics.mean(evaluation_means))
             failed = sum(o.status != "completed" for name_runs in runs.values() for run in name_runs for o in run)
-            points.append(RealPoint(fraction, rate, name, _run_means(runs["evaluation"]), calibration_means, slowdown,
-                                    simulated, failed))
+            points.append(RealPoint(fraction, rate, name, evaluation_means, calibration_means, slowdown, simulated,
+                                    runs_slowdown, failed))
     return points
+
+
+def evaluated_trace(profile: CpuProfile, sweep: Sweep, fraction: float) -> list[TraceRequest]:
+    """The real runs' trace at `fraction` of the capacity `profile` gives (seed 11: not the calibration's)."""
+    rate = fraction * capacity(REAL_MODEL, profile, steps=REAL_STEPS)
+    return make_trace(REAL_MODEL, sweep.real_requests, rate, seed=11, steps=REAL_STEPS)
 
 
 def _run_means(runs: list[list]) -> tuple[float, ...]:
@@ -265,15 +281,19 @@ def real_report(real: list[RealPoint], sweep: Sweep) -> list[str]:
              "slowdown during that deployment, relative to when the profile was measured (the factor on every "
              "measured time for which the simulated mean latency of the calibration trace is the real one); the "
              "simulated column is the load's trace at that slowdown. The error is the simulator's against the mean "
-             "of the load's runs, the spread is (slowest run - fastest run) / mean.", "",
-             "| load (of capacity) | λ | system | calibration trace, real | slowdown | real mean latency | each run | "
-             "spread | simulated | error | failed |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "of the load's runs, the spread is (slowest run - fastest run) / mean. The last columns diagnose the "
+             "error (never used to predict): the slowdown at which the simulator would give the load's runs, and "
+             "the calibration's slowdown against it (the simulator's error in speed terms).", "",
+             "| load (of capacity) | λ | system | calibration trace, real (each run) | slowdown | real mean latency "
+             "| each run | spread | simulated | error | failed | the runs' slowdown | speed error |",
+             "| --- " * 13 + "|"]
     for p in real:
         lines.append(f"| {p.fraction} | {p.rate:.3g} | {labels[p.system]} | "
-                     f"{statistics.mean(p.calibration_latencies_s):.2f} s | {p.slowdown:.2f}x | "
+                     f"{statistics.mean(p.calibration_latencies_s):.2f} s ("
+                     + " / ".join(f"{run:.2f}" for run in p.calibration_latencies_s) + f") | {p.slowdown:.2f}x | "
                      f"{p.real_latency_s:.2f} s | " + " / ".join(f"{run:.2f}" for run in p.run_latencies_s)
-                     + f" | {p.spread:.0%} | {p.simulated_latency_s:.2f} s | {p.error:.0%} | {p.failed} |")
+                     + f" | {p.spread:.0%} | {p.simulated_latency_s:.2f} s | {p.error:.0%} | {p.failed} | "
+                     f"{p.runs_slowdown:.2f}x | {p.speed_error:+.0%} |")
     for fraction in sorted({p.fraction for p in real}):
         at = {p.system: p for p in real if p.fraction == fraction}
         if NAIVE in at and OURS in at:
@@ -345,7 +365,8 @@ def main() -> None:
     for p in real:
         print(f"calibration: {p.system} at load {p.fraction} (λ={p.rate:.3g}/s): real {p.real_latency_s:.2f} s "
               f"(mean of {len(p.run_latencies_s)} runs, spread {p.spread:.0%}), "
-              f"simulated {p.simulated_latency_s:.2f} s at slowdown {p.slowdown:.2f}, error {p.error:.1%}")
+              f"simulated {p.simulated_latency_s:.2f} s at slowdown {p.slowdown:.2f}, error {p.error:.1%} "
+              f"(the runs' slowdown {p.runs_slowdown:.2f}: speed error {p.speed_error:+.1%})")
     points, reference, grid_reference = evaluate(sweep, H100Profile())
     out = Path(args.out)
     images = plot(points, reference, out / "img")

@@ -13,7 +13,7 @@ import pytest
 
 from benchmarks.cost_profiles import CostProfile, H100Profile
 from benchmarks.cpu_profile import CpuProfile, calibration_trace
-from benchmarks.paper_eval import OURS, QUICK, naive_ring_stable, stability_edge
+from benchmarks.paper_eval import OURS, QUICK, evaluated_trace, naive_ring_stable, stability_edge
 from benchmarks.simulator import SYSTEMS, capacity, is_stable, load_system, physical_limit_s, simulate
 from benchmarks.workloads import FRAMES, TraceRequest, arrival_times, make_trace, read_jsonl, write_jsonl
 from engine.config import PlannerConfig
@@ -87,21 +87,27 @@ def test_paper_eval_quick_writes_plots_and_a_report_with_ratios_from_the_same_ru
         assert row and float(row.group(1)) == pytest.approx(ratio, abs=0.006)
         assert ratio > 1
     printed = re.findall(r"^calibration: cb_brick_srptf at load 0.4 .*: real ([0-9.]+) s \(mean of 1 runs, "
-                         r"spread 0%\), simulated ([0-9.]+) s at slowdown ([0-9.]+), error ([0-9.]+)%$",
-                         run.stdout, re.M)
+                         r"spread 0%\), simulated ([0-9.]+) s at slowdown ([0-9.]+), error ([0-9.]+)% "
+                         r"\(the runs' slowdown ([0-9.]+): speed error ([-+0-9.]+)%\)$", run.stdout, re.M)
     assert len(printed) == 1, run.stdout  # the real app's run against the simulator, its error printed
-    real, simulated, slowdown, error = map(float, printed[0])
+    real, simulated, slowdown, error, runs_slowdown, speed_error = map(float, printed[0])
     assert real > 0 and simulated > 0 and 0.1 < slowdown < 10
     assert error == pytest.approx(100 * abs(simulated - real) / real, abs=1.0)  # from the rounded latencies
-    row = re.search(r"^\| 0.4 \| [0-9.]+ \| CB \+ Brick \+ SRPTF \| ([0-9.]+) s \| ([0-9.]+)x \| ([0-9.]+) s \| "
-                    r"([0-9.]+) \| 0% \| ([0-9.]+) s \| ([0-9]+)% \| 0 \|$", report, re.M)
+    assert speed_error == pytest.approx(100 * (slowdown / runs_slowdown - 1), abs=1.0)
+    row = re.search(r"^\| 0.4 \| [0-9.]+ \| CB \+ Brick \+ SRPTF \| ([0-9.]+) s \(([0-9.]+)\) \| ([0-9.]+)x \| "
+                    r"([0-9.]+) s \| ([0-9.]+) \| 0% \| ([0-9.]+) s \| ([0-9]+)% \| 0 \| ([0-9.]+)x \| [-+0-9]+% \|$",
+                    report, re.M)
     assert row, report  # the report's calibration row is the printed one
-    calibration_real, *latencies = (float(x) for x in row.groups()[:5])
+    calibration_real, calibration_run, *latencies = (float(x) for x in row.groups()[:6])
+    assert calibration_run == calibration_real
     assert latencies == pytest.approx([slowdown, real, real, simulated], abs=0.006)
-    assert float(row.group(6)) == pytest.approx(error, abs=0.6)
-    profile = CpuProfile.load().slowed(slowdown)  # the slowdown makes the simulator reproduce the calibration runs
-    calibration = simulate(calibration_trace(CpuProfile.load(), QUICK.real_requests), load_system(OURS), profile)
-    assert statistics.mean(o.latency_s for o in calibration) == pytest.approx(calibration_real, rel=0.05)
+    assert float(row.group(7)) == pytest.approx(error, abs=0.6)
+    assert float(row.group(8)) == pytest.approx(runs_slowdown, abs=0.006)
+    stored = CpuProfile.load()  # each slowdown makes the simulator reproduce the runs it was fitted on
+    for trace, latency, factor in ((calibration_trace(stored, QUICK.real_requests), calibration_real, slowdown),
+                                   (evaluated_trace(stored, QUICK, 0.4), real, runs_slowdown)):
+        outcomes = simulate(trace, load_system(OURS), stored.slowed(factor))
+        assert statistics.mean(o.latency_s for o in outcomes) == pytest.approx(latency, rel=0.05)
 
 
 class _OneCoreProfile(CostProfile):
