@@ -47,7 +47,7 @@ from models.spec import ModelSpec
 from serve_graph.validation import video_size
 
 from benchmarks.cost_profiles import CostProfile
-from benchmarks.simulator import System, capacity, make_core, new_request, simulate
+from benchmarks.simulator import System, capacity, make_core, mean_latency, new_request
 from benchmarks.workloads import FRAMES, RESOLUTIONS, TraceRequest, make_trace
 
 RESULTS = Path(__file__).parent / "results" / "cpu_profile.json"
@@ -327,7 +327,7 @@ def fit_slowdown(profile: CpuProfile, trace: list[TraceRequest], system: System,
     mean grows with the factor, so bisection on its logarithm finds it."""
 
     def simulated(factor: float) -> float:
-        return statistics.mean(o.latency_s for o in simulate(trace, system, profile.slowed(factor)))
+        return mean_latency(trace, system, profile.slowed(factor))
 
     low, high = SLOWDOWN_RANGE
     if not simulated(low) <= real_latency_s <= simulated(high):
@@ -374,7 +374,7 @@ def fit_app(profile: CpuProfile, repeats: int) -> dict:
 
     def poisson_error(threads: float) -> float:
         profile.app["per_job_threads"] = threads
-        return abs(statistics.mean(o.latency_s for o in simulate(poisson, system, profile)) - poisson_latency)
+        return abs(mean_latency(poisson, system, profile) - poisson_latency)
 
     profile.app["per_job_threads"] = min(np.arange(0.0, 1.001, 0.05).tolist(), key=poisson_error)
     return {**profile.app, "alone_latency_s": latency, "poisson_rate": calibration_rate(profile),

@@ -42,7 +42,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from benchmarks.cost_profiles import CostProfile, H100Profile  # noqa: E402
 from benchmarks.cpu_profile import (REAL_MODEL, REAL_STEPS, RESULTS, CpuProfile, calibration_trace,  # noqa: E402
                                     fit_slowdown, measure_profile)
-from benchmarks.simulator import SYSTEMS, capacity, is_stable, load_system, physical_limit_s, simulate  # noqa: E402
+from benchmarks.simulator import (SYSTEMS, capacity, is_stable, load_system, mean_latency,  # noqa: E402
+                                  physical_limit_s, simulate)
 from benchmarks.workloads import FRAMES, TraceRequest, make_trace  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -123,7 +124,7 @@ def real_vs_simulated(sweep: Sweep) -> list[RealPoint]:
             runs, system = real[name], load_system(name)
             calibration_means = _run_means(runs["calibration"])
             slowdown = fit_slowdown(profile, calibration, system, statistics.mean(calibration_means))
-            simulated = statistics.mean(o.latency_s for o in simulate(trace, system, profile.slowed(slowdown)))
+            simulated = mean_latency(trace, system, profile.slowed(slowdown))
             evaluation_means = _run_means(runs["evaluation"])
             runs_slowdown = fit_slowdown(profile, trace, system, statistics.mean(evaluation_means))
             failed = sum(o.status != "completed" for name_runs in runs.values() for run in name_runs for o in run)

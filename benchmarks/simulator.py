@@ -88,6 +88,11 @@ def simulate(trace: list[TraceRequest], system: System, profile: CostProfile) ->
     return _Simulation(trace, system, profile).run()
 
 
+def mean_latency(trace: list[TraceRequest], system: System, profile: CostProfile) -> float:
+    """The simulated mean latency of `trace` on `system`: what the calibrations match against the real app's."""
+    return statistics.mean(o.latency_s for o in simulate(trace, system, profile))
+
+
 @dataclass
 class _Step:
     plan: StepPlan

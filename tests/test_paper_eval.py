@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import statistics
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ import pytest
 from benchmarks.cost_profiles import CostProfile, H100Profile
 from benchmarks.cpu_profile import CpuProfile, calibration_trace
 from benchmarks.paper_eval import OURS, QUICK, evaluated_trace, naive_ring_stable, stability_edge
-from benchmarks.simulator import SYSTEMS, capacity, is_stable, load_system, physical_limit_s, simulate
+from benchmarks.simulator import SYSTEMS, capacity, is_stable, load_system, mean_latency, physical_limit_s, simulate
 from benchmarks.workloads import FRAMES, TraceRequest, arrival_times, make_trace, read_jsonl, write_jsonl
 from engine.config import PlannerConfig
 from training.config import PROJECT_ROOT
@@ -106,8 +105,7 @@ def test_paper_eval_quick_writes_plots_and_a_report_with_ratios_from_the_same_ru
     stored = CpuProfile.load()  # each slowdown makes the simulator reproduce the runs it was fitted on
     for trace, latency, factor in ((calibration_trace(stored, QUICK.real_requests), calibration_real, slowdown),
                                    (evaluated_trace(stored, QUICK, 0.4), real, runs_slowdown)):
-        outcomes = simulate(trace, load_system(OURS), stored.slowed(factor))
-        assert statistics.mean(o.latency_s for o in outcomes) == pytest.approx(latency, rel=0.05)
+        assert mean_latency(trace, load_system(OURS), stored.slowed(factor)) == pytest.approx(latency, rel=0.05)
 
 
 class _OneCoreProfile(CostProfile):
