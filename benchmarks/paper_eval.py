@@ -117,7 +117,7 @@ def real_vs_simulated(sweep: Sweep) -> list[RealPoint]:
     points = []
     for fraction, systems in sweep.real_loads.items():
         rate = fraction * cap
-        trace = evaluated_trace(profile, sweep, fraction)
+        trace = evaluated_trace(sweep, rate)
         real = run_systems({"calibration": calibration, "evaluation": trace}, [load_system(s) for s in systems],
                            sweep.real_replays)
         for name in systems:
@@ -133,9 +133,8 @@ def real_vs_simulated(sweep: Sweep) -> list[RealPoint]:
     return points
 
 
-def evaluated_trace(profile: CpuProfile, sweep: Sweep, fraction: float) -> list[TraceRequest]:
-    """The real runs' trace at `fraction` of the capacity `profile` gives (seed 11: not the calibration's)."""
-    rate = fraction * capacity(REAL_MODEL, profile, steps=REAL_STEPS)
+def evaluated_trace(sweep: Sweep, rate: float) -> list[TraceRequest]:
+    """The real runs' trace at `rate` (seed 11: not the calibration's)."""
     return make_trace(REAL_MODEL, sweep.real_requests, rate, seed=11, steps=REAL_STEPS)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from benchmarks.cost_profiles import CostProfile, H100Profile
-from benchmarks.cpu_profile import CpuProfile, calibration_trace
+from benchmarks.cpu_profile import REAL_MODEL, REAL_STEPS, CpuProfile, calibration_trace
 from benchmarks.paper_eval import OURS, QUICK, evaluated_trace, naive_ring_stable, stability_edge
 from benchmarks.simulator import SYSTEMS, capacity, is_stable, load_system, mean_latency, physical_limit_s, simulate
 from benchmarks.workloads import FRAMES, TraceRequest, arrival_times, make_trace, read_jsonl, write_jsonl
@@ -104,7 +104,8 @@ def test_paper_eval_quick_writes_plots_and_a_report_with_ratios_from_the_same_ru
     assert float(row.group(8)) == pytest.approx(runs_slowdown, abs=0.006)
     stored = CpuProfile.load()  # each slowdown makes the simulator reproduce the runs it was fitted on
     for trace, latency, factor in ((calibration_trace(stored, QUICK.real_requests), calibration_real, slowdown),
-                                   (evaluated_trace(stored, QUICK, 0.4), real, runs_slowdown)):
+                                   (evaluated_trace(QUICK, 0.4 * capacity(REAL_MODEL, stored, steps=REAL_STEPS)),
+                                    real, runs_slowdown)):
         assert mean_latency(trace, load_system(OURS), stored.slowed(factor)) == pytest.approx(latency, rel=0.05)
 
 
