@@ -2,11 +2,14 @@
 virtual clock, with a cost profile (`benchmarks.cost_profiles`) in place of the worker group.
 
 Events are arrivals (from a trace) and step ends. The loop reads like the Serve
-shell's: admit what has arrived (after its prompt encoding), `schedule()`, advance the
-clock by the profile's price of the plan, `postprocess()`. Requests that arrive during
-a step join at its end, as in the app. After its last step a request is decoded: at
-once, or in FIFO order on the profile's `decode_servers` (the app's VAE replica). Each
-request's outcome records arrival, the start of its first step and its finish.
+shell's: the start-up probe seeds the core's step-cost model (the trace's smallest and
+largest request of each model, alone and together), then admit what has arrived (after
+its prompt encoding), `schedule()`, advance the clock by the profile's price of the
+plan, `observe_step()` with the step's elapsed time, `postprocess()`. Requests that
+arrive during a step join at its end, as in the app. After its last step a request is
+decoded: at once, or on the profile's `decode_servers` (the app's VAE replica) in the
+policy's decode order (`SchedulingPolicy.decode_priority`, as the VaeDecoder orders its
+queue). Each request's outcome records arrival, the start of its first step and its finish.
 
 Also: the physical limit of a request (alone, no queueing, on its best ring) and the
 stability test used to find the highest load a system sustains.
@@ -14,6 +17,7 @@ stability test used to find the highest load a system sustains.
 
 from __future__ import annotations
 
+import heapq
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +77,22 @@ def make_core(system: System, profile: CostProfile, clock) -> StepSchedulerCore:
     return StepSchedulerCore(make_policy(config.policy, config.starvation_timeout_s), config.budget,
                              config.max_pool_size, clock=clock, world_size=profile.world_size,
                              cost_model=config.planner.cost_model(profile.world_size), admission=config.admission,
-                             batch_size=config.batch_size)
+                             batch_size=config.batch_size, batching=config.batching)
+
+
+def probe(core: StepSchedulerCore, trace: list[TraceRequest], profile: CostProfile) -> None:
+    """The Serve shell's start-up probe on the profile's machine: the smallest and largest request of each model
+    in the trace, one step alone and together, priced by the profile; the fit becomes the cost model's prior."""
+    by_model: dict[str, list[TraceRequest]] = {}
+    for request in trace:
+        by_model.setdefault(request.model, []).append(request)
+    ends = []
+    for requests in by_model.values():
+        sized = sorted(requests, key=lambda r: sum(profile.row_tokens(r)))
+        ends.extend({id(r): r for r in (sized[0], sized[-1])}.values())
+    for plan in core.probe_plans([new_request(r, profile) for r in ends]):
+        core.observe_step(plan, profile.step_seconds(plan))
+    core.step_cost.seed()
 
 
 def new_request(request: TraceRequest, profile: CostProfile) -> NewRequest:
@@ -98,6 +117,7 @@ class _Step:
     plan: StepPlan
     work_left_s: float  # seconds of the step still to run at full speed
     ranks: int  # busy threads while it runs
+    started_s: float
 
 
 class _Simulation:
@@ -110,13 +130,14 @@ class _Simulation:
         self.now = 0.0
         self.profile = profile
         self.core = make_core(system, profile, clock=lambda: self.now)
+        probe(self.core, trace, profile)
         self.system = system
         self.by_id = {r.id: r for r in trace}
         self.ready = {r.id: r.arrival_s + profile.encode_seconds(r) for r in trace}  # joins the pool once encoded
         self.pending = sorted(trace, key=lambda r: self.ready[r.id])
         self.next_arrival = 0
         self.step: _Step | None = None
-        self.decode_queue: list[str] = []
+        self.decode_queue: list[tuple[tuple, str]] = []  # (the policy's decode priority, request id)
         self.decoding: dict[str, float] = {}  # request id -> remaining seconds of decode work
         self.start: dict[str, float] = {}
         self.finish: dict[str, float] = {}
@@ -148,7 +169,7 @@ class _Simulation:
         for step in plan.scheduled:
             self.start.setdefault(step.request_id, self.now)
         ranks = {rank for brick in plan.rings.values() for a in brick.assignments for rank in a.ranks}
-        self.step = _Step(plan, self.profile.step_seconds(plan), len(ranks))
+        self.step = _Step(plan, self.profile.step_seconds(plan), len(ranks), self.now)
 
     def _rate(self) -> float:
         cores = self.profile.shared_cores
@@ -176,12 +197,16 @@ class _Simulation:
         if self.step:
             self.step.work_left_s -= dt * rate
             if self.step.work_left_s <= 1e-12:
-                plan, self.step = self.step.plan, None
-                self.core.postprocess(plan, StepResult.all_stepped(plan))
-                self.decode_queue.extend(meta.request_id for meta in self.core.pop_done())
+                step, self.step = self.step, None
+                self.core.observe_step(step.plan, self.now - step.started_s)
+                self.core.postprocess(step.plan, StepResult.all_stepped(step.plan))
+                for meta in self.core.pop_done():
+                    decode_s = self.profile.decode_seconds(self.by_id[meta.request_id])
+                    heapq.heappush(self.decode_queue,
+                                   (self.core.policy.decode_priority(meta.arrival_time, decode_s), meta.request_id))
         servers = self.profile.decode_servers
         while self.decode_queue and (servers is None or len(self.decoding) < servers):
-            request_id = self.decode_queue.pop(0)  # FIFO, as the VAE replica's queue
+            _, request_id = heapq.heappop(self.decode_queue)
             self.decoding[request_id] = self.profile.decode_seconds(self.by_id[request_id])
 
 

@@ -88,7 +88,7 @@ class JobRunner:
         await asyncio.sleep(delay_s)
         while True:
             try:
-                mp4, result = await self.pipeline.generate(record.id, spec, "mp4", self._progress_writer(record.id))
+                mp4, stages = await self.pipeline.generate(record.id, spec, "mp4", self._progress_writer(record.id))
             except (GenerationCancelled, asyncio.CancelledError):
                 return  # the ingress already stored the cancellation
             except Overloaded:  # admitted by an ingress whose count was behind: wait for room, stay queued
@@ -107,10 +107,11 @@ class JobRunner:
                 return
             break
         path = await asyncio.to_thread(self.blobs.put, f"{record.id}.mp4", mp4)
-        self._finish(record, "completed", blob=path, step=spec.num_inference_steps)
+        self._finish(record, "completed", blob=path, step=spec.num_inference_steps, stages=stages.as_dict())
         self.metrics.job_completion_time.observe(time.time() - record.created_at, tags=tags)
-        if result.finish_time is not None:
-            self.metrics.request_latency.observe(result.finish_time - result.arrival_time, tags=tags)
+        self.metrics.request_latency.observe(stages.queue_s + stages.denoise_s, tags=tags)
+        for stage, seconds in stages.as_dict().items():
+            self.metrics.stage_seconds.observe(seconds, tags={"model": spec.model, "stage": stage.removesuffix("_s")})
 
     def _finish(self, record: JobRecord, status: str, **fields) -> None:
         stored = self.jobs.update(record.id, status=status, completed_at=time.time(), **fields)

@@ -63,5 +63,8 @@ class ServeMetrics:
         self.job_completion_time = metrics.Histogram(
             "dit_job_completion_seconds", description="HTTP submission to finished media (encode+denoise+decode).",
             boundaries=_SECONDS, tag_keys=("model", "resolution"))
+        self.stage_seconds = metrics.Histogram(
+            "dit_stage_seconds", description="Seconds of each stage of a completed job: encode, queue (pool before "
+            "the first step), denoise, decode_queue, decode, mux.", boundaries=_SECONDS, tag_keys=("model", "stage"))
         self.jobs = metrics.Counter(
             "dit_jobs", description="Jobs by final status.", tag_keys=("model", "status"))

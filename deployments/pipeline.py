@@ -8,7 +8,9 @@ result; cancelling the caller cancels the stream, which drops the request from t
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
@@ -16,7 +18,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.errors import Overloaded
 from deployments.step_scheduler import GenerationResult, ProgressEvent
 from deployments.text_encoder import EncodeRequest
-from deployments.vae_decoder import DecodeRequest
+from deployments.vae_decoder import DecodeRequest, Decoded
 from engine.request import GenerationSpec, RequestStatus
 from engine.scheduler import PoolFullError
 
@@ -29,14 +31,31 @@ class GenerationCancelled(Exception):
     """The request was cancelled before it left the pool."""
 
 
+@dataclass(frozen=True)
+class StageTimes:
+    """Where one job's seconds went, stage by stage (what `GET /v1/videos/{id}` reports as `stages`)."""
+
+    encode_s: float  # prompt -> embeddings (TextEncoder, batched)
+    queue_s: float  # in the step scheduler's pool before its first step
+    denoise_s: float  # first step to last step
+    decode_queue_s: float  # waiting for the VAE decoder, in the policy's order
+    decode_s: float  # VAE decode
+    mux_s: float  # frames -> mp4 / png
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in asdict(self).items()}
+
+
 class MediaPipeline:
     def __init__(self, text_encoder: DeploymentHandle, scheduler: DeploymentHandle, vae: DeploymentHandle) -> None:
         self.text_encoder, self.scheduler, self.vae = text_encoder, scheduler, vae
 
     async def generate(self, request_id: str, spec: GenerationSpec, media: str,
-                       on_progress: Callable[[ProgressEvent], None] | None = None) -> tuple[bytes, GenerationResult]:
-        """The media bytes (mp4 or png) and the scheduler's result (timings) of one request."""
+                       on_progress: Callable[[ProgressEvent], None] | None = None) -> tuple[bytes, StageTimes]:
+        """The media bytes (mp4 or png) of one request and the seconds each stage took."""
+        encode_start = time.time()
         prompt = await self.text_encoder.encode.remote(EncodeRequest(spec.model, spec.prompt, spec.negative_prompt))
+        encode_s = time.time() - encode_start
         result: GenerationResult | None = None
         stream = self.scheduler.options(stream=True).generate.remote(request_id, spec, prompt)
         try:
@@ -59,5 +78,10 @@ class MediaPipeline:
             raise GenerationCancelled()
         if result.status is not RequestStatus.FINISHED:
             raise RuntimeError(result.error or f"generation ended as {result.status.value}")
-        media_bytes = await self.vae.decode.remote(DecodeRequest(spec.model, result.latents, media, spec.fps))
-        return media_bytes, result
+        decoded: Decoded = await self.vae.decode.remote(
+            DecodeRequest(spec.model, result.latents, media, spec.fps, result.arrival_time))
+        first_step = result.first_step_time if result.first_step_time is not None else result.arrival_time
+        return decoded.media, StageTimes(
+            encode_s=encode_s, queue_s=first_step - result.arrival_time,
+            denoise_s=(result.finish_time or first_step) - first_step, decode_queue_s=decoded.queue_s,
+            decode_s=decoded.decode_s, mux_s=decoded.mux_s)

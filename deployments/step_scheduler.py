@@ -21,15 +21,18 @@ import contextlib
 import logging
 import os
 import pickle
+import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import torch
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from deployments.drain import DrainRate
 from deployments.metrics import ServeMetrics
+from deployments.text_encoder import EncodeRequest
 from deployments.worker_group import WorkerGroup
 from engine.config import SchedulerConfig
 from engine.messages import NewRequest, StepPlan, StepResult
@@ -40,6 +43,7 @@ from models import load_adapter
 from models.base import EncodedPrompt
 from models.spec import ModelSpec
 from serve_graph.config import WorkerGroupConfig
+from serve_graph.validation import RequestValidator, ServedModel
 
 logger = logging.getLogger(__name__)
 
@@ -92,15 +96,18 @@ class StepScheduler:
     """`max_ongoing_requests` is effectively unbounded because every pooled request is an ongoing
     call; admission is bounded by `max_pool_size` instead (engine's PoolFullError)."""
 
-    async def __init__(self, models: list[dict], scheduler: dict, worker_group: dict) -> None:
+    async def __init__(self, models: list[dict], scheduler: dict, worker_group: dict,
+                       text_encoder: DeploymentHandle) -> None:
         config = SchedulerConfig(**scheduler)
         group = WorkerGroupConfig(**worker_group)
-        self.adapters = {s.name: load_adapter(s, parts=()) for s in (ModelSpec(**m) for m in models)}
+        specs = [ModelSpec(**m) for m in models]
+        self.adapters = {s.name: load_adapter(s, parts=()) for s in specs}
         self.core = StepSchedulerCore(make_policy(config.policy, config.starvation_timeout_s), config.budget,
                                       config.max_pool_size, world_size=group.ranks,
                                       cost_model=config.planner.cost_model(group.ranks),
                                       one_rank_models=frozenset(n for n, a in self.adapters.items() if not a.shardable),
-                                      admission=config.admission, batch_size=config.batch_size)
+                                      admission=config.admission, batch_size=config.batch_size,
+                                      batching=config.batching)
         self.max_restarts = config.max_request_restarts
         self.group = WorkerGroup(models, group)
         self.metrics = ServeMetrics()
@@ -111,7 +118,28 @@ class StepScheduler:
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         await self.group.start()  # the replica is ready when its group is (models loaded on every rank)
+        await self._probe(specs, text_encoder)
         self._ensure_loop()
+
+    async def _probe(self, specs: list[ModelSpec], text_encoder: DeploymentHandle) -> None:
+        """Seed the step-cost model: time one step of each model's smallest and largest default request, alone and
+        together, on the group (twice: the first pass pays one-off kernel and allocator warm-up)."""
+        validator = RequestValidator({s.name: ServedModel(s, self.adapters[s.name].geometry) for s in specs}, 10**6)
+        probes = []
+        for spec in specs:
+            for index, gen in enumerate(validator.probe_specs(spec.name)):
+                prompt = await text_encoder.encode.remote(EncodeRequest(gen.model, gen.prompt, gen.negative_prompt))
+                probes.append(NewRequest.from_spec(f"{spec.name}-{index}", gen, prompt, self.adapters[spec.name]))
+        plans = self.core.probe_plans(probes)
+        start = time.perf_counter()
+        for warm in (False, True):
+            for plan in plans:
+                _, rank_seconds = await self.group.execute(plan)
+                if warm:
+                    self.core.observe_step(plan, max(rank_seconds))
+        self.core.step_cost.seed()
+        logger.info("step-cost probe: %d steps in %.1f s; %s", 2 * len(plans), time.perf_counter() - start,
+                    {s.name: self.core.step_cost.coefficients(s.name) for s in specs})
 
     async def generate(self, request_id: str, spec: GenerationSpec,
                        prompt: EncodedPrompt) -> AsyncIterator[ProgressEvent | GenerationResult]:
@@ -217,6 +245,7 @@ class StepScheduler:
     def _observe(self, step: _InFlight, result: StepResult, rank_seconds: list[float]) -> None:
         m = self.metrics
         if step.plan.scheduled:
+            self.core.observe_step(step.plan, max(rank_seconds))
             self.drain_rate.observe(step.plan.num_tokens, max(rank_seconds))
             m.forwards_per_step.observe(result.forwards)
             m.step_shapes.observe(result.shapes)

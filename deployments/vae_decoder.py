@@ -1,8 +1,20 @@
-"""VaeDecoder: final latents -> frames -> mp4 / png (calls batched by Serve, each request decoded alone)."""
+"""VaeDecoder: final latents -> frames -> mp4 / png, the job's last stage, in the scheduler's policy order.
+
+The decode is part of a job's latency (seconds per video on CPU here, minutes for
+720p HunyuanVideo / Wan on a GPU without tiling), so its queue is scheduled like the
+denoising steps: a replica decodes `concurrency` requests at a time and takes the next
+one by the step scheduler's policy (`SchedulingPolicy.decode_priority`: FIFO by the
+job's arrival, SRPTF by the decode's size, the latents' element count, so a short
+video is not stuck behind a long one). Each answer reports how long the request waited
+in this queue, decoded and muxed.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -11,6 +23,7 @@ from ray import serve
 
 from deployments import init_replica
 from deployments.media import encode_mp4, encode_png
+from engine.policies import make_policy
 from models import load_adapter
 from models.spec import ModelSpec
 
@@ -21,34 +34,90 @@ class DecodeRequest:
     latents: torch.Tensor  # (1, *latent_shape)
     media: Literal["mp4", "png"]
     fps: int = 8
+    arrival_time: float = 0.0  # when the job entered the step scheduler's pool: FIFO's decode order
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """The media bytes and the decode stage's seconds: waiting in the queue, VAE decode, mp4/png encoding."""
+
+    media: bytes
+    queue_s: float
+    decode_s: float
+    mux_s: float
 
 
 class VaeDecoderCore:
     def __init__(self, models: list[ModelSpec], device: str = "cpu") -> None:
         self.adapters = {m.name: load_adapter(m, parts=("vae",), device=device) for m in models}
 
-    def decode_batch(self, requests: list[DecodeRequest]) -> list[bytes]:
-        """Decode and encode each request on its own.
+    def decode(self, request: DecodeRequest) -> tuple[bytes, float, float]:
+        """(media bytes, decode seconds, mux seconds) of one request.
 
-        The API promises the same bytes for the same seed alone or batched, and the VAE's
-        3D convolutions are not batch-invariant on CPU (oneDNN picks kernels by batch
-        size: one level of 255 apart was measured for batch 3 vs 1). Each request's
-        latents are decoded exactly once, so batching would only save call overhead,
-        which the Serve batch already saves.
+        Requests are decoded one by one, never batched: the API promises the same bytes
+        for the same seed alone or batched, and the VAE's 3D convolutions are not
+        batch-invariant on CPU (oneDNN picks kernels by batch size: one level of 255
+        apart was measured for batch 3 vs 1). Each request's latents are decoded exactly
+        once, so batching could only save call overhead.
         """
-        out = []
-        for r in requests:
-            video = self.adapters[r.model].decode(r.latents)[0]
-            out.append(encode_mp4(video, r.fps) if r.media == "mp4" else encode_png(video[0]))
-        return out
+        start = time.perf_counter()
+        video = self.adapters[request.model].decode(request.latents)[0]
+        decoded = time.perf_counter()
+        media = encode_mp4(video, request.fps) if request.media == "mp4" else encode_png(video[0])
+        return media, decoded - start, time.perf_counter() - decoded
 
 
-@serve.deployment(max_ongoing_requests=256)
+class DecodeQueue:
+    """Decodes in policy order, `concurrency` at a time, in worker threads (the event loop stays free)."""
+
+    def __init__(self, core: VaeDecoderCore, policy: str, concurrency: int) -> None:
+        self.core, self.policy, self.concurrency = core, make_policy(policy), concurrency
+        self._heap: list[tuple[tuple, int, DecodeRequest, float, asyncio.Future]] = []
+        self._order = itertools.count()  # ties in priority keep arrival order
+        self._running = 0
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    async def decode(self, request: DecodeRequest) -> Decoded:
+        priority = self.policy.decode_priority(request.arrival_time, float(request.latents.numel()))
+        future = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._heap, (priority, next(self._order), request, time.perf_counter(), future))
+        self._start_next()
+        return await future
+
+    def _start_next(self) -> None:
+        while self._heap and self._running < self.concurrency:
+            _, _, request, queued, future = heapq.heappop(self._heap)
+            if future.cancelled():
+                continue
+            self._running += 1
+            asyncio.get_running_loop().create_task(self._run(request, time.perf_counter() - queued, future))
+
+    async def _run(self, request: DecodeRequest, queue_s: float, future: asyncio.Future) -> None:
+        try:
+            media, decode_s, mux_s = await asyncio.to_thread(self.core.decode, request)
+        except Exception as exc:
+            if not future.done():
+                future.set_exception(exc)
+        else:
+            if not future.done():
+                future.set_result(Decoded(media, queue_s, decode_s, mux_s))
+        finally:
+            self._running -= 1
+            self._start_next()
+
+
+@serve.deployment(max_ongoing_requests=1024)
 class VaeDecoder:
-    def __init__(self, models: list[dict], resources: dict) -> None:
+    def __init__(self, models: list[dict], resources: dict, policy: str = "fifo", concurrency: int = 1) -> None:
         res = init_replica(resources)
-        self.core = VaeDecoderCore([ModelSpec(**m) for m in models], device=res.device)
+        self.queue = DecodeQueue(VaeDecoderCore([ModelSpec(**m) for m in models], device=res.device), policy,
+                                 concurrency)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def decode(self, requests: list[DecodeRequest]) -> list[bytes]:
-        return await asyncio.to_thread(self.core.decode_batch, requests)
+    async def decode(self, request: DecodeRequest) -> Decoded:
+        return await self.queue.decode(request)
+
+    async def queued(self) -> int:
+        """Requests waiting for a decode slot (tests and operators)."""
+        return len(self.queue)

@@ -1,7 +1,10 @@
 """How pooled requests enter a step: the admission modes that the evaluation compares on one engine.
 
-- `step` (DiT-Serve): every step the pool, in policy order, fills the step budget;
-  requests join and leave at every step and the Brick planner places each row.
+- `step` (DiT-Serve): every step is formed from the pool in policy order; with
+  batching `cost` (the default) a request joins only while the measured step-cost
+  model says it lowers the pool's expected total latency (`CostRule`), with `fill`
+  the budget is filled greedily; requests join and leave at every step and the
+  Brick planner places each row.
 - `step_same_shape` (vLLM-Omni's step mode): step-level too, but one step holds only
   requests of the first pick's shape (same model and tokens per row); the others wait.
 - `request` (naive, run to completion): the queue head runs alone to its last step on
@@ -48,23 +51,70 @@ def shape_key(meta: RequestMeta) -> tuple:
     return (meta.model, meta.row_tokens)
 
 
-class StepAdmission(Admission):
-    """Greedy fill of the budget in run-queue order; a request that does not fit is skipped and smaller ones
-    behind it may still fill the step. The first pick always runs, even alone over `max_batch_tokens`."""
+StepSeconds = Callable[[list[RequestMeta]], "float | None"]
+"""Expected seconds of a step of these requests (the scheduler's learned cost model); None while it knows nothing."""
 
-    def __init__(self, budget: BudgetConfig, same_shape: bool = False) -> None:
-        self.budget, self.same_shape = budget, same_shape
+
+class CostRule:
+    """Whether one more request joins a step: only if it lowers the pool's expected sum of completion times.
+
+    Compared against the step without it, followed by the rest in policy order (what preemptive SRPT would do):
+    adding request c at queue position p costs the extra step time Δ to each of the `pooled` requests (every one
+    still waits for this step), and saves c's own step later, `alone(c)` seconds that each of the `pooled - p`
+    requests from c's position on would have waited for. So c joins iff  Δ · pooled < alone(c) · (pooled - p).
+    Linear cost through zero (a saturated device): Δ = alone(c), never worth it, one request per step in policy
+    order. Flat cost (idle ranks, launch-bound GPU): Δ ≈ 0, everything batches. Each accepted request lowers the
+    expected total, so the chosen step is never worse than the first request alone.
+    """
+
+    def __init__(self, step_seconds: StepSeconds) -> None:
+        self.step_seconds = step_seconds
+
+    def joins(self, picked: list[RequestMeta], current_s: float, candidate: RequestMeta, position: int,
+              pooled: int) -> tuple[bool, float | None]:
+        """Whether `candidate` joins, and the step's expected seconds then (None: a model without a fit yet, whose
+        requests join as the budget allows)."""
+        with_it = self.step_seconds([*picked, candidate])
+        alone = self.step_seconds([candidate])
+        if with_it is None or alone is None:
+            return True, None
+        if (with_it - current_s) * pooled < alone * (pooled - position):
+            return True, with_it
+        return False, current_s
+
+
+class StepAdmission(Admission):
+    """Requests in run-queue order join while the budget allows (and, with a cost rule, while each lowers the
+    expected total latency); one that does not fit is skipped and ones behind it may still join. The first pick
+    always runs, even alone over `max_batch_tokens`. Without a cost rule, or while its model has no fit yet, the
+    budget is filled greedily."""
+
+    MAX_REFUSALS = 16
+    """Candidates the cost rule may refuse in a row before the step is closed (bounds a step's planning work)."""
+
+    def __init__(self, budget: BudgetConfig, same_shape: bool = False, rule: CostRule | None = None) -> None:
+        self.budget, self.same_shape, self.rule = budget, same_shape, rule
 
     def pick(self, queue: RunQueue, now: float) -> Pick:
         picked: list[RequestMeta] = []
-        tokens = 0
-        for request in queue.in_order(now):
-            if len(picked) == self.budget.max_batch_size:
+        tokens = refusals = 0
+        pooled = len(queue)
+        current_s: float | None = None
+        for position, request in enumerate(queue.in_order(now)):
+            if len(picked) == self.budget.max_batch_size or refusals == self.MAX_REFUSALS:
                 break
             if picked and self.same_shape and shape_key(request) != shape_key(picked[0]):
                 continue
             if picked and tokens + request.step_tokens > self.budget.max_batch_tokens:
                 continue
+            if self.rule is not None:
+                if not picked:
+                    current_s = self.rule.step_seconds([request])
+                elif current_s is not None:
+                    joined, current_s = self.rule.joins(picked, current_s, request, position, pooled)
+                    if not joined:
+                        refusals += 1
+                        continue
             picked.append(request)
             tokens += request.step_tokens
         return Pick(picked)
@@ -121,11 +171,11 @@ class RunToCompletion(Admission):
 
 
 def make_admission(mode: AdmissionMode, budget: BudgetConfig, batch_size: int, world_size: int,
-                   ring_size: Callable[[RequestMeta], int]) -> Admission:
+                   ring_size: Callable[[RequestMeta], int], rule: CostRule | None = None) -> Admission:
     if mode == "step":
-        return StepAdmission(budget)
+        return StepAdmission(budget, rule=rule)
     if mode == "step_same_shape":
-        return StepAdmission(budget, same_shape=True)
+        return StepAdmission(budget, same_shape=True, rule=rule)
     if mode == "request":
         return RunToCompletion(budget, 1, world_size, ring_size)
     if mode == "batch":

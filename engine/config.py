@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from attention.planner import BrickCostModel
 
 AdmissionMode = Literal["step", "step_same_shape", "request", "batch"]
+BatchingMode = Literal["cost", "fill"]
 
 
 class _Frozen(BaseModel):
@@ -64,6 +65,11 @@ class SchedulerConfig(_Frozen):
     admission: AdmissionMode = Field(
         default="step", description="'step' (step-level continuous batching), 'step_same_shape', 'request' or "
         "'batch' (run to completion): see engine.admission.")
+    batching: BatchingMode = Field(
+        default="cost", description="How step admissions form a step: 'cost' adds a request only while the step-time "
+        "model learned from the group's measured steps says it lowers the pool's expected total latency (preemptive "
+        "SRPT on a saturated device, batching where it has headroom); 'fill' fills the budget greedily (the fixed "
+        "batch of vLLM-Omni's step mode and of the first DiT-Serve design). The budget caps either.")
     batch_size: int = Field(default=5, ge=1, description="Requests per run-to-completion batch in admission 'batch'.")
     max_pool_size: int = Field(
         default=256, ge=1, description="Requests admitted (queued + running); more answer HTTP 429."

@@ -24,6 +24,11 @@ class SchedulingPolicy(ABC):
     def priority(self, request: RequestMeta) -> tuple:
         """Sort key: smaller runs first."""
 
+    @abstractmethod
+    def decode_priority(self, arrival_time: float, decode_cost: float) -> tuple:
+        """Sort key of a finished request in the VAE decoder's queue (the job's last stage): smaller decodes first.
+        `decode_cost` is any measure that grows with the decode's time (seconds, latent elements)."""
+
 
 class FIFOPolicy(SchedulingPolicy):
     """First come, first served (by arrival)."""
@@ -32,6 +37,9 @@ class FIFOPolicy(SchedulingPolicy):
 
     def priority(self, request: RequestMeta) -> tuple:
         return (request.arrival_time,)
+
+    def decode_priority(self, arrival_time: float, decode_cost: float) -> tuple:
+        return (arrival_time,)
 
 
 class SRPTFPolicy(SchedulingPolicy):
@@ -48,6 +56,9 @@ class SRPTFPolicy(SchedulingPolicy):
 
     def priority(self, request: RequestMeta) -> tuple:
         return ((request.total_steps - request.steps_scheduled) * request.seq_len, request.arrival_time)
+
+    def decode_priority(self, arrival_time: float, decode_cost: float) -> tuple:
+        return (decode_cost, arrival_time)  # the remaining work of a finished request is its decode
 
 
 POLICIES: dict[str, type[SchedulingPolicy]] = {p.name: p for p in (FIFOPolicy, SRPTFPolicy)}

@@ -22,12 +22,13 @@ from typing import Callable
 
 from attention.plan import BrickPlan, RingAssignment, even_bounds
 from attention.planner import BrickCostModel, plan_brick
-from engine.admission import make_admission
-from engine.config import AdmissionMode, BudgetConfig
+from engine.admission import CostRule, make_admission
+from engine.config import AdmissionMode, BatchingMode, BudgetConfig
 from engine.messages import NewDllmRequest, NewRequest, ScheduledStep, StepPlan, StepResult
-from engine.policies import SchedulingPolicy
+from engine.policies import FIFOPolicy, SchedulingPolicy
 from engine.request import RequestMeta, RequestStatus
 from engine.run_queue import RunQueue
+from engine.step_cost import StepCostModel, busiest_rank_work
 
 
 class PoolFullError(RuntimeError):
@@ -46,7 +47,7 @@ class StepSchedulerCore:
     def __init__(self, policy: SchedulingPolicy, budget: BudgetConfig, max_pool_size: int = 256,
                  clock: Callable[[], float] = time.time, world_size: int = 1,
                  cost_model: BrickCostModel = BrickCostModel(), one_rank_models: frozenset[str] = frozenset(),
-                 admission: AdmissionMode = "step", batch_size: int = 5) -> None:
+                 admission: AdmissionMode = "step", batch_size: int = 5, batching: BatchingMode = "cost") -> None:
         self.policy = policy
         self.budget = budget
         self.max_pool_size = max_pool_size
@@ -57,7 +58,9 @@ class StepSchedulerCore:
         self.one_rank_models = one_rank_models
         self.pool: dict[str, RequestMeta] = {}
         self.queue = RunQueue(policy)  # the pooled requests that still have a step to schedule
-        self.admission = make_admission(admission, budget, batch_size, world_size, self._demanded_ring)
+        self.step_cost = StepCostModel()  # learned from `observe_step`; until then steps fill the budget
+        rule = CostRule(self.expected_step_seconds) if batching == "cost" else None
+        self.admission = make_admission(admission, budget, batch_size, world_size, self._demanded_ring, rule)
         self._unsent: dict[str, NewRequest | NewDllmRequest] = {}  # admitted, not yet handed to the runner
         self._to_free: list[str] = []
         self._done: list[RequestMeta] = []
@@ -147,6 +150,32 @@ class StepSchedulerCore:
             rings = [pinned[r.request_id] for r in requests for _ in r.row_tokens]
             plans[model] = BrickPlan(self.world_size, tuple(
                 RingAssignment(i, ring, even_bounds(n, len(ring))) for i, (n, ring) in enumerate(zip(tokens, rings))))
+        return plans
+
+    def observe_step(self, plan: StepPlan, seconds: float) -> None:
+        """A step ran in `seconds` (the busiest rank's time): what the cost model learns from."""
+        self.step_cost.observe(busiest_rank_work(plan.rings, self.cost_model), seconds)
+
+    def expected_step_seconds(self, requests: list[RequestMeta]) -> float | None:
+        """The cost model's price of one step of `requests`, placed as the Brick planner would place them."""
+        return self.step_cost.predict(busiest_rank_work(self._rings(requests, {}), self.cost_model))
+
+    def probe_plans(self, probes: list[NewRequest]) -> list[StepPlan]:
+        """Plans that time one step of each probe request alone and, per model, of all its probes together: the
+        start-up probe that seeds the cost model (run them, `observe_step` each, then `step_cost.seed()`). Probe
+        requests run one step under their own ids and never enter this pool."""
+        by_model: dict[str, list[NewRequest]] = {}
+        for request in probes:
+            by_model.setdefault(request.model, []).append(request)
+        groups = [[r] for r in probes] + [rs for rs in by_model.values() if len(rs) > 1]
+        plans = []
+        for index, group in enumerate(groups):
+            sibling = StepSchedulerCore(FIFOPolicy(), BudgetConfig(max_batch_size=len(group), max_batch_tokens=10**9),
+                                        world_size=self.world_size, cost_model=self.cost_model,
+                                        one_rank_models=self.one_rank_models, batching="fill")
+            for request in group:
+                sibling.admit(replace(request, request_id=f"probe-{index}-{request.request_id}", num_steps=1))
+            plans.append(sibling.schedule())
         return plans
 
     def _demanded_ring(self, meta: RequestMeta) -> int:

@@ -63,6 +63,9 @@ def video() -> dict:
         ("Job completion time by model and resolution",
          _quantiles("ray_dit_job_completion_seconds", "model, resolution", (0.5, 0.95, 0.99)), "s"),
         ("Time to first step by model", _quantiles("ray_dit_time_to_first_step_seconds", "model", (0.5, 0.95)), "s"),
+        ("Job latency breakdown: mean seconds per stage",
+         [("sum(rate(ray_dit_stage_seconds_sum[5m])) by (stage) / sum(rate(ray_dit_stage_seconds_count[5m])) "
+           "by (stage)", "{{stage}}")], "s"),
         ("Worker group: busy fraction per rank", [("sum(rate(ray_dit_rank_busy_seconds_total[1m])) by (rank)",
                                                    "rank {{rank}}")], "percentunit"),
         ("Brick rings: ring size per row, KV traffic",

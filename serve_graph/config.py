@@ -132,6 +132,10 @@ class VideoAppConfig(_Frozen):
     step_scheduler_replicas: ReplicaRange = ReplicaRange()
     worker_group: WorkerGroupConfig = WorkerGroupConfig()
     vae_decoder: DeploymentResources = DeploymentResources(num_cpus=0.5)
+    decode_concurrency: int = Field(
+        default=1, ge=1, le=64, description="Requests the VAE decoder replica decodes at once; the rest wait in the "
+        "scheduler policy's order. 1 on CPU (a second decode only shares the same cores) and on a GPU whose VAE "
+        "saturates it; more where one decode leaves the device idle.")
 
     @model_validator(mode="after")
     def _unique_names(self) -> "VideoAppConfig":

@@ -66,6 +66,10 @@ class VideoJob(BaseModel):
     completed_at: float | None = None
     error: str | None = None
     restarts: int = Field(default=0, description="Times the job was re-admitted after the process driving it died.")
+    stages: dict[str, float] | None = Field(
+        default=None, description="Completed jobs: seconds of each stage - encode_s (prompt), queue_s (in the pool "
+        "before the first step), denoise_s, decode_queue_s (waiting for the VAE, in the policy's order), decode_s, "
+        "mux_s (mp4 encoding).")
     estimated_start_seconds: float | None = Field(
         default=None, description="Queued jobs: the pool's remaining work over its measured drain rate (an upper "
         "bound on the wait under SRPTF, which may start a short job sooner).")

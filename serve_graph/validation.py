@@ -116,3 +116,15 @@ class RequestValidator:
             raise InvalidRequest("size", f"size {request.size!r} not allowed for {spec.name}: WIDTHxHEIGHT with each "
                                          f"side a multiple of {m} in [{m}, {spec.max_image_side}]")
         return GenerationSpec(height=height, width=width, num_frames=1, fps=1, **self._common(request, served))
+
+    def probe_specs(self, name: str) -> list[GenerationSpec]:
+        """The smallest and the largest request `name` accepts by default (frames, steps, guidance): what the step
+        scheduler times at start-up to seed its step-cost model."""
+        served = self.models[name]
+        if served.kind == "video":
+            heights = served.spec.resolution_heights
+            ends = sorted({min(heights, key=heights.get), max(heights, key=heights.get)}, key=heights.get)
+            return [self.video(VideoGenerationRequest(model=name, prompt="probe", resolution=r, seed=0)) for r in ends]
+        m = served.geometry.pixel_multiple
+        sides = sorted({max(m, 256 // m * m), served.spec.max_image_side // m * m})
+        return [self.image(ImageGenerationRequest(model=name, prompt="probe", size=f"{s}x{s}", seed=0)) for s in sides]

@@ -45,6 +45,31 @@ def test_a_job_round_trips_with_its_spec(store):
     assert store.get("nope") is None
 
 
+def test_stage_seconds_are_stored_and_viewed(store):
+    store.create(_job(1))
+    stages = {"encode_s": 0.01, "queue_s": 1.5, "denoise_s": 4.0, "decode_queue_s": 0.0, "decode_s": 2.0, "mux_s": 0.1}
+    done = store.update("video_001", status="completed", completed_at=1010.0, stages=stages)
+    assert done.stages == stages and store.get("video_001").view().stages == stages
+    assert store.get("video_001").to_row()["stages"].startswith("{")
+
+
+def test_a_store_from_before_stage_times_gains_the_column(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as old:  # the table as the first release created it: no `stages`
+        old.execute("CREATE TABLE jobs (id TEXT PRIMARY KEY, owner TEXT NOT NULL, idempotency_key TEXT, spec TEXT NOT "
+                    "NULL, resolution TEXT NOT NULL, status TEXT NOT NULL, step INTEGER NOT NULL, created_at DOUBLE "
+                    "PRECISION NOT NULL, started_at DOUBLE PRECISION, completed_at DOUBLE PRECISION, error TEXT, "
+                    "blob TEXT, restarts INTEGER NOT NULL, UNIQUE (owner, idempotency_key))")
+        old.execute("INSERT INTO jobs VALUES ('video_old', '', NULL, ?, '240p', 'queued', 0, 1.0, NULL, NULL, NULL, "
+                    "NULL, 0)", (_job(0).to_row()["spec"],))
+    reopened = SqliteJobStore(path)
+    assert reopened.get("video_old").stages is None
+    assert reopened.update("video_old", status="completed", stages={"decode_s": 1.0}).stages == {"decode_s": 1.0}
+    reopened.close()
+
+
 def test_updates_stop_at_the_first_terminal_status(store):
     store.create(_job(1))
     assert store.update("video_001", status="running", step=3, started_at=1001.0).step == 3

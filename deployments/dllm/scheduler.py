@@ -107,7 +107,7 @@ class DllmScheduler:
         config = SchedulerConfig(**scheduler)
         self.runner = DllmRunner(load_models([DllmModelConfig(**m) for m in models], res.device))
         self.core = StepSchedulerCore(make_policy(config.policy, config.starvation_timeout_s), config.budget,
-                                      config.max_pool_size)
+                                      config.max_pool_size, batching=config.batching)
         self.metrics = ServeMetrics()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dllm-step")  # the device's one stream
         self._waiters: dict[str, _Waiter] = {}
@@ -232,6 +232,7 @@ class DllmScheduler:
             self.metrics.batch_size.observe(len(plan.scheduled))
             self.metrics.batch_tokens.observe(plan.num_tokens)
             self.metrics.step_duration.observe(seconds)
+            self.core.observe_step(plan, seconds)
             self.drain_rate.observe(plan.num_tokens, seconds)
 
     def _resolve_done(self, responses: dict[str, tuple[int, ...]]) -> None:

@@ -41,9 +41,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     blob TEXT,
     restarts INTEGER NOT NULL,
+    stages TEXT,
     UNIQUE (owner, idempotency_key)
 )
 """
+_ADDED_COLUMNS = {"stages": "TEXT"}
+"""Columns added after the first release: stores created before get them on open."""
 _INDEXES = ("CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created_at, id)",
             "CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, completed_at)")
 
@@ -65,6 +68,7 @@ class JobRecord:
     error: str | None = None
     blob: str | None = None
     restarts: int = 0
+    stages: dict[str, float] | None = None  # completed jobs: seconds per stage (deployments.pipeline.StageTimes)
 
     @property
     def done(self) -> bool:
@@ -76,16 +80,22 @@ class JobRecord:
             id=self.id, status=self.status, progress=Progress(step=self.step, total_steps=r.num_inference_steps),
             model=r.model, prompt=r.prompt, resolution=self.resolution, width=r.width, height=r.height,
             num_frames=r.num_frames, fps=r.fps, seed=r.seed, created_at=self.created_at, started_at=self.started_at,
-            completed_at=self.completed_at, error=self.error, restarts=self.restarts)
+            completed_at=self.completed_at, error=self.error, restarts=self.restarts, stages=self.stages)
 
     def to_row(self) -> dict[str, Any]:
         row = {f.name: getattr(self, f.name) for f in fields(self)}
         row["spec"] = json.dumps(asdict(self.spec))
+        row["stages"] = _stages_column(self.stages)
         return row
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "JobRecord":
-        return cls(**{**row, "spec": GenerationSpec(**json.loads(row["spec"]))})
+        stages = json.loads(row["stages"]) if row.get("stages") else None
+        return cls(**{**row, "spec": GenerationSpec(**json.loads(row["spec"])), "stages": stages})
+
+
+def _stages_column(stages: dict[str, float] | None) -> str | None:
+    return None if stages is None else json.dumps(stages)
 
 
 class JobStore(ABC):
@@ -116,6 +126,8 @@ class JobStore(ABC):
 
     def update(self, job_id: str, **changes: Any) -> JobRecord | None:
         """Apply `changes` unless the job is already terminal; returns the job as stored afterwards."""
+        if "stages" in changes:
+            changes["stages"] = _stages_column(changes["stages"])
         if changes:
             sets = ", ".join(f"{k} = :{k}" for k in changes)
             self._execute(f"UPDATE jobs SET {sets} WHERE id = :id AND status NOT IN "
@@ -184,6 +196,10 @@ class SqliteJobStore(JobStore):
         self._conn.execute("PRAGMA synchronous=NORMAL")
         for statement in (_SCHEMA, *_INDEXES):
             self._conn.execute(statement)
+        present = {row["name"] for row in self._conn.execute("PRAGMA table_info(jobs)")}
+        for column, kind in _ADDED_COLUMNS.items():
+            if column not in present:
+                self._conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
 
     def _rows(self, sql: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
         with self._lock:
@@ -206,6 +222,8 @@ class PostgresJobStore(JobStore):
         with self._lock:
             for statement in (_SCHEMA, *_INDEXES):
                 self._conn.execute(statement)
+            for column, kind in _ADDED_COLUMNS.items():
+                self._conn.execute(f"ALTER TABLE jobs ADD COLUMN IF NOT EXISTS {column} {kind}")
 
     def _rows(self, sql: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
         with self._lock:

@@ -1,0 +1,104 @@
+"""The step's time as the worker group measures it, learned online: what batch formation weighs.
+
+A packed step costs, per model forward in it, a fixed part (kernel launches, the
+sampler steps, the all-gather) plus a part that grows with the busiest rank's work
+(`features`: the Brick planner's per-rank cost, attention S² plus the token-wise
+layers, over each row's ring). So
+
+    step seconds ≈ Σ_models (fixed_m + per_work_m · busiest-rank work_m)
+
+fitted by least squares over the last `window` steps (ridge-regularised toward the
+start-up probe's fit so that a window of same-sized steps, where fixed and per-work
+parts are collinear, keeps the probe's split). Whether batching pays follows from
+the fit: on a device that one request saturates the fixed part is small and every
+added token costs its full share (batching only delays the others); where rows land
+on idle ranks, or where the fixed part dominates (small requests on a GPU), an added
+request costs little.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Mapping
+
+import numpy as np
+
+from attention.plan import BrickPlan
+from attention.planner import BrickCostModel, rank_loads
+
+RIDGE = 1e-4
+"""Weight of the prior (the probe's fit, or zero) against the observations, relative to their scale."""
+
+
+def busiest_rank_work(rings: Mapping[str, BrickPlan], cost: BrickCostModel) -> dict[str, float]:
+    """Per model of a step, its busiest rank's work under the planner's cost model (token units)."""
+    return {model: max(rank_loads(plan, cost)) for model, plan in rings.items()}
+
+
+class StepCostModel:
+    """Online least-squares fit of step seconds; `predict` is None until some step of each model was observed."""
+
+    def __init__(self, window: int = 256) -> None:
+        self.window = window
+        self._observations: deque[tuple[dict[str, float], float]] = deque(maxlen=window)
+        self._prior: dict[str, tuple[float, float]] = {}
+        self._fit: dict[str, tuple[float, float]] = {}
+        self._stale = False
+
+    def observe(self, work: Mapping[str, float], seconds: float) -> None:
+        """One step that ran: each model's busiest-rank work and the step's wall seconds."""
+        if seconds <= 0 or not work:
+            return
+        self._observations.append((dict(work), seconds))
+        self._stale = True
+
+    def seed(self) -> None:
+        """Make the current fit the prior that later fits are pulled toward (after the start-up probe)."""
+        self._refit()
+        self._prior = dict(self._fit)
+
+    def coefficients(self, model: str) -> tuple[float, float] | None:
+        """(fixed seconds, seconds per unit of busiest-rank work) of `model`'s forward, or None if never seen."""
+        if self._stale:
+            self._refit()
+        return self._fit.get(model)
+
+    def predict(self, work: Mapping[str, float]) -> float | None:
+        """Expected seconds of a step with this per-model busiest-rank work; None if a model has no fit yet."""
+        total = 0.0
+        for model, load in work.items():
+            coefficients = self.coefficients(model)
+            if coefficients is None:
+                return None
+            total += coefficients[0] + coefficients[1] * load
+        return total
+
+    def _refit(self) -> None:
+        self._stale = False
+        models = sorted({m for work, _ in self._observations for m in work} | set(self._prior))
+        if not models:
+            return
+        column = {m: i for i, m in enumerate(models)}
+        rows, targets = [], []
+        for work, seconds in self._observations:
+            row = np.zeros(2 * len(models))
+            for model, load in work.items():
+                row[2 * column[model]], row[2 * column[model] + 1] = 1.0, load
+            rows.append(row)
+            targets.append(seconds)
+        # Columns are scaled to unit size so that the ridge weighs fixed seconds and per-work seconds alike.
+        x = np.array(rows).reshape(len(rows), 2 * len(models))
+        y = np.array(targets)
+        largest = np.abs(x).max(axis=0) if len(rows) else np.zeros(2 * len(models))
+        scale = np.where(largest > 0, largest, 1.0)
+        prior = np.zeros(2 * len(models))
+        for model, (fixed, per_work) in self._prior.items():
+            prior[2 * column[model]], prior[2 * column[model] + 1] = fixed, per_work
+        ridge = RIDGE * max(len(rows), 1)
+        xs = x / scale
+        lhs = xs.T @ xs + ridge * np.eye(xs.shape[1])
+        rhs = xs.T @ y + ridge * prior * scale
+        theta = np.linalg.solve(lhs, rhs) / scale
+        seen = {m for work, _ in self._observations for m in work} | set(self._prior)
+        self._fit = {m: (max(0.0, float(theta[2 * column[m]])), max(0.0, float(theta[2 * column[m] + 1])))
+                     for m in models if m in seen}
