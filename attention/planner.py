@@ -47,16 +47,21 @@ class BrickCostModel:
         return max(fitting, default=1)
 
 
-def plan_brick(token_counts: list[int], world_size: int, cost: BrickCostModel = BrickCostModel()) -> BrickPlan:
-    """Ring size, ranks and contiguous shard bounds of every request of one step."""
+def plan_brick(token_counts: list[int], world_size: int, cost: BrickCostModel = BrickCostModel(),
+               usable_ranks: int | None = None) -> BrickPlan:
+    """Ring size, ranks and contiguous shard bounds of every request of one step, on the group's first
+    `usable_ranks` ranks (default: all; fewer where another stage, e.g. a VAE decode, holds the others' cores)."""
     if world_size < 1:
         raise ValueError("world_size must be >= 1")
+    usable = world_size if usable_ranks is None else usable_ranks
+    if not 1 <= usable <= world_size:
+        raise ValueError(f"usable_ranks {usable_ranks} outside 1..{world_size}")
     if any(n < 1 for n in token_counts):
         raise ValueError(f"every request needs at least one token, got {token_counts}")
     loads = [0.0] * world_size
-    sizes = [cost.ring_size(n, world_size) for n in token_counts]
+    sizes = [cost.ring_size(n, usable) for n in token_counts]
     shares = [cost.request_cost(n) / r for n, r in zip(token_counts, sizes)]  # each ring rank's part
-    ranks = range(world_size)
+    ranks = range(usable)
     rings: list[tuple[int, ...]] = [()] * len(token_counts)
     for i in sorted(range(len(token_counts)), key=lambda i: (-shares[i], i)):
         if sizes[i] == 1:

@@ -45,6 +45,9 @@ NVLINK_BYTES_PER_S = 450e9  # per direction, H100 SXM NVLink 4
 HOP_LATENCY_S = 10e-6
 FORWARD_OVERHEAD_S = 0.004
 GEMM_HALF_TOKENS = 256
+VAE_MFU = 0.10
+VAE_DECODE_FLOPS_PER_VOXEL = {"cogvideox": 18.89e6, "mochi": 21.88e6, "wan": 8.70e6}
+"""FLOPs of the VAE decoder per output pixel-frame (printed by `python -m benchmarks.vae_flops`)."""
 
 
 class CostProfile(ABC):
@@ -63,6 +66,9 @@ class CostProfile(ABC):
 
     decode_servers: int | None = None
     """Requests decoded at once after their last step (a VAE replica decodes one at a time); None: no queue."""
+
+    decode_displaces_ranks: int = 0
+    """Ranks each running decode takes from the step planner (the app's `decode_displaces_ranks`)."""
 
     shared_cores: int | None = None
     """Cores the ranks and the decode servers share (this CPU machine); None: each has its own device."""
@@ -86,6 +92,7 @@ class ModelDims:
     layers: int
     params: float  # transformer parameters
     text_tokens: int  # tokens of the prompt
+    text_params: float  # the text encoder's parameters (T5-XXL / umT5-XXL encoder)
     joint_text: bool  # text tokens join the self-attention sequence (CogVideoX, Mochi); else cross-attention (Wan)
     vae_temporal: int
     vae_spatial: int = 8
@@ -93,9 +100,12 @@ class ModelDims:
 
 
 H100_MODELS = {
-    "cogvideox": ModelDims(hidden=3072, layers=42, params=5.0e9, text_tokens=226, joint_text=True, vae_temporal=4),
-    "mochi": ModelDims(hidden=3072, layers=48, params=10.0e9, text_tokens=256, joint_text=True, vae_temporal=6),
-    "wan": ModelDims(hidden=5120, layers=40, params=14.0e9, text_tokens=512, joint_text=False, vae_temporal=4),
+    "cogvideox": ModelDims(hidden=3072, layers=42, params=5.0e9, text_tokens=226, text_params=4.76e9,
+                           joint_text=True, vae_temporal=4),
+    "mochi": ModelDims(hidden=3072, layers=48, params=10.0e9, text_tokens=256, text_params=4.76e9, joint_text=True,
+                       vae_temporal=6),
+    "wan": ModelDims(hidden=5120, layers=40, params=14.0e9, text_tokens=512, text_params=5.68e9, joint_text=False,
+                     vae_temporal=4),
 }
 """CogVideoX-5B, Mochi 1 (10B; its text stream is narrower, counted at the visual width), Wan2.1-T2V-14B."""
 
@@ -104,9 +114,20 @@ PIXELS = {"240p": (240, 432), "360p": (352, 640), "480p": (480, 848), "720p": (7
 
 
 class H100Profile(CostProfile):
+    decode_servers = 1  # one VAE replica, decoding one request at a time (configs/gpu.yaml)
+
     def __init__(self, world_size: int = 8) -> None:
         self.world_size = world_size
         self.planner = PlannerConfig(min_shard_tokens=1024, ring_sizes=(1, 2, 4, 8))
+
+    def encode_seconds(self, request: TraceRequest) -> float:
+        dims = H100_MODELS[request.model]
+        return 2 * dims.text_params * dims.text_tokens / (PEAK_BF16_FLOPS * LINEAR_MFU)
+
+    def decode_seconds(self, request: TraceRequest) -> float:
+        height, width = PIXELS[request.resolution]
+        voxels = request.num_frames * height * width
+        return VAE_DECODE_FLOPS_PER_VOXEL[request.model] * voxels / (PEAK_BF16_FLOPS * VAE_MFU)
 
     def row_tokens(self, request: TraceRequest) -> tuple[int, ...]:
         dims = H100_MODELS[request.model]

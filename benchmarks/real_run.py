@@ -15,6 +15,7 @@ import asyncio
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import httpx
 import ray
@@ -44,10 +45,13 @@ Deployment = dict[str, list[list[RealOutcome]]]
 """One deployment of a system: trace name -> its replays, each a list of outcomes in trace order."""
 
 
-def run_systems(traces: dict[str, list[TraceRequest]], systems: list[System],
-                replays: int = 1) -> dict[str, Deployment]:
+def run_systems(traces: dict[str, list[TraceRequest]], systems: list[System], replays: int = 1,
+                app_args: Callable[[dict], dict] = real_app_args,
+                before_delete: Callable[[System], None] | None = None) -> dict[str, Deployment]:
     """Every system deployed once on one local Serve instance (an empty job store each), every trace replayed
-    `replays` times in it: system name -> its deployment's runs.
+    `replays` times in it: system name -> its deployment's runs. `app_args(scheduler)` gives the video app's
+    `args` for a system's scheduler section (default: the CPU profile's app); `before_delete(system)` runs after
+    a deployment's replays, while it is still up (to read what it measured).
 
     The traces take turns (the first, the second, ..., then the first again), so that the runs of two traces in
     one deployment share the machine's speed: it drifts up to 2x from one half hour to the next here (the same
@@ -61,13 +65,15 @@ def run_systems(traces: dict[str, list[TraceRequest]], systems: list[System],
         out: dict[str, Deployment] = {}
         for system in systems:
             with tempfile.TemporaryDirectory(prefix="real-run-") as data_dir:
-                args = real_app_args(system.scheduler)
+                args = app_args(system.scheduler)
                 args["store"]["data_dir"] = data_dir  # an empty store per deployment, never the user's .data
                 serve.run(build_video_app(args), name="video", route_prefix="/")
                 out[system.name] = {name: [] for name in traces}
                 for _ in range(replays):
                     for name, trace in traces.items():
                         out[system.name][name].append(asyncio.run(_replay(f"http://127.0.0.1:{port}", trace)))
+                if before_delete is not None:
+                    before_delete(system)
                 serve.delete("video")
         return out
     finally:

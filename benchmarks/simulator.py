@@ -160,6 +160,7 @@ class _Simulation:
             self.next_arrival += 1
 
     def _start_step(self) -> None:
+        self.core.set_busy_ranks(len(self.decoding) * self.profile.decode_displaces_ranks)
         plan = self.core.schedule()
         if plan is None:
             if self.core.pool and self.next_arrival == len(self.pending) and not self.decoding:

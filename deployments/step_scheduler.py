@@ -49,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 GAUGE_REFRESH_S = 5.0
 PROGRESS_INTERVAL_S = 0.5
+DECODER_POLL_S = 0.2
+"""How often the scheduler reads the VAE decoder's running decodes (decode_displaces_ranks > 0)."""
 PIPELINE_DEPTH = 2
 """Plans in flight to the group: the one running and the next one, already planned."""
 
@@ -97,7 +99,7 @@ class StepScheduler:
     call; admission is bounded by `max_pool_size` instead (engine's PoolFullError)."""
 
     async def __init__(self, models: list[dict], scheduler: dict, worker_group: dict,
-                       text_encoder: DeploymentHandle) -> None:
+                       text_encoder: DeploymentHandle, vae: DeploymentHandle, decode_displaces_ranks: int = 0) -> None:
         config = SchedulerConfig(**scheduler)
         group = WorkerGroupConfig(**worker_group)
         specs = [ModelSpec(**m) for m in models]
@@ -120,6 +122,23 @@ class StepScheduler:
         await self.group.start()  # the replica is ready when its group is (models loaded on every rank)
         await self._probe(specs, text_encoder)
         self._ensure_loop()
+        self._decoder_watch = (asyncio.get_running_loop().create_task(self._watch_decoder(vae, decode_displaces_ranks))
+                               if decode_displaces_ranks else None)
+
+    async def _watch_decoder(self, vae: DeploymentHandle, displaced_per_decode: int) -> None:
+        """Where decodes share the ranks' cores, plan steps on the ranks the running decodes leave free."""
+        while True:
+            try:
+                decoding = (await vae.load.remote())["decoding"]
+                busy = decoding * displaced_per_decode
+            except Exception:  # the decoder replica is being replaced: plan on every rank meanwhile
+                logger.warning("reading the VAE decoder's load failed", exc_info=True)
+                busy = 0
+            before = self.core.usable_ranks
+            self.core.set_busy_ranks(busy)
+            if self.core.usable_ranks > before:
+                self._wakeup.set()  # ranks freed: the loop may plan again
+            await asyncio.sleep(DECODER_POLL_S)
 
     async def _probe(self, specs: list[ModelSpec], text_encoder: DeploymentHandle) -> None:
         """Seed the step-cost model: time one step of each model's smallest and largest default request, alone and
@@ -137,6 +156,7 @@ class StepScheduler:
                 _, rank_seconds = await self.group.execute(plan)
                 if warm:
                     self.core.observe_step(plan, max(rank_seconds))
+                    self.drain_rate.observe(plan.num_tokens, max(rank_seconds))
         self.core.step_cost.seed()
         logger.info("step-cost probe: %d steps in %.1f s; %s", 2 * len(plans), time.perf_counter() - start,
                     {s.name: self.core.step_cost.coefficients(s.name) for s in specs})
@@ -176,7 +196,8 @@ class StepScheduler:
         """The group's shape and history (tests and operators)."""
         return {"pid": os.getpid(), "ranks": self.group.config.ranks, "pids": list(self.group.pids),
                 "group_restarts": self.group.generation, "pooled": len(self.core.pool),
-                "ring_sizes": dict(self._ring_sizes)}
+                "ring_sizes": dict(self._ring_sizes),
+                "step_cost": {name: self.core.step_cost.coefficients(name) for name in self.adapters}}
 
     async def load(self) -> dict:
         """The pool's remaining work and the measured rate it drains at: what admission's Retry-After and a queued

@@ -22,6 +22,7 @@ import torch
 from ray import serve
 
 from deployments import init_replica
+from deployments.drain import SMOOTHING
 from deployments.media import encode_mp4, encode_png
 from engine.policies import make_policy
 from models import load_adapter
@@ -75,9 +76,24 @@ class DecodeQueue:
         self._heap: list[tuple[tuple, int, DecodeRequest, float, asyncio.Future]] = []
         self._order = itertools.count()  # ties in priority keep arrival order
         self._running = 0
+        self._running_elements = 0
+        self.seconds_per_element: float | None = None  # decode + mux, measured (exponential moving average)
 
     def __len__(self) -> int:
         return len(self._heap)
+
+    @property
+    def running(self) -> int:
+        """Decodes in progress."""
+        return self._running
+
+    def backlog_seconds(self) -> float:
+        """The queued and running decodes' expected seconds at the measured rate, over `concurrency` slots
+        (0 before the first decode: nothing is known, nothing is refused for it)."""
+        if self.seconds_per_element is None:
+            return 0.0
+        elements = self._running_elements + sum(entry[2].latents.numel() for entry in self._heap)
+        return elements * self.seconds_per_element / self.concurrency
 
     async def decode(self, request: DecodeRequest) -> Decoded:
         priority = self.policy.decode_priority(request.arrival_time, float(request.latents.numel()))
@@ -92,6 +108,7 @@ class DecodeQueue:
             if future.cancelled():
                 continue
             self._running += 1
+            self._running_elements += request.latents.numel()
             asyncio.get_running_loop().create_task(self._run(request, time.perf_counter() - queued, future))
 
     async def _run(self, request: DecodeRequest, queue_s: float, future: asyncio.Future) -> None:
@@ -101,11 +118,18 @@ class DecodeQueue:
             if not future.done():
                 future.set_exception(exc)
         else:
+            self._measured((decode_s + mux_s) / request.latents.numel())
             if not future.done():
                 future.set_result(Decoded(media, queue_s, decode_s, mux_s))
         finally:
             self._running -= 1
+            self._running_elements -= request.latents.numel()
             self._start_next()
+
+    def _measured(self, seconds_per_element: float) -> None:
+        previous = self.seconds_per_element
+        self.seconds_per_element = seconds_per_element if previous is None else (
+            SMOOTHING * seconds_per_element + (1 - SMOOTHING) * previous)
 
 
 @serve.deployment(max_ongoing_requests=1024)
@@ -118,6 +142,8 @@ class VaeDecoder:
     async def decode(self, request: DecodeRequest) -> Decoded:
         return await self.queue.decode(request)
 
-    async def queued(self) -> int:
-        """Requests waiting for a decode slot (tests and operators)."""
-        return len(self.queue)
+    async def load(self) -> dict:
+        """Requests waiting for a decode slot, decodes running, the expected seconds of all admitted decodes (admission) and the
+        measured decode + mux seconds per latent element (the simulator's app profile)."""
+        return {"queued": len(self.queue), "decoding": self.queue.running, "backlog_seconds": self.queue.backlog_seconds(),
+                "seconds_per_element": self.queue.seconds_per_element}

@@ -74,7 +74,7 @@ class VideoIngress:
         self.jobs = open_job_store(store_config.resolved_jobs_url())
         self.blobs = BlobStore(store_config.resolved_blobs_url())
         self.pipeline = MediaPipeline(text_encoder, scheduler, vae)
-        self.scheduler, self.runner = scheduler, runner
+        self.scheduler, self.runner, self.vae = scheduler, runner, vae
         self.keys = ApiKeys(AuthConfig(**auth))
         self._active_images = 0
 
@@ -193,10 +193,18 @@ class VideoIngress:
         return known.view()
 
     async def _admit_or_raise(self, n: int = 1) -> None:
+        """429 when the pool holds `max_pool_size` requests, or when the admitted work exceeds `max_backlog_s`."""
         active = self.jobs.count_unfinished() + self._active_images
         if active + n > self.max_active:
             raise overloaded(f"server is at capacity ({active} active of {self.max_active})",
                              await self._drain_seconds())
+        limit = self.limits.max_backlog_s
+        if limit is None:
+            return
+        backlog = (await self._drain_seconds() or 0.0) + (await self.vae.load.remote())["backlog_seconds"]
+        if backlog > limit:
+            raise overloaded(f"server is at capacity ({backlog:.0f} s of admitted work, max_backlog_s {limit:g})",
+                             backlog - limit)
 
     async def _drain_seconds(self) -> float | None:
         """The pool's remaining work over the rate the scheduler measured it drains at (None before any step)."""

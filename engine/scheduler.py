@@ -22,7 +22,7 @@ from typing import Callable
 
 from attention.plan import BrickPlan, RingAssignment, even_bounds
 from attention.planner import BrickCostModel, plan_brick
-from engine.admission import CostRule, make_admission
+from engine.admission import CostRule, Pick, StepAdmission, make_admission
 from engine.config import AdmissionMode, BatchingMode, BudgetConfig
 from engine.messages import NewDllmRequest, NewRequest, ScheduledStep, StepPlan, StepResult
 from engine.policies import FIFOPolicy, SchedulingPolicy
@@ -53,6 +53,9 @@ class StepSchedulerCore:
         self.max_pool_size = max_pool_size
         self.clock = clock
         self.world_size = world_size  # ranks of the worker group the plans are for
+        self.usable_ranks = world_size
+        """Ranks the planner may place step-admitted rows on (the first ones): fewer while another stage holds the
+        others' cores (`set_busy_ranks`); run-to-completion batches keep the rings they started on."""
         self.cost_model = cost_model
         self._one_rank = replace(cost_model, ring_sizes=(1,))  # for models whose forward cannot be sharded
         self.one_rank_models = one_rank_models
@@ -61,6 +64,7 @@ class StepSchedulerCore:
         self.step_cost = StepCostModel()  # learned from `observe_step`; until then steps fill the budget
         rule = CostRule(self.expected_step_seconds) if batching == "cost" else None
         self.admission = make_admission(admission, budget, batch_size, world_size, self._demanded_ring, rule)
+        self.step_admitted = isinstance(self.admission, StepAdmission)  # else batches keep the rings they started on
         self._unsent: dict[str, NewRequest | NewDllmRequest] = {}  # admitted, not yet handed to the runner
         self._to_free: list[str] = []
         self._done: list[RequestMeta] = []
@@ -114,7 +118,7 @@ class StepSchedulerCore:
         # budget filled greedily, requests joining and leaving at every step). A request whose every step is
         # already scheduled (its last one in flight) is not a candidate.
         now = self.clock()
-        pick = self.admission.pick(self.queue, now)
+        pick = self.admission.pick(self.queue, now) if self.usable_ranks or not self.step_admitted else Pick()
         picked = pick.requests
         if not picked and not self._to_free:
             return None
@@ -145,12 +149,19 @@ class StepSchedulerCore:
             tokens = [n for r in requests for n in r.row_tokens]
             if not pinned:
                 cost = self._one_rank if model in self.one_rank_models else self.cost_model
-                plans[model] = plan_brick(tokens, self.world_size, cost)
+                plans[model] = plan_brick(tokens, self.world_size, cost, self.usable_ranks)
                 continue
             rings = [pinned[r.request_id] for r in requests for _ in r.row_tokens]
             plans[model] = BrickPlan(self.world_size, tuple(
                 RingAssignment(i, ring, even_bounds(n, len(ring))) for i, (n, ring) in enumerate(zip(tokens, rings))))
         return plans
+
+    def set_busy_ranks(self, busy: int) -> None:
+        """`busy` ranks' resources are taken by another stage now (VAE decodes sharing their CPU cores): plan
+        step-admitted rows on the others; with none left, no step is planned until a rank is free again. Jobs in
+        their decode are the pool's nearest to completion (their whole remaining work is the decode), so under
+        SRPTF they come first."""
+        self.usable_ranks = max(0, self.world_size - busy)
 
     def observe_step(self, plan: StepPlan, seconds: float) -> None:
         """A step ran in `seconds` (the busiest rank's time): what the cost model learns from."""

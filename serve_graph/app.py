@@ -35,14 +35,14 @@ def build_video_app(args: dict[str, Any]) -> Application:
 
     group = config.worker_group
     text_encoder = bind(TextEncoder, config.text_encoder, models, config.text_encoder.model_dump())
+    vae = bind(VaeDecoder, config.vae_decoder, models, config.vae_decoder.model_dump(), config.scheduler.policy,
+               config.decode_concurrency)
     scheduler = StepScheduler.options(
         ray_actor_options={"num_cpus": config.step_scheduler.num_cpus},
         placement_group_bundles=group.bundles(config.step_scheduler.num_cpus),
         placement_group_strategy="STRICT_PACK" if group.backend == "nccl" else "PACK",
         autoscaling_config=config.step_scheduler_replicas.autoscaling_config(),
-    ).bind(models, config.scheduler.model_dump(), group.model_dump(), text_encoder)
-    vae = bind(VaeDecoder, config.vae_decoder, models, config.vae_decoder.model_dump(), config.scheduler.policy,
-               config.decode_concurrency)
+    ).bind(models, config.scheduler.model_dump(), group.model_dump(), text_encoder, vae, config.decode_displaces_ranks)
     # Paths resolved here, in `serve run`'s working directory, once for every replica.
     store = config.store.model_copy(update={"jobs_url": config.store.resolved_jobs_url(),
                                             "blobs_url": config.store.resolved_blobs_url()}).model_dump()

@@ -26,6 +26,11 @@ class _Frozen(BaseModel):
 
 class LimitsConfig(_Frozen):
     max_prompt_chars: int = Field(default=2000, ge=1)
+    max_backlog_s: float | None = Field(
+        default=600, gt=0, description="Admission by work: a new job is refused (HTTP 429, Retry-After) while the "
+        "work already admitted - the pool's remaining token-steps at the rate the scheduler measured, plus the VAE "
+        "decoder's queue at its measured seconds per latent element - would take longer than this; None: only the "
+        "pool's request count (scheduler.max_pool_size) bounds admission.")
 
 
 class StoreConfig(_Frozen):
@@ -134,8 +139,13 @@ class VideoAppConfig(_Frozen):
     vae_decoder: DeploymentResources = DeploymentResources(num_cpus=0.5)
     decode_concurrency: int = Field(
         default=1, ge=1, le=64, description="Requests the VAE decoder replica decodes at once; the rest wait in the "
-        "scheduler policy's order. 1 on CPU (a second decode only shares the same cores) and on a GPU whose VAE "
-        "saturates it; more where one decode leaves the device idle.")
+        "scheduler policy's order: on CPU as many as there are cores (each decode runs on one thread and takes a "
+        "rank's core, see decode_displaces_ranks); 1 on a GPU whose VAE saturates it.")
+    decode_displaces_ranks: int = Field(
+        default=0, ge=0, le=8, description="Worker-group ranks whose resources one running decode takes: 1 on a CPU "
+        "machine where the decoder's thread shares the ranks' cores (while decodes run the scheduler plans steps on "
+        "the remaining ranks, at least one, so a job's last stage is not starved by the others' first), 0 where the "
+        "decoder has a device of its own.")
 
     @model_validator(mode="after")
     def _unique_names(self) -> "VideoAppConfig":
