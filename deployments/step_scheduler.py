@@ -12,6 +12,13 @@ last one (`ray_dit_step_gap_seconds` measures what is left). If a rank dies or a
 step fails on the group, the group is rebuilt and every request it held restarts
 from step 0 (same seed, same result); results of plans sent to the old group are
 dropped.
+
+Every step's measured time feeds the core's step-cost model (`engine.step_cost`), which
+decides how many requests a step holds; at start-up a probe (each model's smallest and
+largest default request, one step alone and together, prompts from the TextEncoder)
+seeds it. Where the VAE decoder shares the ranks' cores (`decode_displaces_ranks`), the
+replica reads the decoder's running decodes every `DECODER_POLL_S` and plans steps on the
+ranks they leave free.
 """
 
 from __future__ import annotations

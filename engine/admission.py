@@ -92,8 +92,10 @@ class StepAdmission(Admission):
     MAX_REFUSALS = 16
     """Candidates the cost rule may refuse in a row before the step is closed (bounds a step's planning work)."""
 
-    def __init__(self, budget: BudgetConfig, same_shape: bool = False, rule: CostRule | None = None) -> None:
+    def __init__(self, budget: BudgetConfig, same_shape: bool = False, rule: CostRule | None = None,
+                 eligible: Callable[[RequestMeta], bool] | None = None) -> None:
         self.budget, self.same_shape, self.rule = budget, same_shape, rule
+        self.eligible = eligible  # whether a request may run now (its ring fits the ranks free of other stages)
 
     def pick(self, queue: RunQueue, now: float) -> Pick:
         picked: list[RequestMeta] = []
@@ -103,6 +105,8 @@ class StepAdmission(Admission):
         for position, request in enumerate(queue.in_order(now)):
             if len(picked) == self.budget.max_batch_size or refusals == self.MAX_REFUSALS:
                 break
+            if self.eligible is not None and not self.eligible(request):
+                continue
             if picked and self.same_shape and shape_key(request) != shape_key(picked[0]):
                 continue
             if picked and tokens + request.step_tokens > self.budget.max_batch_tokens:
@@ -171,11 +175,12 @@ class RunToCompletion(Admission):
 
 
 def make_admission(mode: AdmissionMode, budget: BudgetConfig, batch_size: int, world_size: int,
-                   ring_size: Callable[[RequestMeta], int], rule: CostRule | None = None) -> Admission:
+                   ring_size: Callable[[RequestMeta], int], rule: CostRule | None = None,
+                   eligible: Callable[[RequestMeta], bool] | None = None) -> Admission:
     if mode == "step":
-        return StepAdmission(budget, rule=rule)
+        return StepAdmission(budget, rule=rule, eligible=eligible)
     if mode == "step_same_shape":
-        return StepAdmission(budget, same_shape=True, rule=rule)
+        return StepAdmission(budget, same_shape=True, rule=rule, eligible=eligible)
     if mode == "request":
         return RunToCompletion(budget, 1, world_size, ring_size)
     if mode == "batch":

@@ -12,6 +12,10 @@ way, one step reading like a sentence:
 `schedule()` may be called again before the previous plan's result is back: it
 assumes in-flight steps succeed (a request's next step index is `steps_scheduled`),
 so the worker never waits for the scheduler between two forwards.
+
+How many requests a step holds is the admission's call; under `batching="cost"` it weighs
+each candidate with the step-cost model the core learns from `observe_step` (seeded by
+`probe_plans`), on the ranks another stage leaves free (`set_busy_ranks`).
 """
 
 from __future__ import annotations
@@ -63,7 +67,8 @@ class StepSchedulerCore:
         self.queue = RunQueue(policy)  # the pooled requests that still have a step to schedule
         self.step_cost = StepCostModel()  # learned from `observe_step`; until then steps fill the budget
         rule = CostRule(self.expected_step_seconds) if batching == "cost" else None
-        self.admission = make_admission(admission, budget, batch_size, world_size, self._demanded_ring, rule)
+        self.admission = make_admission(admission, budget, batch_size, world_size, self._demanded_ring, rule,
+                                        self._ring_fits)
         self.step_admitted = isinstance(self.admission, StepAdmission)  # else batches keep the rings they started on
         self._unsent: dict[str, NewRequest | NewDllmRequest] = {}  # admitted, not yet handed to the runner
         self._to_free: list[str] = []
@@ -156,9 +161,16 @@ class StepSchedulerCore:
                 RingAssignment(i, ring, even_bounds(n, len(ring))) for i, (n, ring) in enumerate(zip(tokens, rings))))
         return plans
 
+    def _ring_fits(self, meta: RequestMeta) -> bool:
+        """Whether the request's ring fits the usable ranks. A row always runs on the ring its tokens give it (never
+        a smaller one while ranks are busy): a different ring sums its attention in another order, and the same seed
+        must give the same bytes."""
+        return self.usable_ranks == self.world_size or self._demanded_ring(meta) <= self.usable_ranks
+
     def set_busy_ranks(self, busy: int) -> None:
         """`busy` ranks' resources are taken by another stage now (VAE decodes sharing their CPU cores): plan
-        step-admitted rows on the others; with none left, no step is planned until a rank is free again. Jobs in
+        step-admitted rows on the others (requests whose ring needs more ranks wait); with none left, no step is
+        planned until a rank is free again. Jobs in
         their decode are the pool's nearest to completion (their whole remaining work is the decode), so under
         SRPTF they come first."""
         self.usable_ranks = max(0, self.world_size - busy)

@@ -178,12 +178,15 @@ def test_busy_ranks_leave_the_planner_the_others():
     """While a decode holds one rank's core, steps are planned on the other rank only; none while all are held."""
     core = StepSchedulerCore(make_policy("srptf"), BudgetConfig(), world_size=2, batching="fill",
                              cost_model=BrickCostModel(min_shard_tokens=100, ring_sizes=(1, 2)))
-    core.admit(new_request(steps=3, seq_len=400))  # two CFG rows of 400 tokens: sharded over both ranks when free
+    small = core.admit(new_request(steps=3, seq_len=150))  # rows of 150 tokens: one rank each
+    large = core.admit(new_request(steps=3, seq_len=400))  # rows of 400 tokens: sharded over both ranks
     core.set_busy_ranks(1)
-    busy_plan = core.schedule()
+    busy_plan = core.schedule()  # the large request keeps its 2-rank ring: it waits, the small one runs on rank 0
+    assert busy_plan.request_ids == [small.request_id]
     assert {r for a in busy_plan.rings["cog"].assignments for r in a.ranks} == {0}
     core.set_busy_ranks(5)  # every core decoding: no step until one is free
     assert core.usable_ranks == 0 and core.schedule() is None
     core.set_busy_ranks(0)
     free_plan = core.schedule()
+    assert large.request_id in free_plan.request_ids
     assert {r for a in free_plan.rings["cog"].assignments for r in a.ranks} == {0, 1}
