@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from dataclasses import replace
 
 import pytest
 import torch
 
 from deployments.text_encoder import EncodeRequest, TextEncoderCore
-from deployments.vae_decoder import DecodeRequest, VaeDecoderCore
+from deployments.vae_decoder import DecodeQueue, DecodeRequest, VaeDecoderCore
 from engine.messages import NewRequest
 from engine.request import RequestStatus
 from models import load_adapter
@@ -113,10 +115,16 @@ def test_state_stays_on_the_runner_and_plans_carry_ids_only():
     assert engine.runner.requests["a"].step == 1
 
 
-def test_vae_batched_decode_equals_alone():
+def test_concurrent_decodes_equal_alone():
+    """Two decodes at once (decode_concurrency 2: two threads of one replica) give the bytes of each alone."""
     spec = tiny_spec("cogvideox")
     vae = VaeDecoderCore([spec])
     latents = [torch.randn(1, 3, 4, 4, 6, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    batched = vae.decode_batch([DecodeRequest(spec.name, x, "mp4", 8) for x in latents])
-    alone = [vae.decode_batch([DecodeRequest(spec.name, x, "mp4", 8)])[0] for x in latents]
-    assert batched == alone and len(set(batched)) == 3
+    alone = [vae.decode(DecodeRequest(spec.name, x, "mp4", 8))[0] for x in latents]
+
+    async def together() -> list[bytes]:
+        queue = DecodeQueue(vae, "srptf", concurrency=2)
+        return [d.media for d in await asyncio.gather(*(queue.decode(DecodeRequest(spec.name, x, "mp4", 8))
+                                                         for x in latents))]
+
+    assert asyncio.run(together()) == alone and len(set(alone)) == 3
