@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import queue
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -49,8 +50,14 @@ class Decoded:
 
 
 class VaeDecoderCore:
-    def __init__(self, models: list[ModelSpec], device: str = "cpu") -> None:
-        self.adapters = {m.name: load_adapter(m, parts=("vae",), device=device) for m in models}
+    """`copies` independent sets of the VAEs, one per decode that may run at once: diffusers' causal video VAEs
+    keep the decode's conv cache on the module (Wan's `_feat_map`, CogVideoX's conv caches), so two decodes on one
+    module in two threads corrupt each other (measured: a shape error, and different bytes)."""
+
+    def __init__(self, models: list[ModelSpec], device: str = "cpu", copies: int = 1) -> None:
+        self._free: queue.SimpleQueue[dict] = queue.SimpleQueue()
+        for _ in range(copies):
+            self._free.put({m.name: load_adapter(m, parts=("vae",), device=device) for m in models})
 
     def decode(self, request: DecodeRequest) -> tuple[bytes, float, float]:
         """(media bytes, decode seconds, mux seconds) of one request.
@@ -62,7 +69,11 @@ class VaeDecoderCore:
         once, so batching could only save call overhead.
         """
         start = time.perf_counter()
-        video = self.adapters[request.model].decode(request.latents)[0]
+        adapters = self._free.get()  # a set no other decode is using (as many sets as decodes run at once)
+        try:
+            video = adapters[request.model].decode(request.latents)[0]
+        finally:
+            self._free.put(adapters)
         decoded = time.perf_counter()
         media = encode_mp4(video, request.fps) if request.media == "mp4" else encode_png(video[0])
         return media, decoded - start, time.perf_counter() - decoded
@@ -136,8 +147,8 @@ class DecodeQueue:
 class VaeDecoder:
     def __init__(self, models: list[dict], resources: dict, policy: str = "fifo", concurrency: int = 1) -> None:
         res = init_replica(resources)
-        self.queue = DecodeQueue(VaeDecoderCore([ModelSpec(**m) for m in models], device=res.device), policy,
-                                 concurrency)
+        self.queue = DecodeQueue(VaeDecoderCore([ModelSpec(**m) for m in models], device=res.device,
+                                                copies=concurrency), policy, concurrency)
 
     async def decode(self, request: DecodeRequest) -> Decoded:
         return await self.queue.decode(request)

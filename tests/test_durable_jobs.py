@@ -191,7 +191,7 @@ def test_a_killed_app_restarted_on_its_stores_completes_every_job(app):
     app.start()
     with app.client() as client:
         recovered = [wait(client, i, timeout=240, poll_s=0.2) for i in ids]
-        assert [j["status"] for j in recovered] == ["completed"] * len(JOBS), recovered
+        assert [j["status"] for j in recovered] == ["completed"] * len(JOBS), [j["error"] for j in recovered]
         assert [j["restarts"] for j in recovered] == [1] * len(JOBS), recovered
         assert client.get(f"/v1/videos/{before}/content").content == before_bytes
         crashed = [client.get(f"/v1/videos/{i}/content").content for i in ids]

@@ -116,10 +116,12 @@ def test_state_stays_on_the_runner_and_plans_carry_ids_only():
 
 
 def test_concurrent_decodes_equal_alone():
-    """Two decodes at once (decode_concurrency 2: two threads of one replica) give the bytes of each alone."""
-    spec = tiny_spec("cogvideox")
-    vae = VaeDecoderCore([spec])
-    latents = [torch.randn(1, 3, 4, 4, 6, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    """Two decodes at once (decode_concurrency 2: two threads of one replica, a VAE copy each) give the bytes of
+    each alone."""
+    spec = tiny_spec("wan")
+    vae = VaeDecoderCore([spec], copies=2)
+    shape = load_adapter(spec, parts=()).latent_shape(32, 48, 9)
+    latents = [torch.randn(1, *shape, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     alone = [vae.decode(DecodeRequest(spec.name, x, "mp4", 8))[0] for x in latents]
 
     async def together() -> list[bytes]:
