@@ -44,8 +44,13 @@ def encode_png(frame: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def decode_mp4(data: bytes) -> np.ndarray:
+    """The frames of an mp4 as (F, H, W, 3) uint8 RGB: what a client sees of a video."""
+    with av.open(io.BytesIO(data)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
 def probe_mp4(data: bytes) -> tuple[int, int, int]:
     """(frame count, height, width) of an mp4, by decoding it."""
-    with av.open(io.BytesIO(data)) as container:
-        frames = [f for f in container.decode(video=0)]
-    return len(frames), frames[0].height, frames[0].width
+    frames = decode_mp4(data)
+    return frames.shape[0], frames.shape[1], frames.shape[2]

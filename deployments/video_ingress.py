@@ -16,7 +16,7 @@ import base64
 import time
 import uuid
 from dataclasses import replace
-from typing import Optional
+from typing import Optional, get_args
 
 from fastapi import FastAPI, Header, Query
 from fastapi.responses import Response, StreamingResponse
@@ -31,7 +31,7 @@ from deployments.store.blobs import BlobStore
 from deployments.store.jobs import JobRecord, open_job_store
 from engine.request import GenerationSpec
 from models import load_adapter
-from models.spec import ModelSpec
+from models.spec import AspectRatio, ModelSpec
 from serve_graph.config import AuthConfig, LimitsConfig, StoreConfig
 from serve_graph.schemas import (
     ImageData,
@@ -55,6 +55,7 @@ def _card(served: ServedModel) -> ModelCard:
     return ModelCard(id=spec.name, family=spec.family, kind=served.kind,
                      resolutions=dict(spec.resolution_heights) if video else None,
                      num_frames=served.frame_counts if video else None,
+                     aspect_ratios=list(spec.aspect_ratios or get_args(AspectRatio)) if video else None,
                      max_image_side=None if video else spec.max_image_side,
                      size_multiple=served.geometry.pixel_multiple, default_steps=spec.default_steps)
 
@@ -98,7 +99,8 @@ class VideoIngress:
             return self._repeated(known, body, resolved)
         await self._admit_or_raise()
         new_id = f"video_{uuid.uuid4().hex}"
-        record = self.jobs.create(JobRecord(id=new_id, spec=resolved, owner=owner, resolution=body.resolution,
+        record = self.jobs.create(JobRecord(id=new_id, spec=resolved, owner=owner,
+                                            resolution=self.validator.video_resolution(body),
                                             idempotency_key=idempotency_key))
         if record.id != new_id:  # the same key raced in through another replica: its job stands
             return self._repeated(record, body, resolved)

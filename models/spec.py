@@ -11,7 +11,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ModelFamily = Literal["cogvideox", "mochi", "wan", "sd3"]
-ResolutionName = Literal["240p", "360p", "480p", "720p"]
+ResolutionName = Literal["64p", "240p", "360p", "480p", "720p"]
+"""Names of a video's short side; "64p" is what the CPU default's trained shapes model renders."""
+AspectRatio = Literal["16:9", "9:16", "1:1", "4:3", "3:4"]
 
 
 class _Frozen(BaseModel):
@@ -35,6 +37,8 @@ class ModelSpec(_Frozen):
         description="Pixel height each resolution name renders at; the keys are the allowed names. "
         "The CPU config maps them to small heights so tiny models stay fast.",
     )
+    aspect_ratios: list[AspectRatio] | None = Field(
+        default=None, description="Video aspect ratios accepted (default: all); a model trained at one shape lists it.")
     max_image_side: int = Field(default=1024, ge=16, description="Largest width/height of an image request.")
     min_frames: int = Field(default=1, ge=1)
     max_frames: int = Field(default=49, ge=1, description="Most frames a video request may ask for.")

@@ -33,19 +33,18 @@ def _corpus() -> list[str]:
     return [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(12)) for i in range(400)]
 
 
-@lru_cache(maxsize=4)
-def build_tiny_tokenizer(model_max_length: int = 77) -> PreTrainedTokenizerFast:
-    """Train the tiny BPE tokenizer (cached per process) and wrap it for diffusers pipelines."""
+def train_bpe_tokenizer(corpus: list[str], vocab_size: int, model_max_length: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE of `vocab_size` tokens trained on `corpus` (deterministic), wrapped for diffusers pipelines."""
     tokenizer = Tokenizer(models.BPE(unk_token=UNK))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=[PAD, EOS, UNK],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_corpus(), trainer=trainer)
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}", special_tokens=[(EOS, tokenizer.token_to_id(EOS))]
     )
@@ -56,3 +55,9 @@ def build_tiny_tokenizer(model_max_length: int = 77) -> PreTrainedTokenizerFast:
         unk_token=UNK,
         model_max_length=model_max_length,
     )
+
+
+@lru_cache(maxsize=4)
+def build_tiny_tokenizer(model_max_length: int = 77) -> PreTrainedTokenizerFast:
+    """The tiny random models' tokenizer (cached per process): the BPE trained on the built-in corpus."""
+    return train_bpe_tokenizer(_corpus(), TINY_VOCAB_SIZE, model_max_length)

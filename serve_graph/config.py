@@ -17,8 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from engine.config import SchedulerConfig
 from models.spec import ModelSpec
 
-AspectRatio = Literal["16:9", "9:16", "1:1", "4:3", "3:4"]
-
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -11,8 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.spec import ResolutionName
-from serve_graph.config import AspectRatio
+from models.spec import AspectRatio, ResolutionName
 
 JobStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 
@@ -31,7 +30,7 @@ class _Request(BaseModel):
 
 
 class VideoGenerationRequest(_Request):
-    resolution: ResolutionName = "240p"
+    resolution: ResolutionName | None = Field(default=None, description="Default: the model's first resolution.")
     aspect_ratio: AspectRatio = "16:9"
     num_frames: int | None = Field(default=None, ge=1)
     fps: int | None = Field(default=None, ge=1, le=120)
@@ -107,6 +106,7 @@ class ModelCard(BaseModel):
     resolutions: dict[str, int] | None = Field(
         default=None, description="Video: accepted resolution names and the pixel height of their short side.")
     num_frames: list[int] | None = Field(default=None, description="Video: accepted frame counts.")
+    aspect_ratios: list[str] | None = Field(default=None, description="Video: accepted aspect ratios.")
     max_image_side: int | None = Field(default=None, description="Image: largest width/height in pixels.")
     size_multiple: int = Field(description="Width and height are multiples of this many pixels.")
     default_steps: int

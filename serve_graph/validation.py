@@ -92,19 +92,29 @@ class RequestValidator:
             seed=secrets.randbelow(2**31) if request.seed is None else request.seed,
         )
 
+    def video_resolution(self, request: VideoGenerationRequest) -> str:
+        """The resolution the request renders at: its own, or its model's first listed one when it names none."""
+        spec = self._model(request.model, "video").spec
+        resolution = request.resolution or next(iter(spec.resolution_heights))
+        if resolution not in spec.resolution_heights:
+            raise InvalidRequest("resolution", f"resolution {resolution!r} not served by {spec.name}; "
+                                               f"allowed: {', '.join(spec.resolution_heights)}")
+        return resolution
+
     def video(self, request: VideoGenerationRequest) -> GenerationSpec:
         served = self._model(request.model, "video")
         spec, geometry = served.spec, served.geometry
-        if request.resolution not in spec.resolution_heights:
-            raise InvalidRequest("resolution", f"resolution {request.resolution!r} not served by {spec.name}; "
-                                               f"allowed: {', '.join(spec.resolution_heights)}")
+        resolution = self.video_resolution(request)
+        if spec.aspect_ratios is not None and request.aspect_ratio not in spec.aspect_ratios:
+            raise InvalidRequest("aspect_ratio", f"aspect_ratio {request.aspect_ratio!r} not served by {spec.name}; "
+                                                 f"allowed: {', '.join(spec.aspect_ratios)}")
         frames = request.num_frames or spec.default_frames
         t = geometry.frame_multiple
         if not (spec.min_frames <= frames <= spec.max_frames and geometry.frames_allowed(frames)):
             raise InvalidRequest("num_frames", f"num_frames={frames} not allowed for {spec.name}: must be 1 + {t}k "
                                                f"in [{spec.min_frames}, {spec.max_frames}], i.e. one of "
                                                f"{served.frame_counts}")
-        height, width = video_size(spec, geometry, request.resolution, request.aspect_ratio)
+        height, width = video_size(spec, geometry, resolution, request.aspect_ratio)
         return GenerationSpec(height=height, width=width, num_frames=frames, fps=request.fps or spec.default_fps,
                                **self._common(request, served))
 
