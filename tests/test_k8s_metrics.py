@@ -70,6 +70,7 @@ def scraped(tmp_path_factory) -> str:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     video_args = serve_application("video")["args"]
     video_args["store"]["data_dir"] = str(tmp_path_factory.mktemp("video-data"))
+    video_args["scheduler"]["planner"]["min_shard_tokens"] = 1024  # a 360p row shards (the CPU default shards none)
     serve.run(build_video_app(video_args), name="video", route_prefix="/")
     serve.run(build_coder_app(coder_args), name="coder", route_prefix="/coder")
     scheduler = serve.get_deployment_handle("StepScheduler", app_name="video")

@@ -9,7 +9,6 @@ import os
 import signal
 import time
 
-import av
 import httpx
 import numpy as np
 import pytest
@@ -20,8 +19,10 @@ from PIL import Image
 from ray import serve
 
 from attention.spmd import free_port
-from deployments.media import probe_mp4
+from deployments.media import decode_mp4, probe_mp4
 from deployments.video_ingress import app as video_api
+from models.shapes.data import all_attributes
+from models.shapes.scorer import accuracy, read_video
 from serve_graph.app import build_video_app
 from serve_graph.serve_configs import serve_application
 from tests.conftest import TEST_HEIGHTS
@@ -38,7 +39,7 @@ def client(tmp_path_factory):
     os.environ[KEYS_ENV] = f"alice:{ALICE},bob:{BOB}"  # the replicas inherit the driver's environment
     args["auth"] = {"keys_env": KEYS_ENV}
     for model in args["models"]:  # scaled-down sizes keep 720p, 60-step requests quick; mochi stops at 480p
-        if model["family"] != "sd3":
+        if model["source"] == "tiny" and model["family"] != "sd3":
             model["resolution_heights"] = {k: v for k, v in TEST_HEIGHTS.items()
                                            if not (model["family"] == "mochi" and k == "720p")}
     # Rows of >= 128 tokens (e.g. 720p CogVideoX here) shard over both ranks of the group; small ones stay on one.
@@ -61,11 +62,31 @@ def test_models_and_health(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     cards = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
     assert {name: card["kind"] for name, card in cards.items()} == {
-        "cogvideox-tiny": "video", "wan-tiny": "video", "mochi-tiny": "video", "sd3-tiny": "image"}
+        "shapes-t2v": "video", "cogvideox-tiny": "video", "wan-tiny": "video", "mochi-tiny": "video", "sd3-tiny": "image"}
     assert cards["mochi-tiny"]["resolutions"] == {"240p": 32, "360p": 48, "480p": 64}
     assert cards["mochi-tiny"]["num_frames"] == [1, 7, 13]
     assert cards["cogvideox-tiny"]["num_frames"] == [1, 9, 17] and cards["wan-tiny"]["num_frames"][:3] == [1, 5, 9]
     assert cards["sd3-tiny"]["max_image_side"] == 512 and cards["sd3-tiny"]["resolutions"] is None
+    shapes = cards["shapes-t2v"]
+    assert (shapes["resolutions"], shapes["num_frames"], shapes["aspect_ratios"]) == ({"64p": 64}, [9], ["16:9"])
+
+
+def test_the_default_model_renders_what_its_prompts_say(client):
+    """The README's first curl: the trained default (shapes-t2v) asked for 8 captions (every colour, shape and
+    motion) at once, no model or resolution named; the scorer reads colour and direction back from the mp4s
+    (over 60 captions it gets 98% / 83% of them; shape, 40%, is not learnt yet: docs/shapes_model.md)."""
+    asked = all_attributes()[::8]  # 8: the pool size this fixture allows
+    jobs = [submit(client, prompt=a.caption, seed=i) for i, a in enumerate(asked)]
+    pairs = []
+    for attributes, job in zip(asked, jobs):
+        done = wait(client, job["id"])
+        assert (done["status"], done["model"], done["resolution"]) == ("completed", "shapes-t2v", "64p"), done
+        mp4 = client.get(f"/v1/videos/{job['id']}/content").content
+        pairs.append((attributes, read_video(decode_mp4(mp4)).attributes))
+    score = accuracy(pairs)
+    assert score["colour"] >= 7 / 8 and score["direction"] >= 5 / 8, (score, pairs)
+    square = client.post("/v1/videos", json={"prompt": "a red circle moving left", "aspect_ratio": "1:1"})
+    assert square.status_code == 400 and square.json()["error"]["param"] == "aspect_ratio"
 
 
 def test_mixed_concurrent_requests_complete_with_valid_mp4(client):
@@ -87,11 +108,6 @@ def test_mixed_concurrent_requests_complete_with_valid_mp4(client):
         assert r.content[4:8] == b"ftyp"
         assert probe_mp4(r.content) == (ask["num_frames"], done["height"], done["width"])
     assert (jobs[1]["height"], jobs[1]["width"]) == (80, 48)  # 360p 9:16: short side 48, 48*16/9 -> 80
-
-
-def _frames(mp4: bytes) -> np.ndarray:
-    with av.open(io.BytesIO(mp4)) as container:
-        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]).astype(int)
 
 
 def test_mixed_requests_on_brick_rings_equal_each_alone(client):
@@ -117,7 +133,7 @@ def test_mixed_requests_on_brick_rings_equal_each_alone(client):
         assert wait(client, job["id"])["status"] == "completed"
         together.append(client.get(f"/v1/videos/{job['id']}/content").content)
     for a, b in zip(alone, together):
-        assert np.abs(_frames(a) - _frames(b)).max() <= 1
+        assert np.abs(decode_mp4(a).astype(int) - decode_mp4(b)).max() <= 1
     after = scheduler.stats.remote().result()["ring_sizes"]
     assert {size for size in after if after[size] > before.get(size, 0)} == {1, 2}
 
@@ -129,7 +145,8 @@ def test_killed_rank_is_replaced_and_every_job_completes(client):
     asks = [dict(model=m, prompt=f"job {i}", resolution=r, num_frames=9, num_inference_steps=10, seed=i)
             for i, (m, r) in enumerate([(m, r) for m in ("cogvideox-tiny", "wan-tiny") for r in TEST_HEIGHTS])]
     jobs = [submit(client, **ask) for ask in asks]
-    wait(client, jobs[0]["id"], until=("running",))
+    # The largest job runs last under SRPTF and longest: a 240p job can finish between two polls.
+    wait(client, jobs[-1]["id"], until=("running",))
     os.kill(before["pids"][1], signal.SIGKILL)
     done = [wait(client, job["id"]) for job in jobs]
     assert [job["status"] for job in done] == ["completed"] * 8, [job["error"] for job in done]
@@ -212,12 +229,13 @@ def test_image_generation_returns_png(client):
         ("/v1/videos", {"prompt": "x", "model": "nope"}, 404, "model", "cogvideox-tiny"),
         ("/v1/videos", {"prompt": "x", "model": "sd3-tiny"}, 404, "model", "unknown video model"),
         ("/v1/videos", {"prompt": "x", "resolution": "1080p"}, 400, "resolution", "240p"),
+        ("/v1/videos", {"prompt": "x", "resolution": "240p"}, 400, "resolution", "allowed: 64p"),
         ("/v1/videos", {"prompt": "x", "model": "mochi-tiny", "resolution": "720p"}, 400, "resolution", "480p"),
         ("/v1/videos", {"prompt": "x", "num_inference_steps": 201}, 400, "num_inference_steps", "le=200"),
         ("/v1/videos", {"prompt": "x", "num_inference_steps": 0}, 400, "num_inference_steps", "ge=1"),
-        ("/v1/videos", {"prompt": "x", "num_frames": 5}, 400, "num_frames", "1 + 8k"),
+        ("/v1/videos", {"prompt": "x", "model": "cogvideox-tiny", "num_frames": 5}, 400, "num_frames", "1 + 8k"),
         ("/v1/videos", {"prompt": "x", "model": "wan-tiny", "num_frames": 4}, 400, "num_frames", "1 + 4k"),
-        ("/v1/videos", {"prompt": "x", "num_frames": 25}, 400, "num_frames", "[1, 17]"),
+        ("/v1/videos", {"prompt": "x", "model": "cogvideox-tiny", "num_frames": 25}, 400, "num_frames", "[1, 17]"),
         ("/v1/videos", {"prompt": ""}, 400, "prompt", "min_length=1"),
         ("/v1/videos", {"prompt": "   "}, 400, "prompt", "non-whitespace"),
         ("/v1/videos", {"prompt": "x" * 2001}, 400, "prompt", "1..2000"),
