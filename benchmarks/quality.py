@@ -40,6 +40,7 @@ from attention.spmd import free_port
 from deployments.media import decode_mp4
 from models.shapes.data import Attributes, all_attributes, render_clip
 from models.shapes.scorer import accuracy, read_video
+from models.shapes.train import to_pixels
 from serve_graph.app import build_video_app
 from serve_graph.serve_configs import serve_application
 
@@ -117,7 +118,7 @@ def vae_ceiling(asked: list[Attributes], seed: int = 0) -> dict[str, float]:
     vae = AutoencoderKLWan.from_pretrained(CHECKPOINT, subfolder="vae").eval()
     rng, pairs = np.random.default_rng(seed), []
     for attributes in asked:
-        clip = torch.from_numpy(render_clip(attributes, rng)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+        clip = to_pixels(render_clip(attributes, rng)[None])
         pixels = vae.decode(vae.encode(clip).latent_dist.mean).sample[0].clamp(-1, 1)
         frames = ((pixels + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
         pairs.append((attributes, read_video(frames).attributes))
