@@ -60,3 +60,12 @@ def test_training_script_writes_a_checkpoint_the_adapter_loads(tmp_path):
     assert adapter.latent_shape(HEIGHT, WIDTH, FRAMES) == (8, 3, 16, 28)
     vae_config = adapter.pipeline.vae.config
     assert len(vae_config.latents_mean) == 8 and all(s > 0 for s in vae_config.latents_std)
+
+    continued = tmp_path / "continued"
+    assert train.main(["--init-from", str(out), "--out", str(continued), "--clips-per-caption", "1", "--steps", "1",
+                       "--batch", "2", "--eval-captions", "1", "--threads", "1"]) == 0
+    record = json.loads((continued / "training.json").read_text())
+    assert record["continued_from"]["command"].endswith("--threads 1") and record["final_loss"]["vae"] is None
+    again = load_adapter(ModelSpec(name="shapes", family="wan", source=str(continued), max_sequence_length=16,
+                                   resolution_heights={"64p": 64}), parts=("vae",)).pipeline.vae.config
+    assert again.latents_mean == vae_config.latents_mean  # the VAE and its statistics are kept as they were

@@ -20,6 +20,12 @@ Because the classes are diffusers' own, every engine path (packing, Brick shards
 VAE decoder) serves the result unchanged. `training.json` beside the weights records
 the command, seed, seconds per stage, final losses and the accuracy of one video per
 caption sampled with `WanPipeline` and read by `models.shapes.scorer`.
+
+`--init-from CHECKPOINT` continues an earlier run: its VAE, tokenizer and scheduler are kept
+as they are (stage 1 is skipped; the clips are encoded with that VAE and normalised with
+its saved statistics) and stage 2 starts from its transformer and text encoder, with a
+fresh warm-up and cosine schedule. The earlier `training.json` is kept under
+`continued_from`, so the record holds every leg's command and seconds.
 """
 
 from __future__ import annotations
@@ -120,11 +126,12 @@ def shifted_sigmas(u: torch.Tensor) -> torch.Tensor:
 
 
 def train_denoiser(pipeline: WanPipeline, captions: list[str], latents: torch.Tensor, steps: int, batch: int,
-                   generator: torch.Generator, log: list[float]) -> dict[str, dict[str, torch.Tensor]]:
+                   generator: torch.Generator, log: list[float], lr: float = 1e-3
+                   ) -> dict[str, dict[str, torch.Tensor]]:
     """Flow matching on normalised latents; returns EMA state dicts of the transformer and the text encoder."""
     modules = {"transformer": pipeline.transformer, "text_encoder": pipeline.text_encoder}
     params = [p for m in modules.values() for p in m.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     warmup = 100
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
@@ -182,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-batch", type=int, default=8)
     parser.add_argument("--clips-per-caption", type=int, default=48)
     parser.add_argument("--steps", type=int, default=3000, help="denoiser optimisation steps")
+    parser.add_argument("--lr", type=float, default=1e-3, help="denoiser peak learning rate")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="a checkpoint of this script to continue: its VAE is kept, stage 2 starts from it")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--eval-captions", type=int, default=len(all_attributes()))
     parser.add_argument("--threads", type=int, default=2)
@@ -196,29 +206,38 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     vae_log: list[float] = []
-    vae = train_vae(args.vae_steps, args.vae_batch, rng, vae_log)
-    captions, raw = encode_dataset(vae, args.clips_per_caption, rng)
-    mean, std = raw.mean(dim=(0, 2, 3, 4)), raw.std(dim=(0, 2, 3, 4))
-    vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+    if args.init_from is None:
+        vae = train_vae(args.vae_steps, args.vae_batch, rng, vae_log)
+        captions, raw = encode_dataset(vae, args.clips_per_caption, rng)
+        mean, std = raw.mean(dim=(0, 2, 3, 4)), raw.std(dim=(0, 2, 3, 4))
+        vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+    else:
+        pipeline = WanPipeline.from_pretrained(args.init_from)
+        record["continued_from"] = json.loads((args.init_from / "training.json").read_text())
+        vae = pipeline.vae.eval()
+        captions, raw = encode_dataset(vae, args.clips_per_caption, rng)
+        mean, std = torch.tensor(vae.config.latents_mean), torch.tensor(vae.config.latents_std)
     latents = (raw - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
     record["seconds"]["vae"] = round(time.perf_counter() - start, 1)
 
     start = time.perf_counter()
-    tokenizer = train_bpe_tokenizer(caption_corpus(), vocab_size=320, model_max_length=TEXT_TOKENS)
-    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **TEXT_CONFIG))
-    transformer = WanTransformer3DModel(**TRANSFORMER_CONFIG)
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                        num_train_timesteps=1000, flow_shift=FLOW_SHIFT)
-    pipeline = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
-                           scheduler=scheduler)
+    if args.init_from is None:
+        tokenizer = train_bpe_tokenizer(caption_corpus(), vocab_size=320, model_max_length=TEXT_TOKENS)
+        text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **TEXT_CONFIG))
+        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                            num_train_timesteps=1000, flow_shift=FLOW_SHIFT)
+        pipeline = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder,
+                               transformer=WanTransformer3DModel(**TRANSFORMER_CONFIG), vae=vae, scheduler=scheduler)
+    transformer, text_encoder = pipeline.transformer, pipeline.text_encoder
     dit_log: list[float] = []
-    ema = train_denoiser(pipeline, captions, latents, args.steps, args.batch, generator, dit_log)
+    ema = train_denoiser(pipeline, captions, latents, args.steps, args.batch, generator, dit_log, args.lr)
     transformer.load_state_dict(ema["transformer"])
     text_encoder.load_state_dict(ema["text_encoder"])
     transformer.eval()
     text_encoder.eval()
     record["seconds"]["denoiser"] = round(time.perf_counter() - start, 1)
-    record["final_loss"] = {"vae": float(np.mean(vae_log[-50:])), "denoiser": float(np.mean(dit_log[-200:]))}
+    record["final_loss"] = {"vae": float(np.mean(vae_log[-50:])) if vae_log else None,
+                            "denoiser": float(np.mean(dit_log[-200:]))}
 
     args.out.mkdir(parents=True, exist_ok=True)
     pipeline.save_pretrained(args.out, safe_serialization=True)
