@@ -86,6 +86,16 @@ def render_batch(rng: np.random.Generator, size: int, height: int, width: int, f
     return np.stack([render_clip(choices[i], rng, height, width, frames) for i in rng.integers(0, len(choices), size)])
 
 
+def new_pipeline(vae: AutoencoderKLWan) -> WanPipeline:
+    """Stage 2's starting point: a tokenizer trained on the captions, a fresh text encoder and transformer."""
+    tokenizer = train_bpe_tokenizer(caption_corpus(), vocab_size=320, model_max_length=TEXT_TOKENS)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        num_train_timesteps=1000, flow_shift=FLOW_SHIFT)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **TEXT_CONFIG))
+    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder,
+                       transformer=WanTransformer3DModel(**TRANSFORMER_CONFIG), vae=vae, scheduler=scheduler)
+
+
 def train_vae(steps: int, batch: int, rng: np.random.Generator, log: list[float]) -> AutoencoderKLWan:
     """Reconstruction (MSE) with a small KL term on VAE_CROP clips, AdamW with a cosine decay."""
     vae = AutoencoderKLWan(**VAE_CONFIG, latents_mean=[0.0] * VAE_CONFIG["z_dim"],
@@ -206,28 +216,23 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     vae_log: list[float] = []
+    continued: WanPipeline | None = None
     if args.init_from is None:
         vae = train_vae(args.vae_steps, args.vae_batch, rng, vae_log)
-        captions, raw = encode_dataset(vae, args.clips_per_caption, rng)
-        mean, std = raw.mean(dim=(0, 2, 3, 4)), raw.std(dim=(0, 2, 3, 4))
-        vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
     else:
-        pipeline = WanPipeline.from_pretrained(args.init_from)
+        continued = WanPipeline.from_pretrained(args.init_from)
         record["continued_from"] = json.loads((args.init_from / "training.json").read_text())
-        vae = pipeline.vae.eval()
-        captions, raw = encode_dataset(vae, args.clips_per_caption, rng)
-        mean, std = torch.tensor(vae.config.latents_mean), torch.tensor(vae.config.latents_std)
+        vae = continued.vae.eval()
+    captions, raw = encode_dataset(vae, args.clips_per_caption, rng)
+    if continued is None:  # a new VAE: its latents' per-channel statistics, as Wan's config carries them
+        vae.register_to_config(latents_mean=raw.mean(dim=(0, 2, 3, 4)).tolist(),
+                               latents_std=raw.std(dim=(0, 2, 3, 4)).tolist())
+    mean, std = torch.tensor(vae.config.latents_mean), torch.tensor(vae.config.latents_std)
     latents = (raw - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
     record["seconds"]["vae"] = round(time.perf_counter() - start, 1)
 
     start = time.perf_counter()
-    if args.init_from is None:
-        tokenizer = train_bpe_tokenizer(caption_corpus(), vocab_size=320, model_max_length=TEXT_TOKENS)
-        text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **TEXT_CONFIG))
-        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                            num_train_timesteps=1000, flow_shift=FLOW_SHIFT)
-        pipeline = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder,
-                               transformer=WanTransformer3DModel(**TRANSFORMER_CONFIG), vae=vae, scheduler=scheduler)
+    pipeline = continued if continued is not None else new_pipeline(vae)
     transformer, text_encoder = pipeline.transformer, pipeline.text_encoder
     dit_log: list[float] = []
     ema = train_denoiser(pipeline, captions, latents, args.steps, args.batch, generator, dit_log, args.lr)
