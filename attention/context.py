@@ -56,6 +56,10 @@ class AttentionContext(ABC):
                        like: torch.Tensor) -> list[torch.Tensor]:
         """Every request's full output rows, in token order, from this process's `{request: (start, rows)}`."""
 
+    @abstractmethod
+    def subset(self, requests: list[int]) -> "AttentionContext":
+        """The context of only these requests (ascending), renumbered 0..n-1: one expert's rows of a step."""
+
     def cross_attention(self, q: torch.Tensor, k: dict[int, torch.Tensor], v: dict[int, torch.Tensor],
                         segments: list[Segment], scale: float | None = None) -> torch.Tensor:
         """Each segment's queries over its request's whole text (text is never sharded)."""
@@ -82,6 +86,9 @@ class LocalAttention(AttentionContext):
     def gather_outputs(self, pieces, n_requests, like):
         return [pieces[i][1] for i in range(n_requests)]
 
+    def subset(self, requests):
+        return self
+
 
 class ShardedAttention(AttentionContext):
     """This rank's shards of a `BrickPlan`; `stats` counts the KV bytes it sends along its rings."""
@@ -100,6 +107,12 @@ class ShardedAttention(AttentionContext):
 
     def self_attention(self, q, k, v, token_counts, scale=None):
         return brick_attention(q, k, v, self.plan, self.rank, self.group, scale, self.backend, self.stats)
+
+    def subset(self, requests):
+        """The same rings and shards for fewer requests; the KV bytes still count in this context's `stats`."""
+        sub = ShardedAttention(self.plan.subset(requests), self.rank, self.group, self.backend)
+        sub.stats = self.stats
+        return sub
 
     def gather_outputs(self, pieces, n_requests, like):
         """All-gather every rank's output rows so that each rank holds every request whole.

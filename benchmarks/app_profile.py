@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from engine.config import PlannerConfig
 from engine.messages import NewRequest, StepPlan
-from engine.step_cost import busiest_rank_work
+from engine.step_cost import plan_work
 from models import load_adapter
 from models.spec import ModelSpec
 from serve_graph.schemas import VideoGenerationRequest
@@ -50,7 +50,7 @@ class AppProfile(CostProfile):
         served model name."""
         self.specs = {m["name"]: ModelSpec(**m) for m in app_args["models"]}
         self.adapters = {name: load_adapter(spec, parts=()) for name, spec in self.specs.items()}
-        self.validator = RequestValidator({n: ServedModel(s, self.adapters[n].geometry) for n, s in self.specs.items()},
+        self.validator = RequestValidator({n: ServedModel.of(adapter) for n, adapter in self.adapters.items()},
                                           10**6)
         self.world_size = app_args["worker_group"]["ranks"]
         self.planner = PlannerConfig(**app_args["scheduler"].get("planner", {}))
@@ -73,7 +73,7 @@ class AppProfile(CostProfile):
         return self._new_request(request).row_tokens
 
     def step_seconds(self, plan: StepPlan) -> float:
-        work = busiest_rank_work(plan.rings, self.cost)
+        work = plan_work(plan, self.cost)
         return sum(fixed + per_work * work[model] for model, (fixed, per_work) in
                    ((m, self.measured.step_cost[self.model_names.get(m, m)]) for m in work))
 

@@ -150,7 +150,7 @@ class StepScheduler:
     async def _probe(self, specs: list[ModelSpec], text_encoder: DeploymentHandle) -> None:
         """Seed the step-cost model: time one step of each model's smallest and largest default request, alone and
         together, on the group (twice: the first pass pays one-off kernel and allocator warm-up)."""
-        validator = RequestValidator({s.name: ServedModel(s, self.adapters[s.name].geometry) for s in specs}, 10**6)
+        validator = RequestValidator({s.name: ServedModel.of(self.adapters[s.name]) for s in specs}, 10**6)
         probes = []
         for spec in specs:
             for index, gen in enumerate(validator.probe_specs(spec.name)):

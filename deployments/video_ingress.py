@@ -57,7 +57,8 @@ def _card(served: ServedModel) -> ModelCard:
                      num_frames=served.frame_counts if video else None,
                      aspect_ratios=list(spec.aspect_ratios or get_args(AspectRatio)) if video else None,
                      max_image_side=None if video else spec.max_image_side,
-                     size_multiple=served.geometry.pixel_multiple, default_steps=spec.default_steps)
+                     size_multiple=served.geometry.pixel_multiple, default_steps=spec.default_steps,
+                     experts=served.experts)
 
 
 @serve.deployment(max_ongoing_requests=1000)
@@ -68,7 +69,7 @@ class VideoIngress:
                  runner: DeploymentHandle) -> None:
         specs = [ModelSpec(**m) for m in models]
         self.limits = LimitsConfig(**limits)
-        self.served = {s.name: ServedModel(s, load_adapter(s, parts=()).geometry) for s in specs}
+        self.served = {s.name: ServedModel.of(load_adapter(s, parts=())) for s in specs}
         self.validator = RequestValidator(self.served, self.limits.max_prompt_chars)
         self.max_active = max_pool_size
         store_config = StoreConfig(**store)

@@ -36,6 +36,8 @@ class NewRequest:
     guidance_scale: float
     prompt: EncodedPrompt | None  # None only where no runner exists (the simulator)
     cfg: bool
+    guidance_scale_2: float | None = None  # the low-noise expert's guidance (two-expert models only)
+    expert_switch_step: int | None = None  # two-expert models: the first step run by the second expert
 
     @classmethod
     def from_spec(cls, request_id: str, spec: GenerationSpec, prompt: EncodedPrompt | None,
@@ -48,7 +50,12 @@ class NewRequest:
                    row_tokens=tuple(adapter.row_tokens(shape, cond) if cond is not None else seq_len for cond in rows),
                    seed=spec.seed,
                    num_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale, prompt=prompt,
-                   cfg=spec.uses_cfg)
+                   cfg=spec.uses_cfg, guidance_scale_2=spec.guidance_scale_2,
+                   expert_switch_step=adapter.expert_switch_step(spec.num_inference_steps, shape))
+
+    def guidance_at(self, expert: int) -> float:
+        """The CFG scale of a step run by `expert` (WanPipeline's guidance_scale / guidance_scale_2)."""
+        return self.guidance_scale_2 if expert == 1 and self.guidance_scale_2 is not None else self.guidance_scale
 
     def __post_init__(self) -> None:
         if self.prompt is not None and (self.prompt.uncond is not None) != self.cfg:
@@ -73,6 +80,7 @@ class NewDllmRequest:
     prompt_ids: tuple[int, ...]
     params: DecodeParams
     rows = 1
+    expert_switch_step = None  # one network
 
     @property
     def seq_len(self) -> int:
@@ -93,6 +101,7 @@ class ScheduledStep:
     step_index: int  # the runner checks it against its own counter
     model: str
     rows: int  # forward rows (2 with CFG): with `model`, where this request's rows sit in the Brick plans
+    expert: int = 0  # which expert's forward runs this step (Wan 2.2 A14B: 1 below the boundary timestep)
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,8 @@ class GenerationSpec:
     guidance_scale: float
     seed: int
     fps: int
+    guidance_scale_2: float | None = None
+    """The low-noise expert's guidance of a two-expert model (Wan 2.2 A14B); None for one-expert models."""
 
     @property
     def uses_cfg(self) -> bool:
@@ -71,6 +73,11 @@ class RequestMeta:
     finish_time: float | None = None
     error: str | None = None
     restarts: int = 0  # times restarted from step 0 because the worker group lost its state
+    expert_switch_step: int | None = None  # two-expert models: steps from this one on run the second expert
+
+    def expert_at(self, step: int) -> int:
+        """Which expert's forward runs step `step` (0 for one-expert models)."""
+        return int(self.expert_switch_step is not None and step >= self.expert_switch_step)
 
     @property
     def remaining_steps(self) -> int:

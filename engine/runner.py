@@ -138,8 +138,9 @@ class ModelRunner:
         fault fails. On a group the ranks are inside collectives together: a raise there is a
         group fault (the shell rebuilds the group); bad inputs are refused at admission instead.
         """
+        experts = len({self.adapters[model].expert_index(r.timestep) for r in requests})
         try:
-            return list(zip(requests, self._guided(model, requests, ctx))), 1
+            return list(zip(requests, self._guided(model, requests, ctx))), experts
         except Exception:
             if self.world_size > 1:
                 raise
@@ -150,10 +151,11 @@ class ModelRunner:
                 out.append((request, self._guided(model, [request], ctx)[0]))
             except Exception as exc:
                 errors[request.request.request_id] = f"transformer forward failed: {exc!r}"
-        return out, 1 + len(requests)
+        return out, experts + len(requests)
 
     def _guided(self, model: str, requests: list[RunnerRequest], ctx: AttentionContext) -> list[torch.Tensor]:
-        """One packed forward over every CFG row ([uncond, cond] per request with CFG); float32 predictions."""
+        """One packed forward (one per expert of a two-expert model) over every CFG row ([uncond, cond] per request
+        with CFG), each request guided by its expert's scale; float32 predictions."""
         adapter = self.adapters[model]
         latents, timesteps, conds = [], [], []
         for r in requests:
@@ -167,7 +169,8 @@ class ModelRunner:
         for r in requests:
             if r.request.cfg:
                 uncond, text = out[row].float(), out[row + 1].float()
-                preds.append(uncond + r.request.guidance_scale * (text - uncond))
+                scale = r.request.guidance_at(adapter.expert_index(r.timestep))
+                preds.append(uncond + scale * (text - uncond))
             else:
                 preds.append(out[row].float())
             row += r.request.rows

@@ -32,7 +32,7 @@ from engine.messages import NewDllmRequest, NewRequest, ScheduledStep, StepPlan,
 from engine.policies import FIFOPolicy, SchedulingPolicy
 from engine.request import RequestMeta, RequestStatus
 from engine.run_queue import RunQueue
-from engine.step_cost import StepCostModel, busiest_rank_work
+from engine.step_cost import StepCostModel, busiest_rank_work, plan_work
 
 
 class PoolFullError(RuntimeError):
@@ -84,7 +84,7 @@ class StepSchedulerCore:
             raise ValueError(f"request {request.request_id!r} is already in the pool")
         meta = RequestMeta(request_id=request.request_id, model=request.model, seq_len=request.seq_len,
                            rows=request.rows, row_tokens=request.row_tokens, total_steps=request.num_steps,
-                           arrival_time=self.clock())
+                           arrival_time=self.clock(), expert_switch_step=request.expert_switch_step)
         self.pool[request.request_id] = meta
         self.queue.add(meta)
         self._unsent[request.request_id] = request
@@ -132,7 +132,8 @@ class StepSchedulerCore:
             if not request.sent:
                 new.append(self._unsent.pop(request.request_id))
                 request.sent = True
-            scheduled.append(ScheduledStep(request.request_id, request.steps_scheduled, request.model, request.rows))
+            scheduled.append(ScheduledStep(request.request_id, request.steps_scheduled, request.model, request.rows,
+                                           request.expert_at(request.steps_scheduled)))
             self.queue.discard(request)  # its key changes: out, update, back in (unless its last step is planned)
             request.steps_scheduled += 1
             request.last_scheduled_time = now
@@ -177,11 +178,12 @@ class StepSchedulerCore:
 
     def observe_step(self, plan: StepPlan, seconds: float) -> None:
         """A step ran in `seconds` (the busiest rank's time): what the cost model learns from."""
-        self.step_cost.observe(busiest_rank_work(plan.rings, self.cost_model), seconds)
+        self.step_cost.observe(plan_work(plan, self.cost_model), seconds)
 
     def expected_step_seconds(self, requests: list[RequestMeta]) -> float | None:
         """The cost model's price of one step of `requests`, placed as the Brick planner would place them."""
-        return self.step_cost.predict(busiest_rank_work(self._rings(requests, {}), self.cost_model))
+        rows = [(r.model, r.rows, r.expert_at(r.steps_scheduled)) for r in requests]
+        return self.step_cost.predict(busiest_rank_work(self._rings(requests, {}), rows, self.cost_model))
 
     def probe_plans(self, probes: list[NewRequest]) -> list[StepPlan]:
         """Plans that time one step of each probe request alone and, per model, of all its probes together: the

@@ -19,20 +19,48 @@ request costs little.
 from __future__ import annotations
 
 from collections import deque
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from attention.plan import BrickPlan
+from engine.messages import StepPlan
 from attention.planner import BrickCostModel, rank_loads
 
 RIDGE = 1e-4
 """Weight of the prior (the probe's fit, or zero) against the observations, relative to their scale."""
 
 
-def busiest_rank_work(rings: Mapping[str, BrickPlan], cost: BrickCostModel) -> dict[str, float]:
-    """Per model of a step, its busiest rank's work under the planner's cost model (token units)."""
-    return {model: max(rank_loads(plan, cost)) for model, plan in rings.items()}
+def forward_key(model: str, expert: int) -> str:
+    """The cost model's name of one forward: the model's, or `model#k` for the k-th expert (k >= 1) of a two-expert
+    model (Wan 2.2 A14B runs its rows of each expert in that expert's own forward)."""
+    return model if expert == 0 else f"{model}#{expert}"
+
+
+def busiest_rank_work(rings: Mapping[str, BrickPlan], rows: Sequence[tuple[str, int, int]],
+                      cost: BrickCostModel) -> dict[str, float]:
+    """Per forward of a step, its busiest rank's work under the planner's cost model (token units).
+
+    `rows` lists the step's requests in packed order as (model, forward rows, expert): each expert's rows
+    are its forward's share of the model's Brick plan.
+    """
+    members: dict[tuple[str, int], list[int]] = {}
+    at: dict[str, int] = {}
+    for model, count, expert in rows:
+        start = at.get(model, 0)
+        members.setdefault((model, expert), []).extend(range(start, start + count))
+        at[model] = start + count
+    work = {}
+    for (model, expert), indices in members.items():
+        plan = rings[model]
+        share = plan if len(indices) == len(plan.assignments) else plan.subset(indices)
+        work[forward_key(model, expert)] = max(rank_loads(share, cost))
+    return work
+
+
+def plan_work(plan: StepPlan, cost: BrickCostModel) -> dict[str, float]:
+    """`busiest_rank_work` of a planned step."""
+    return busiest_rank_work(plan.rings, [(s.model, s.rows, s.expert) for s in plan.scheduled], cost)
 
 
 class StepCostModel:
@@ -46,7 +74,7 @@ class StepCostModel:
         self._stale = False
 
     def observe(self, work: Mapping[str, float], seconds: float) -> None:
-        """One step that ran: each model's busiest-rank work and the step's wall seconds."""
+        """One step that ran: each forward's busiest-rank work (keys from `forward_key`) and its wall seconds."""
         if seconds <= 0 or not work:
             return
         self._observations.append((dict(work), seconds))

@@ -31,7 +31,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
-from attention.context import AttentionContext
+from attention.context import AttentionContext, LocalAttention
 from models.packed import PackedRequest, forward_packed
 from models.spec import ModelSpec
 
@@ -114,6 +114,8 @@ class DiffusionAdapter(ABC):
     vae_cls: ClassVar[type]
     text_components: ClassVar[tuple[str, ...]]
     """Pipeline components needed to encode prompts (text encoders and tokenizers)."""
+    tiny_variants: ClassVar[tuple[str, ...]] = ("default",)
+    """Layouts the tiny source can build (`ModelSpec.tiny_variant`)."""
 
     def __init__(self, spec: ModelSpec, parts: Iterable[Part] = ("text", "transformer", "vae")) -> None:
         self.spec = spec
@@ -121,6 +123,9 @@ class DiffusionAdapter(ABC):
         self.dtype = _DTYPES[spec.dtype]
         self.device = torch.device("cpu")
         if spec.source == "tiny":
+            if spec.tiny_variant not in self.tiny_variants:
+                raise ValueError(f"{spec.name}: tiny_variant {spec.tiny_variant!r} is not a {self.family} layout; "
+                                 f"allowed: {', '.join(self.tiny_variants)}")
             configs = self.tiny_configs(spec)
             self.transformer_config: dict[str, Any] = configs["transformer"]
             self.vae_config: dict[str, Any] = configs["vae"]
@@ -150,6 +155,7 @@ class DiffusionAdapter(ABC):
         # same transformer weights as one that builds everything.
         components: dict[str, Any] = {name: None for name in self.optional_component_names()}
         components["scheduler"] = configs["scheduler"]
+        components.update(configs.get("pipeline", {}))  # pipeline config entries (e.g. Wan 2.2's boundary_ratio)
         with torch.random.fork_rng():  # leave the caller's global RNG as it was
             for offset, part in enumerate(("text", "transformer", "vae")):
                 if part in self.parts:
@@ -162,8 +168,12 @@ class DiffusionAdapter(ABC):
         wanted: set[str] = set(self.parts & {"transformer", "vae"})
         if "text" in self.parts:
             wanted |= set(self.text_components)
-        skipped = {name: None for name in self.optional_component_names() - wanted}
+        skipped = {name: None for name in self._skipped_when_loading(wanted)}
         return self.pipeline_cls.from_pretrained(spec.source, dtype=self.dtype, **skipped)
+
+    def _skipped_when_loading(self, wanted: set[str]) -> set[str]:
+        """Components `from_pretrained` is told not to load (passed as None)."""
+        return self.optional_component_names() - wanted
 
     def optional_component_names(self) -> set[str]:
         return {"transformer", "vae", *self.text_components}
@@ -226,18 +236,54 @@ class DiffusionAdapter(ABC):
     def transformer(self) -> torch.nn.Module:
         return self.pipeline.transformer
 
+    @property
+    def expert_count(self) -> int:
+        """Transformers that share the denoising (Wan 2.2 A14B: 2, split by timestep); known without weights."""
+        return 1
+
+    def expert_index(self, timestep: torch.Tensor | float) -> int:
+        """Which expert denoises a row at this timestep (0-based; index 1 is `transformer_2`)."""
+        return 0
+
+    def expert(self, index: int) -> torch.nn.Module:
+        return self.transformer
+
+    def expert_switch_step(self, num_steps: int, latent_shape: tuple[int, ...]) -> int | None:
+        """The first step of a request that the second expert runs (None with one expert): what the scheduler
+        needs to price each step's forwards, from the same timesteps the runner's sampler makes."""
+        if self.expert_count == 1:
+            return None
+        timesteps = self.new_sampler(num_steps, latent_shape).timesteps
+        return next((i for i, t in enumerate(timesteps) if self.expert_index(t) == 1), len(timesteps))
+
     def forward_packed(self, latents: list[torch.Tensor], timesteps: list[torch.Tensor], conds: list[Condition],
                        ctx: AttentionContext | None = None) -> list[torch.Tensor]:
-        """Predictions of many rows of any shapes, text lengths and timesteps in one transformer pass.
+        """Predictions of many rows of any shapes, text lengths and timesteps in one pass per expert.
 
         latents[i] has this family's per-request layout without the batch dim; the result
         is one prediction per row shaped like it, in the transformer's dtype. With a
         `ShardedAttention` context this rank computes its shards (Brick Attention) and the
-        group all-gathers the outputs, so every rank returns every row whole.
+        group all-gathers the outputs, so every rank returns every row whole. A two-expert
+        model runs the rows of each expert in that expert's forward (at most one per expert,
+        in expert order, so every rank of a group enters the same collectives).
         """
+        ctx = ctx or LocalAttention()
         rows = [self.packed_request(x.to(self.device), t.to(self.device), c)
                 for x, t, c in zip(latents, timesteps, conds)]
-        return forward_packed(self.packed_module, self.transformer, rows, ctx)
+        by_expert: dict[int, list[int]] = {}
+        for i, t in enumerate(timesteps):
+            by_expert.setdefault(self.expert_index(t), []).append(i)
+        if len(by_expert) == 1:
+            (index,) = by_expert
+            return forward_packed(self.packed_module, self.expert(index), rows, ctx)
+        out: list[torch.Tensor | None] = [None] * len(rows)
+        for index in sorted(by_expert):
+            members = by_expert[index]
+            predictions = forward_packed(self.packed_module, self.expert(index), [rows[i] for i in members],
+                                         ctx.subset(members))
+            for i, prediction in zip(members, predictions):
+                out[i] = prediction
+        return out  # type: ignore[return-value]
 
     def check_condition(self, cond: Condition) -> None:
         """Refuse embeddings the transformer cannot take (before any rank enters a collective with them)."""

@@ -31,6 +31,10 @@ class ModelSpec(_Frozen):
         "directory or hub id of a diffusers checkpoint, loaded with `from_pretrained`.",
     )
     weights_seed: int = Field(default=0, description="Seed of the tiny variant's random weights.")
+    tiny_variant: str = Field(
+        default="default",
+        description="Which layout a 'tiny' source builds, where a family has several (Wan: 'wan2.1', "
+        "'wan2.2-a14b' with two experts, 'wan2.2-ti2v-5b' with the 4x16x16 VAE); ignored for checkpoints.")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     resolution_heights: dict[ResolutionName, int] = Field(
         default={"240p": 240, "360p": 360, "480p": 480, "720p": 720},
@@ -45,6 +49,9 @@ class ModelSpec(_Frozen):
     default_frames: int = Field(default=9, ge=1)
     default_steps: int = Field(default=50, ge=1, le=200)
     default_guidance_scale: float = Field(default=6.0, ge=0.0, le=50.0)
+    default_guidance_scale_2: float | None = Field(
+        default=None, ge=0.0, le=50.0,
+        description="Two-expert models: the low-noise expert's guidance (default: default_guidance_scale).")
     default_fps: int = Field(default=8, ge=1, le=120)
     default_negative_prompt: str = ""
     max_sequence_length: int = Field(

@@ -26,6 +26,9 @@ class _Request(BaseModel):
     negative_prompt: str | None = Field(default=None, description="Used with guidance_scale > 1.")
     num_inference_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
     guidance_scale: float | None = Field(default=None, ge=0.0, le=50.0)
+    guidance_scale_2: float | None = Field(
+        default=None, ge=0.0, le=50.0,
+        description="Two-expert models only (Wan 2.2 A14B): guidance of the low-noise expert; default: the model's.")
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
 
 
@@ -110,6 +113,8 @@ class ModelCard(BaseModel):
     max_image_side: int | None = Field(default=None, description="Image: largest width/height in pixels.")
     size_multiple: int = Field(description="Width and height are multiples of this many pixels.")
     default_steps: int
+    experts: int = Field(description="Transformers sharing the denoising: 2 for Wan 2.2 A14B (guidance_scale_2 "
+                                     "applies), else 1.")
 
 
 class ModelList(BaseModel):

@@ -10,7 +10,7 @@ import secrets
 from dataclasses import dataclass
 
 from engine.request import GenerationSpec
-from models.base import Geometry
+from models.base import DiffusionAdapter, Geometry
 from models.spec import ModelSpec
 from serve_graph.schemas import ImageGenerationRequest, VideoGenerationRequest
 
@@ -32,6 +32,13 @@ class InvalidRequest(ValueError):
 class ServedModel:
     spec: ModelSpec
     geometry: Geometry
+    experts: int
+    """Transformers sharing the denoising (2 for Wan 2.2 A14B)."""
+
+    @classmethod
+    def of(cls, adapter: DiffusionAdapter) -> "ServedModel":
+        """What the API needs of a model; `adapter` may hold no weights (parts=())."""
+        return cls(adapter.spec, adapter.geometry, adapter.expert_count)
 
     @property
     def kind(self) -> str:
@@ -80,17 +87,32 @@ class RequestValidator:
         if not request.prompt.strip():
             raise InvalidRequest("prompt", "prompt must contain non-whitespace text")
         guidance = spec.default_guidance_scale if request.guidance_scale is None else request.guidance_scale
+        guidance_2 = self._second_guidance(request, served, guidance)
         negative = request.negative_prompt if request.negative_prompt is not None else spec.default_negative_prompt
         if negative is not None and len(negative) > self.max_prompt_chars:
             raise InvalidRequest("negative_prompt", f"negative_prompt longer than {self.max_prompt_chars} characters")
         return dict(
             model=spec.name,
             prompt=request.prompt,
-            negative_prompt=negative if guidance > 1.0 else None,
+            negative_prompt=negative if max(guidance, guidance_2 or 0.0) > 1.0 else None,
             num_inference_steps=request.num_inference_steps or spec.default_steps,
             guidance_scale=guidance,
+            guidance_scale_2=guidance_2,
             seed=secrets.randbelow(2**31) if request.seed is None else request.seed,
         )
+
+    @staticmethod
+    def _second_guidance(request: VideoGenerationRequest | ImageGenerationRequest, served: ServedModel,
+                         guidance: float) -> float | None:
+        """The low-noise expert's scale of a two-expert model, as WanPipeline defaults it; refused for others."""
+        if served.experts == 1:
+            if request.guidance_scale_2 is not None:
+                raise InvalidRequest("guidance_scale_2", f"{served.spec.name} has one expert; guidance_scale_2 "
+                                                         "applies to two-expert models only")
+            return None
+        if request.guidance_scale_2 is not None:
+            return request.guidance_scale_2
+        return guidance if served.spec.default_guidance_scale_2 is None else served.spec.default_guidance_scale_2
 
     def video_resolution(self, request: VideoGenerationRequest) -> str:
         """The resolution the request renders at: its own, or its model's first listed one when it names none."""

@@ -51,7 +51,8 @@ def packed_forward_cases(rank: int, world_size: int, payload) -> list[dict]:
 def engine_group_case(rank: int, world_size: int, payload) -> dict:
     """Scheduler core + this rank's model runner over a gloo group; every rank runs an identical core.
 
-    Returns the final latents, the ring sizes the plans used, this rank's KV bytes sent and the errors.
+    Returns the final latents, the ring sizes the plans used, this rank's KV bytes sent, the errors and the
+    forward counts of the steps.
     """
     from attention.planner import BrickCostModel
     from deployments.text_encoder import EncodeRequest, TextEncoderCore
@@ -61,10 +62,8 @@ def engine_group_case(rank: int, world_size: int, payload) -> dict:
     from engine.runner import ModelRunner
     from engine.scheduler import StepSchedulerCore
     from models import load_adapter
-    from tests.conftest import tiny_spec
 
-    specs, asks, min_shard_tokens, bad = payload
-    specs = [tiny_spec(family) for family in specs]
+    specs, asks, min_shard_tokens, bad = payload  # specs: tiny ModelSpecs (seeded: the same weights on every rank)
     core = StepSchedulerCore(make_policy("fifo"), BudgetConfig(), world_size=world_size,
                              cost_model=BrickCostModel(min_shard_tokens=min_shard_tokens, linear_tokens=0))
     runner = ModelRunner({s.name: load_adapter(s, ["transformer"]) for s in specs}, rank, world_size)
@@ -75,7 +74,7 @@ def engine_group_case(rank: int, world_size: int, payload) -> dict:
         if request_id in bad:  # an embedding width the transformer cannot take
             prompt.cond["encoder_hidden_states"] = torch.zeros(1, 16, 7)
         core.admit(NewRequest.from_spec(request_id, spec, prompt, config_only[spec.model]))
-    latents, rings, ring_bytes, errors = {}, set(), 0, {}
+    latents, rings, ring_bytes, errors, forwards = {}, set(), 0, {}, set()
     while core.pool:
         plan = core.schedule()
         rings |= {a.size for p in plan.rings.values() for a in p.assignments}
@@ -84,4 +83,5 @@ def engine_group_case(rank: int, world_size: int, payload) -> dict:
         latents.update(result.finished)
         ring_bytes += result.ring_bytes
         errors.update(result.errors)
-    return {"latents": latents, "rings": rings, "ring_bytes": ring_bytes, "errors": errors}
+        forwards.add(result.forwards)
+    return {"latents": latents, "rings": rings, "ring_bytes": ring_bytes, "errors": errors, "forwards": forwards}

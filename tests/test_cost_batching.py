@@ -16,7 +16,7 @@ from engine.config import BudgetConfig
 from engine.messages import StepPlan, StepResult
 from engine.policies import make_policy
 from engine.scheduler import StepSchedulerCore
-from engine.step_cost import StepCostModel, busiest_rank_work
+from engine.step_cost import StepCostModel, plan_work
 from tests.factories import new_request
 
 LINEAR_PER_WORK = 1e-6  # seconds per unit of busiest-rank work
@@ -33,7 +33,7 @@ class FakeClock:
 
 def linear_device(fixed: float):
     """Step seconds = fixed + slope x the busiest rank's work: a device one request saturates (fixed ≈ 0)."""
-    return lambda plan: fixed + LINEAR_PER_WORK * sum(busiest_rank_work(plan.rings, ONE_RANK).values())
+    return lambda plan: fixed + LINEAR_PER_WORK * sum(plan_work(plan, ONE_RANK).values())
 
 
 def flat_device(plan: StepPlan) -> float:
@@ -117,7 +117,7 @@ def test_idle_ranks_are_free_to_fill():
     core = make_core(world_size=2)
 
     def two_rank_device(plan: StepPlan) -> float:
-        return LINEAR_PER_WORK * sum(busiest_rank_work(plan.rings, ONE_RANK).values())
+        return LINEAR_PER_WORK * sum(plan_work(plan, ONE_RANK).values())
 
     warm_up(core, two_rank_device)
     for _ in range(4):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from attention.spmd import run_spmd
+from tests.conftest import tiny_spec
 from tests.factories import gen_spec
 from tests.spmd_cases import engine_group_case
 
@@ -19,7 +20,7 @@ ASKS = [  # two models, four sizes, CFG and not, different step counts
 def test_two_ranks_with_mixed_rings_equal_one_rank():
     """A bad request packed among them fails alone, on every rank, before any collective."""
     bad = ("bad", gen_spec("cogvideox-tiny", steps=3, height=64, width=112, frames=9, seed=5, prompt="x"))
-    payload = (["cogvideox", "wan"], [*ASKS[:2], bad, *ASKS[2:]], 64, {"bad"})
+    payload = ([tiny_spec("cogvideox"), tiny_spec("wan")], [*ASKS[:2], bad, *ASKS[2:]], 64, {"bad"})
     (alone,) = run_spmd(1, engine_group_case, payload)
     ranks = run_spmd(2, engine_group_case, payload)
     assert alone["rings"] == {1} and all(r["rings"] == {1, 2} for r in ranks)  # 1-rank and 2-rank rings

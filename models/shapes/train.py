@@ -57,7 +57,7 @@ EVAL_STEPS, EVAL_GUIDANCE = 20, 5.0
 """The sampling the served model defaults to (configs/local.yaml)."""
 
 VAE_CONFIG = dict(base_dim=16, decoder_base_dim=8, z_dim=8, dim_mult=[1, 2, 2], num_res_blocks=1,
-                  temperal_downsample=[True, True])
+                  temperal_downsample=[True, True], scale_factor_spatial=4, scale_factor_temporal=4)
 VAE_CROP = (40, 64, 5)
 """(height, width, frames) of the VAE's training clips: convolutions are shift-invariant and causal in time, so
 smaller clips teach the same maps at a fifth of the cost. The decoder's base width of 8 halves the decode's
