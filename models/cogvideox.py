@@ -1,4 +1,4 @@
-"""CogVideoX (THUDM/CogVideoX-2b/-5b) through diffusers' CogVideoX pipeline pieces."""
+"""CogVideoX (THUDM/CogVideoX-2b/-5b, CogVideoX1.5-5B) through diffusers' CogVideoX pipeline pieces."""
 
 from __future__ import annotations
 
@@ -28,7 +28,11 @@ def tiny_t5_config() -> T5Config:
 
 
 class CogVideoXAdapter(DiffusionAdapter):
-    """Latents are (F, C, H, W) per request, as CogVideoX's transformer takes them."""
+    """Latents are (F, C, H, W) per request, as CogVideoX's transformer takes them.
+
+    CogVideoX 1.5 patches pairs of latent frames (`patch_size_t` 2): as `CogVideoXPipeline` does, a request's
+    odd latent frame count is padded by one noise frame, which the decode drops.
+    """
 
     family = "cogvideox"
     packed_module = cogvideox_packed
@@ -36,15 +40,18 @@ class CogVideoXAdapter(DiffusionAdapter):
     transformer_cls = CogVideoXTransformer3DModel
     vae_cls = AutoencoderKLCogVideoX
     text_components = ("tokenizer", "text_encoder")
+    tiny_variants = ("default", "cogvideox1.5")
 
     @classmethod
     def tiny_configs(cls, spec: ModelSpec) -> dict[str, Any]:
+        # CogVideoX1.5-5B's transformer config: temporal patches of 2, no patch bias.
+        v15 = dict(patch_size_t=2, patch_bias=False) if spec.tiny_variant == "cogvideox1.5" else {}
         return {
             "transformer": dict(
                 num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=32,
                 text_embed_dim=32, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
                 temporal_compression_ratio=4, max_text_seq_length=spec.max_sequence_length,
-                use_rotary_positional_embeddings=True,
+                use_rotary_positional_embeddings=True, **v15,
             ),
             "vae": dict(
                 in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
@@ -67,14 +74,14 @@ class CogVideoXAdapter(DiffusionAdapter):
 
     def make_geometry(self) -> Geometry:
         t = self.transformer_config
-        if t.get("patch_size_t"):
-            raise ValueError(f"{self.spec.source}: CogVideoX 1.5 (temporal patches) is not supported yet")
+        if (t.get("patch_size_t") or 1) not in (1, 2):
+            raise ValueError(f"{self.spec.source}: patch_size_t {t['patch_size_t']}; CogVideoX 1.5 patches 2 frames")
         temporal = self.vae_config["temporal_compression_ratio"]
         return Geometry(
             spatial_factor=2 ** (len(self.vae_config["block_out_channels"]) - 1),
             temporal_factor=temporal,
             patch_size=t["patch_size"],
-            patch_size_t=1,
+            patch_size_t=t.get("patch_size_t") or 1,
             text_tokens=self.spec.max_sequence_length,
             is_video=True,
             # The VAE decodes latent frames in pairs: only an odd latent count gives 1 + 4k frames back.
@@ -92,7 +99,8 @@ class CogVideoXAdapter(DiffusionAdapter):
     def latent_shape(self, height: int, width: int, num_frames: int) -> tuple[int, ...]:
         g = self.geometry
         channels = self.transformer_config["in_channels"]
-        return (g.latent_frames(num_frames), channels, height // g.spatial_factor, width // g.spatial_factor)
+        frames = -(-g.latent_frames(num_frames) // g.patch_size_t) * g.patch_size_t  # 1.5: padded to whole patches
+        return (frames, channels, height // g.spatial_factor, width // g.spatial_factor)
 
     def sampler_step(self, sampler: Any, noise_pred: torch.Tensor, t: torch.Tensor, latents: torch.Tensor,
                      extra: dict[str, Any]) -> torch.Tensor:
@@ -109,7 +117,7 @@ class CogVideoXAdapter(DiffusionAdapter):
     def row_tokens(self, latent_shape: tuple[int, ...], cond: Condition) -> int:
         frames, _, height, width = latent_shape
         p = self.transformer_config["patch_size"]
-        return frames * (height // p) * (width // p) + cond["encoder_hidden_states"].shape[1]
+        return (frames // self.geometry.patch_size_t) * (height // p) * (width // p) + cond["encoder_hidden_states"].shape[1]
 
     def packed_request(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Condition) -> PackedRequest:
         rotary = None
@@ -126,5 +134,7 @@ class CogVideoXAdapter(DiffusionAdapter):
         return self.pipeline._prepare_rotary_positional_embeddings(height * f, width * f, frames, self.device)
 
     def decode_to_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.geometry.patch_size_t == 2:  # frame counts are 1 + 8k: the odd latent count was padded by one
+            latents = latents[:, 1:]
         latents = latents.permute(0, 2, 1, 3, 4) / self.pipeline.vae.config.scaling_factor
         return self.pipeline.vae.decode(latents).sample

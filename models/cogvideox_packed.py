@@ -1,4 +1,4 @@
-"""Packed forward of diffusers' `CogVideoXTransformer3DModel` (CogVideoX 1.0) over heterogeneous requests.
+"""Packed forward of diffusers' `CogVideoXTransformer3DModel` (CogVideoX 1.0 and 1.5 T2V) over heterogeneous requests.
 
 Follows `CogVideoXTransformer3DModel.forward`, `CogVideoXBlock.forward` and
 `CogVideoXAttnProcessor2_0` of diffusers 0.42. Each request is one joint sequence
@@ -6,7 +6,8 @@ Follows `CogVideoXTransformer3DModel.forward`, `CogVideoXBlock.forward` and
 sequence. Text and video rows share every weight but take different AdaLN-Zero
 modulations (CogVideoXLayerNormZero's enc_* vs video chunks), chosen per row; RoPE
 (5b-style, when the request carries it) applies to video rows only (text rows get
-cos 1 / sin 0, an exact identity).
+cos 1 / sin 0, an exact identity). CogVideoX 1.5 patches pairs of latent frames
+(`patch_size_t` 2; the adapter pads the latents to an even count as the pipeline does).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from models.packed import PackedRequest
 
 def _video_tokens(model: CogVideoXTransformer3DModel, latents: torch.Tensor) -> int:
     frames, _, height, width = latents.shape
-    p = model.config.patch_size
-    return frames * (height // p) * (width // p)
+    p, p_t = model.config.patch_size, model.config.patch_size_t or 1
+    return (frames // p_t) * (height // p) * (width // p)
 
 
 def token_counts(model: CogVideoXTransformer3DModel, requests: list[PackedRequest]) -> list[int]:
@@ -42,8 +43,8 @@ def _joint_rope(request: PackedRequest, video_tokens: int, head_dim: int) -> tup
 def forward_rows(model: CogVideoXTransformer3DModel, requests: list[PackedRequest], ctx: AttentionContext,
                  ) -> tuple[torch.Tensor, list[Segment]]:
     """Output rows of the joint tokens this process holds (text rows are discarded by `unpatchify`)."""
-    if model.config.patch_size_t is not None or model.ofs_embedding is not None:
-        raise ValueError("the packed CogVideoX forward supports CogVideoX 1.0 (no temporal patching, no ofs)")
+    if model.ofs_embedding is not None:
+        raise ValueError("the packed CogVideoX forward takes text-to-video models (no ofs embedding: CogVideoX 1.5 I2V)")
     counts = token_counts(model, requests)
     segments = ctx.segments(counts)
     head_dim = model.config.attention_head_dim
@@ -99,9 +100,9 @@ def _attention(attn, x, rope, counts, ctx):
 def unpatchify(model: CogVideoXTransformer3DModel, request: PackedRequest, rows: torch.Tensor) -> torch.Tensor:
     """All joint output rows of one request -> its noise prediction (frames, channels, height, width)."""
     frames, _, height, width = request.latents.shape
-    p = model.config.patch_size
-    video = rows[len(request.text):].reshape(frames, height // p, width // p, -1, p, p)
-    return video.permute(0, 3, 1, 4, 2, 5).flatten(4, 5).flatten(2, 3)
+    p, p_t = model.config.patch_size, model.config.patch_size_t or 1
+    video = rows[len(request.text):].reshape(frames // p_t, height // p, width // p, -1, p_t, p, p)
+    return video.permute(0, 4, 3, 1, 5, 2, 6).flatten(5, 6).flatten(3, 4).flatten(0, 1)
 
 
 def output_rows(model: CogVideoXTransformer3DModel, requests: list[PackedRequest],
