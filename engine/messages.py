@@ -38,6 +38,7 @@ class NewRequest:
     cfg: bool
     guidance_scale_2: float | None = None  # the low-noise expert's guidance (two-expert models only)
     expert_switch_step: int | None = None  # two-expert models: the first step run by the second expert
+    fps: int | None = None  # the video's frame rate, for models conditioned on it (LTX); None: the model's default
 
     @classmethod
     def from_spec(cls, request_id: str, spec: GenerationSpec, prompt: EncodedPrompt | None,
@@ -50,7 +51,7 @@ class NewRequest:
                    row_tokens=tuple(adapter.row_tokens(shape, cond) if cond is not None else seq_len for cond in rows),
                    seed=spec.seed,
                    num_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale, prompt=prompt,
-                   cfg=spec.uses_cfg, guidance_scale_2=spec.guidance_scale_2,
+                   cfg=spec.uses_cfg, guidance_scale_2=spec.guidance_scale_2, fps=spec.fps,
                    expert_switch_step=adapter.expert_switch_step(spec.num_inference_steps, shape))
 
     def guidance_at(self, expert: int) -> float:

@@ -99,13 +99,14 @@ class ModelRunner:
         if new.prompt is None:
             raise ValueError("a NewRequest without prompt embeddings cannot run")
         adapter = self.adapters[new.model]
-        for cond in new.prompt.rows_in_order:
+        prompt = new.prompt.with_condition(adapter.request_condition(new.fps))
+        for cond in prompt.rows_in_order:
             adapter.check_condition(cond)
         sampler = adapter.new_sampler(new.num_steps, new.latent_shape)
         if len(sampler.timesteps) != new.num_steps:
             raise ValueError(f"the sampler made {len(sampler.timesteps)} timesteps for {new.num_steps} steps")
         latents = adapter.initial_latents(new.latent_shape, new.seed, sampler).to(adapter.device)
-        self.requests[new.request_id] = RunnerRequest(new, new.prompt.to(adapter.device), latents, sampler)
+        self.requests[new.request_id] = RunnerRequest(new, prompt.to(adapter.device), latents, sampler)
 
     # ---- the step ---------------------------------------------------------
     def prepare_inputs(self, plan: StepPlan, errors: dict[str, str]) -> dict[str, list[RunnerRequest]]:

@@ -13,6 +13,7 @@ _REGISTRY: dict[str, str] = {
     "mochi": "models.mochi:MochiAdapter",
     "wan": "models.wan:WanAdapter",
     "sd3": "models.sd3:SD3Adapter",
+    "ltx": "models.ltx:LTXAdapter",
 }
 
 

@@ -89,6 +89,12 @@ class EncodedPrompt:
         """The forward rows as a step lays them out: [uncond, cond] with CFG, [cond] without."""
         return [self.cond] if self.uncond is None else [self.uncond, self.cond]
 
+    def with_condition(self, extra: Condition) -> "EncodedPrompt":
+        """Both rows with `extra` (per-request conditioning such as a frame rate) added."""
+        if not extra:
+            return self
+        return EncodedPrompt({**self.cond, **extra}, None if self.uncond is None else {**self.uncond, **extra})
+
     def to(self, device: torch.device) -> "EncodedPrompt":
         move = lambda c: {k: v.to(device) for k, v in c.items()}  # noqa: E731
         return EncodedPrompt(move(self.cond), None if self.uncond is None else move(self.uncond))
@@ -285,11 +291,17 @@ class DiffusionAdapter(ABC):
                 out[i] = prediction
         return out  # type: ignore[return-value]
 
+    def request_condition(self, fps: int | None) -> Condition:
+        """Conditioning of a request beyond its text, added to each of its rows at admission (LTX: the frame rate
+        its RoPE is scaled by); None fps means the model's default."""
+        return {}
+
     def check_condition(self, cond: Condition) -> None:
         """Refuse embeddings the transformer cannot take (before any rank enters a collective with them)."""
         config = self.transformer_config
-        widths = {"encoder_hidden_states": config.get("text_embed_dim") or config.get("text_dim")
-                  or config.get("joint_attention_dim"), "pooled_projections": config.get("pooled_projection_dim")}
+        text_width = (config.get("text_embed_dim") or config.get("text_dim") or config.get("joint_attention_dim")
+                      or config.get("caption_channels"))
+        widths = {"encoder_hidden_states": text_width, "pooled_projections": config.get("pooled_projection_dim")}
         for key, tensor in cond.items():
             if tensor.shape[0] != 1:
                 raise ValueError(f"{key}: one row expected, got batch {tensor.shape[0]}")
