@@ -99,10 +99,12 @@ class LTXAdapter(DiffusionAdapter):
         return (frames // t["patch_size_t"]) * (height // t["patch_size"]) * (width // t["patch_size"])
 
     def packed_request(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Condition) -> PackedRequest:
-        """Only the unmasked text tokens, and the RoPE table of this shape at this frame rate."""
+        """Only the unmasked text tokens, and the RoPE table of this shape at the row's frame rate (the runner adds
+        it at admission; a row without one, e.g. from a benchmark's direct call, takes the model's default)."""
         valid = cond["encoder_attention_mask"][0].bool()
         _, frames, height, width = latents.shape
-        rotary = self._rotary(frames, height, width, float(cond["frame_rate"]))
+        fps = float(cond["frame_rate"]) if "frame_rate" in cond else float(self.spec.default_fps)
+        rotary = self._rotary(frames, height, width, fps)
         return PackedRequest(latents, timestep, cond["encoder_hidden_states"][0][valid], rotary)
 
     @lru_cache(maxsize=64)

@@ -9,7 +9,7 @@ from models import load_adapter
 from tests.conftest import tiny_spec
 
 
-@pytest.mark.parametrize("family", ["cogvideox", "wan"])
+@pytest.mark.parametrize("family", ["cogvideox", "wan", "ltx"])
 def test_checkpoint_round_trip_loads_only_requested_parts(family, tmp_path):
     tiny = tiny_spec(family)
     load_adapter(tiny, parts=("text", "transformer", "vae")).pipeline.save_pretrained(tmp_path)
