@@ -44,14 +44,16 @@ class CogVideoXAdapter(DiffusionAdapter):
 
     @classmethod
     def tiny_configs(cls, spec: ModelSpec) -> dict[str, Any]:
-        # CogVideoX1.5-5B's transformer config: temporal patches of 2, no patch bias.
-        v15 = dict(patch_size_t=2, patch_bias=False) if spec.tiny_variant == "cogvideox1.5" else {}
+        # CogVideoX1.5-5B's transformer config: temporal patches of 2, no patch bias, and a sample size that bounds
+        # its RoPE grid ("slice" RoPE covers at most sample_height/patch x sample_width/patch tokens: 64 x 64 here).
+        v15 = dict(patch_size_t=2, patch_bias=False, sample_height=128, sample_width=128) \
+            if spec.tiny_variant == "cogvideox1.5" else {}
         return {
             "transformer": dict(
                 num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=32,
-                text_embed_dim=32, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
-                temporal_compression_ratio=4, max_text_seq_length=spec.max_sequence_length,
-                use_rotary_positional_embeddings=True, **v15,
+                text_embed_dim=32, num_layers=2, sample_frames=9, patch_size=2, temporal_compression_ratio=4,
+                max_text_seq_length=spec.max_sequence_length, use_rotary_positional_embeddings=True,
+                **{"sample_width": 8, "sample_height": 8, **v15},
             ),
             "vae": dict(
                 in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,

@@ -46,7 +46,7 @@ def test_packed_with_other_shapes_equals_alone():
     alone.admit("t", target, target_prompt)
     alone.run()
     batched = Engine([V15])
-    batched.admit("a", gen_spec(V15.name, steps=6, height=64, width=48, frames=17, seed=1), other_prompt)
+    batched.admit("a", gen_spec(V15.name, steps=6, height=240, width=416, frames=17, seed=1), other_prompt)
     batched.step()
     batched.admit("t", target, target_prompt)
     batched.run()

@@ -61,8 +61,12 @@ def client(tmp_path_factory):
 def test_models_and_health(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     cards = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
-    assert {name: card["kind"] for name, card in cards.items()} == {
-        "shapes-t2v": "video", "cogvideox-tiny": "video", "wan-tiny": "video", "mochi-tiny": "video", "sd3-tiny": "image"}
+    assert {name: (card["kind"], card["family"], card["experts"]) for name, card in cards.items()} == {
+        "shapes-t2v": ("video", "wan", 1), "cogvideox-tiny": ("video", "cogvideox", 1), "wan-tiny": ("video", "wan", 1),
+        "wan2.2-a14b-tiny": ("video", "wan", 2), "ltx-tiny": ("video", "ltx", 1),
+        "cogvideox1.5-tiny": ("video", "cogvideox", 1), "mochi-tiny": ("video", "mochi", 1),
+        "sd3-tiny": ("image", "sd3", 1)}
+    assert cards["ltx-tiny"]["size_multiple"] == 32 and cards["ltx-tiny"]["num_frames"] == [1, 9, 17]
     assert cards["mochi-tiny"]["resolutions"] == {"240p": 32, "360p": 48, "480p": 64}
     assert cards["mochi-tiny"]["num_frames"] == [1, 7, 13]
     assert cards["cogvideox-tiny"]["num_frames"] == [1, 9, 17] and cards["wan-tiny"]["num_frames"][:3] == [1, 5, 9]
@@ -240,6 +244,10 @@ def test_image_generation_returns_png(client):
         ("/v1/videos", {"prompt": "   "}, 400, "prompt", "non-whitespace"),
         ("/v1/videos", {"prompt": "x" * 2001}, 400, "prompt", "1..2000"),
         ("/v1/videos", {"prompt": "x", "guidance_scale": -1}, 400, "guidance_scale", "ge=0.0"),
+        ("/v1/videos", {"prompt": "x", "model": "wan-tiny", "guidance_scale_2": 3}, 400, "guidance_scale_2",
+         "wan-tiny has one expert"),
+        ("/v1/videos", {"prompt": "x", "model": "wan2.2-a14b-tiny", "guidance_scale_2": 51}, 400, "guidance_scale_2",
+         "le=50"),
         ("/v1/videos", {"prompt": "x", "colour": "red"}, 400, "colour", "Extra inputs"),
         ("/v1/images/generations", {"prompt": "x", "size": "100x64"}, 400, "size", "multiple of 16"),
         ("/v1/images/generations", {"prompt": "x", "size": "big"}, 400, "size", "pattern"),
