@@ -102,7 +102,7 @@ class ScheduledStep:
     step_index: int  # the runner checks it against its own counter
     model: str
     rows: int  # forward rows (2 with CFG): with `model`, where this request's rows sit in the Brick plans
-    expert: int = 0  # which expert's forward runs this step (Wan 2.2 A14B: 1 below the boundary timestep)
+    expert: int  # which expert's forward runs this step (0; Wan 2.2 A14B: 1 below the boundary timestep)
 
 
 @dataclass(frozen=True)

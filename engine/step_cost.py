@@ -24,8 +24,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from attention.plan import BrickPlan
-from engine.messages import StepPlan
 from attention.planner import BrickCostModel, rank_loads
+from engine.messages import StepPlan
 
 RIDGE = 1e-4
 """Weight of the prior (the probe's fit, or zero) against the observations, relative to their scale."""
