@@ -119,7 +119,8 @@ class CogVideoXAdapter(DiffusionAdapter):
     def row_tokens(self, latent_shape: tuple[int, ...], cond: Condition) -> int:
         frames, _, height, width = latent_shape
         p = self.transformer_config["patch_size"]
-        return (frames // self.geometry.patch_size_t) * (height // p) * (width // p) + cond["encoder_hidden_states"].shape[1]
+        video = (frames // self.geometry.patch_size_t) * (height // p) * (width // p)
+        return video + cond["encoder_hidden_states"].shape[1]
 
     def packed_request(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Condition) -> PackedRequest:
         rotary = None

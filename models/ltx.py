@@ -109,7 +109,7 @@ class LTXAdapter(DiffusionAdapter):
 
     @lru_cache(maxsize=64)
     def _rotary(self, frames: int, height: int, width: int, fps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """The transformer's RoPE as LTXPipeline calls it: latent grid sizes, (temporal ratio / fps, spatial ratio x2)."""
+        """The transformer's RoPE as LTXPipeline calls it: the latent grid, scales (temporal ratio / fps, spatial x2)."""
         g = self.geometry
         probe = torch.empty(1, frames * height * width, 1, device=self.device)
         cos, sin = self.transformer.rope(probe, frames, height, width,

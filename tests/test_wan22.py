@@ -146,7 +146,8 @@ def test_two_expert_steps_on_two_ranks_equal_one_rank():
     """Brick rings over a step whose rows belong to both experts: each expert's forward runs on its share of the
     plan, every rank entering the same collectives, and the videos equal one rank's."""
     asks = [("short", gen_spec(A14B.name, steps=2, height=64, width=112, seed=1, guidance=6.0, guidance_2=3.0)),
-            ("long", gen_spec(A14B.name, steps=8, height=96, width=160, frames=17, seed=2, guidance=6.0, guidance_2=3.0))]
+            ("long", gen_spec(A14B.name, steps=8, height=96, width=160, frames=17, seed=2, guidance=6.0,
+                              guidance_2=3.0))]
     payload = ([A14B], asks, 64, set())
     (alone,) = run_spmd(1, engine_group_case, payload)
     ranks = run_spmd(2, engine_group_case, payload)
