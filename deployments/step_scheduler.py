@@ -46,6 +46,7 @@ from engine.messages import NewRequest, StepPlan, StepResult
 from engine.policies import make_policy
 from engine.request import GenerationSpec, RequestMeta, RequestStatus
 from engine.scheduler import StepSchedulerCore
+from engine.step_cost import forward_key
 from models import load_adapter
 from models.base import EncodedPrompt
 from models.spec import ModelSpec
@@ -166,7 +167,7 @@ class StepScheduler:
                     self.drain_rate.observe(plan.num_tokens, max(rank_seconds))
         self.core.step_cost.seed()
         logger.info("step-cost probe: %d steps in %.1f s; %s", 2 * len(plans), time.perf_counter() - start,
-                    {s.name: self.core.step_cost.coefficients(s.name) for s in specs})
+                    {key: self.core.step_cost.coefficients(key) for key in self._forward_keys()})
 
     async def generate(self, request_id: str, spec: GenerationSpec,
                        prompt: EncodedPrompt) -> AsyncIterator[ProgressEvent | GenerationResult]:
@@ -204,7 +205,12 @@ class StepScheduler:
         return {"pid": os.getpid(), "ranks": self.group.config.ranks, "pids": list(self.group.pids),
                 "group_restarts": self.group.generation, "pooled": len(self.core.pool),
                 "ring_sizes": dict(self._ring_sizes),
-                "step_cost": {name: self.core.step_cost.coefficients(name) for name in self.adapters}}
+                "step_cost": {key: self.core.step_cost.coefficients(key) for key in self._forward_keys()}}
+
+    def _forward_keys(self) -> list[str]:
+        """The step-cost model's forwards: one per model, one per expert of a two-expert model."""
+        return [forward_key(name, expert) for name, adapter in self.adapters.items()
+                for expert in range(adapter.expert_count)]
 
     async def load(self) -> dict:
         """The pool's remaining work and the measured rate it drains at: what admission's Retry-After and a queued

@@ -100,6 +100,9 @@ def test_mixed_concurrent_requests_complete_with_valid_mp4(client):
         dict(model="wan-tiny", prompt="the ocean", resolution="480p", num_frames=5, num_inference_steps=4),
         dict(model="mochi-tiny", prompt="a robot", resolution="240p", aspect_ratio="1:1", num_frames=7),
         dict(model="wan-tiny", prompt="a city", resolution="240p", num_frames=17, guidance_scale=1.0),
+        dict(model="wan2.2-a14b-tiny", prompt="a fox", resolution="360p", num_frames=9, guidance_scale_2=2.0),
+        dict(model="ltx-tiny", prompt="rain", resolution="240p", num_frames=17, fps=24),
+        dict(model="cogvideox1.5-tiny", prompt="a boat", resolution="360p", num_frames=9),
     ]
     jobs = [submit(client, **a) for a in asks]
     for ask, job in zip(asks, jobs):
@@ -112,6 +115,9 @@ def test_mixed_concurrent_requests_complete_with_valid_mp4(client):
         assert r.content[4:8] == b"ftyp"
         assert probe_mp4(r.content) == (ask["num_frames"], done["height"], done["width"])
     assert (jobs[1]["height"], jobs[1]["width"]) == (80, 48)  # 360p 9:16: short side 48, 48*16/9 -> 80
+    stats = serve.get_deployment_handle("StepScheduler", app_name="video").stats.remote().result()
+    # The two-expert model's low-noise forward has its own fit once a step of it ran (the probe times expert 0).
+    assert stats["step_cost"]["wan2.2-a14b-tiny"] is not None and stats["step_cost"]["wan2.2-a14b-tiny#1"] is not None
 
 
 def test_mixed_requests_on_brick_rings_equal_each_alone(client):
