@@ -23,8 +23,9 @@ DiT block with its norms and elementwise work ~40%), half of that at 256 tokens 
 256-row GEMM fills about half of the 132 SMs' 128-row tiles at hidden size 3072-5120),
 and 0.35 for attention (FlashAttention-2 forward reaches ~350 TFLOP/s on H100 at head
 dim 64-128). CFG doubles
-the rows (uncond + text). The VAE and text encoder run outside the step loop and are not
-priced (the evaluation compares the denoising engines).
+the rows (uncond + text). The prompt encoding is priced from the text encoder's FLOPs at `LINEAR_MFU`; the VAE
+decode from each family's decoder FLOPs per output pixel-frame (`benchmarks.vae_flops`) at the fraction of peak
+measured on one H200 (`VAE_MFU`), on one VAE replica that decodes one request at a time.
 """
 
 from __future__ import annotations
@@ -45,7 +46,11 @@ NVLINK_BYTES_PER_S = 450e9  # per direction, H100 SXM NVLink 4
 HOP_LATENCY_S = 10e-6
 FORWARD_OVERHEAD_S = 0.004
 GEMM_HALF_TOKENS = 256
-VAE_MFU = 0.10
+VAE_MFU = {"cogvideox": 0.15, "mochi": 0.31, "wan": 0.15}
+"""Fraction of the bf16 peak each family's VAE decode reaches, measured untiled on one H200 at 240p-720p
+(`python -m benchmarks.gpu_step --models --vae wan cogvideox mochi`, benchmarks/results/gpu_vae_h200.json):
+CogVideoX 14-15%, Mochi 30-34%, Wan 14-16%. The H200 has the H100's compute peak and 1.4x its memory bandwidth,
+so an H100 may fall somewhat short of these; tiled decoding (to bound memory) cost 1.4-2.3x more at 720p."""
 VAE_DECODE_FLOPS_PER_VOXEL = {"cogvideox": 18.89e6, "mochi": 21.88e6, "wan": 8.70e6}
 """FLOPs of the VAE decoder per output pixel-frame (printed by `python -m benchmarks.vae_flops`)."""
 
@@ -127,7 +132,7 @@ class H100Profile(CostProfile):
     def decode_seconds(self, request: TraceRequest) -> float:
         height, width = PIXELS[request.resolution]
         voxels = request.num_frames * height * width
-        return VAE_DECODE_FLOPS_PER_VOXEL[request.model] * voxels / (PEAK_BF16_FLOPS * VAE_MFU)
+        return VAE_DECODE_FLOPS_PER_VOXEL[request.model] * voxels / (PEAK_BF16_FLOPS * VAE_MFU[request.model])
 
     def row_tokens(self, request: TraceRequest) -> tuple[int, ...]:
         dims = H100_MODELS[request.model]

@@ -12,11 +12,17 @@ Batches, each with classifier-free guidance (two rows per request), at the trace
   resolutions into one step gains or costs on a GPU).
 A packed row must equal the same row run alone (bf16 tolerance): the max relative difference is printed.
 
+`--vae` times each family's VAE decode at its released config (random bf16 weights) for one request of the
+trace's frames at each resolution, against the profile's decode price (`VAE_DECODE_FLOPS_PER_VOXEL` at `VAE_MFU`):
+the measured fraction of the bf16 peak is `cost_profiles.VAE_MFU`. 720p is also decoded tiled
+(diffusers' `enable_tiling`, what a deployment turns on to bound the decode's memory).
+
 `--dllm` also times one denoising step of the diffusion coder LM at Dream-7B's size (`models/dllm`, bf16) for
 1 to 64 packed sequences (256 prompt + 256 response tokens, logits at the 128 still-masked positions, sampling at
 DiffuCoder's temperature 0.4 / top-p 0.95): the step-batching gain on a GPU, which one CPU thread cannot show.
 
-    python -m benchmarks.gpu_step [--models cogvideox mochi wan] [--dllm] [--repeats 3] [--json out.json]
+    python -m benchmarks.gpu_step [--models cogvideox mochi wan] [--vae cogvideox mochi wan] [--dllm] [--repeats 3]
+                                  [--json out.json]
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ from types import ModuleType
 
 import torch
 
-from benchmarks.cost_profiles import FORWARD_OVERHEAD_S, H100_MODELS, PEAK_BF16_FLOPS, PIXELS, H100Profile
+from benchmarks.cost_profiles import (FORWARD_OVERHEAD_S, H100_MODELS, PEAK_BF16_FLOPS, PIXELS,
+                                     VAE_DECODE_FLOPS_PER_VOXEL, H100Profile)
 from benchmarks.workloads import FRAMES, TraceRequest
 from models import cogvideox_packed, mochi_packed, wan_packed
 from models.packed import PackedRequest, forward_packed
@@ -154,6 +161,45 @@ def bench_model(name: str, repeats: int) -> list[dict]:
     return results
 
 
+def bench_vae(name: str, repeats: int) -> list[dict]:
+    """The decode of one request's latents at each resolution by the family's released VAE (bf16), untiled and tiled."""
+    from benchmarks.vae_flops import LATENT_CHANNELS, VAES
+
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(DEVICE):
+        vae = VAES[name]().eval()
+    torch.set_default_dtype(torch.float32)
+    dims, profile, results = H100_MODELS[name], H100Profile(world_size=1), []
+    print(f"{name} VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.0f} M parameters", flush=True)
+    with torch.inference_mode():
+        for resolution, tiled in [*((r, False) for r in RESOLUTIONS), ("720p", True)]:
+            request = trace_request(name, resolution)
+            height, width = PIXELS[resolution]
+            frames = (request.num_frames - 1) // dims.vae_temporal + 1
+            latents = torch.randn(1, LATENT_CHANNELS[name], frames, height // dims.vae_spatial,
+                                  width // dims.vae_spatial, device=DEVICE, dtype=torch.bfloat16)
+            vae.enable_tiling() if tiled else vae.disable_tiling()
+            torch.cuda.reset_peak_memory_stats()
+            try:
+                seconds, out = timed(lambda: [vae.decode(latents).sample], repeats)
+            except torch.cuda.OutOfMemoryError:
+                print(f"  {resolution} {'tiled' if tiled else 'untiled'}: out of memory", flush=True)
+                continue
+            voxels = out[0][0, 0].numel()
+            flops = VAE_DECODE_FLOPS_PER_VOXEL[name] * voxels
+            predicted = profile.decode_seconds(request)
+            row = dict(model=name, stage="vae_decode", batch=resolution, tiled=tiled, frames=out[0].shape[2],
+                       measured_s=seconds, predicted_s=predicted, measured_over_predicted=seconds / predicted,
+                       mfu=flops / seconds / PEAK_BF16_FLOPS,
+                       peak_memory_gb=torch.cuda.max_memory_allocated() / 1e9)
+            results.append(row)
+            print(f"  {resolution:>5} {'tiled' if tiled else 'untiled':7} {row['frames']} frames: {seconds:.3f} s "
+                  f"measured, {predicted:.3f} s priced ({row['measured_over_predicted']:.2f}x), "
+                  f"{100 * row['mfu']:.1f}% of the bf16 peak, {row['peak_memory_gb']:.1f} GB peak", flush=True)
+            del out
+    return results
+
+
 DREAM_7B = dict(model_type="Dream", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
                 num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=131072,
                 rope_theta=1e6, rms_norm_eps=1e-6, mask_token_id=151666, pad_token_id=151643, eos_token_id=151643,
@@ -200,6 +246,8 @@ def bench_dllm(repeats: int, batches: tuple[int, ...] = (1, 4, 16, 64), prompt: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="*", choices=sorted(BUILDERS), default=["cogvideox", "mochi", "wan"])
+    parser.add_argument("--vae", nargs="*", choices=sorted(BUILDERS), default=[],
+                        help="also time these families' VAE decode")
     parser.add_argument("--dllm", action="store_true", help="also time the 7B diffusion coder LM's step")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="write the rows here")
@@ -208,8 +256,12 @@ def main() -> None:
         raise SystemExit("benchmarks.gpu_step needs a CUDA device")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     results = []
-    for name in [*args.models, *(["dream-7b"] if args.dllm else [])]:
-        results += bench_dllm(args.repeats) if name == "dream-7b" else bench_model(name, args.repeats)
+    benches: list[Callable[[], list[dict]]] = [
+        *(lambda n=n: bench_model(n, args.repeats) for n in args.models),
+        *(lambda n=n: bench_vae(n, args.repeats) for n in args.vae),
+        *([lambda: bench_dllm(args.repeats)] if args.dllm else [])]
+    for bench in benches:
+        results += bench()
         gc.collect()  # the model died with its function: give its memory back before the next one
         torch.cuda.empty_cache()
         if args.json:
