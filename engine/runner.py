@@ -101,7 +101,7 @@ class ModelRunner:
         adapter = self.adapters[new.model]
         prompt = new.prompt.with_condition(adapter.request_condition(new.fps))
         for cond in prompt.rows_in_order:
-            adapter.check_condition(cond)
+            adapter.check_condition(cond, new.latent_shape)
         sampler = adapter.new_sampler(new.num_steps, new.latent_shape)
         if len(sampler.timesteps) != new.num_steps:
             raise ValueError(f"the sampler made {len(sampler.timesteps)} timesteps for {new.num_steps} steps")

@@ -5,6 +5,7 @@ batch of same-shaped requests from start to end). Instead an adapter exposes the
 pieces of that loop one at a time, so the step scheduler can interleave requests:
 
     encode()          prompt -> Condition                          (TextEncoder)
+    encode_image()    image-to-video: input image -> its latents   (VaeDecoder, once per request)
     new_sampler()     a fresh diffusers scheduler per request      (ModelRunner)
     initial_latents() seeded noise                                 (ModelRunner)
     forward_packed()  one packed transformer pass, any shapes      (ModelRunner)
@@ -27,6 +28,7 @@ from typing import Any, ClassVar, Iterable, Literal
 
 import numpy as np
 import torch
+from PIL import Image
 from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
@@ -296,12 +298,35 @@ class DiffusionAdapter(ABC):
         its RoPE is scaled by); None fps means the model's default."""
         return {}
 
-    def check_condition(self, cond: Condition) -> None:
+    # ---- image-to-video ---------------------------------------------------
+    @property
+    def image_to_video(self) -> bool:
+        """Whether every request is conditioned on an input image (its latents enter the request's rows as
+        `image_latents`, encoded once by `encode_image`); known from the configs, without weights."""
+        return False
+
+    def encode_image(self, image: Image.Image, height: int, width: int, num_frames: int, seed: int) -> Condition:
+        """The input image resized to the request's size as the family's image-to-video pipeline does, through the
+        VAE encoder (a posterior sample drawn from the request's seed): the `image_latents` row condition."""
+        if not self.image_to_video:
+            raise ValueError(f"{self.spec.name} is not an image-to-video model")
+        return self.image_latents(image, height, width, num_frames, seed)
+
+    def image_latents(self, image: Image.Image, height: int, width: int, num_frames: int, seed: int) -> Condition:
+        """`encode_image` of a family that has image-to-video checkpoints."""
+        raise NotImplementedError(f"{self.family} has no image-to-video layout")
+
+    def image_placeholder(self, latent_shape: tuple[int, ...]) -> Condition:
+        """Zero image latents of a request's shape (what the step-cost probe runs an image-to-video model with)."""
+        return {}
+
+    def check_condition(self, cond: Condition, latent_shape: tuple[int, ...]) -> None:
         """Refuse embeddings the transformer cannot take (before any rank enters a collective with them)."""
         config = self.transformer_config
         text_width = (config.get("text_embed_dim") or config.get("text_dim") or config.get("joint_attention_dim")
                       or config.get("caption_channels"))
-        widths = {"encoder_hidden_states": text_width, "pooled_projections": config.get("pooled_projection_dim")}
+        widths = {"encoder_hidden_states": text_width, "pooled_projections": config.get("pooled_projection_dim"),
+                  "image_embeds": config.get("image_dim")}
         for key, tensor in cond.items():
             if tensor.shape[0] != 1:
                 raise ValueError(f"{key}: one row expected, got batch {tensor.shape[0]}")
@@ -310,6 +335,14 @@ class DiffusionAdapter(ABC):
                 raise ValueError(f"{key}: width {tensor.shape[-1]}, the transformer takes {width}")
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise ValueError(f"{key}: non-finite values")
+        placeholder = self.image_placeholder(latent_shape)
+        for key in ("image_latents", "image_embeds"):
+            if (key in placeholder) != (key in cond):
+                raise ValueError(f"{key}: {'missing' if key in placeholder else 'given'}; the model "
+                                 f"{'takes' if key in placeholder else 'takes no'} {key}")
+        if "image_latents" in cond and cond["image_latents"].shape != placeholder["image_latents"].shape:
+            raise ValueError(f"image_latents: {tuple(cond['image_latents'].shape)}, the model takes "
+                             f"{tuple(placeholder['image_latents'].shape)}")
 
     # ---- vae ------------------------------------------------------------
     @abstractmethod

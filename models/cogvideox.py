@@ -1,4 +1,4 @@
-"""CogVideoX (THUDM/CogVideoX-2b/-5b, CogVideoX1.5-5B) through diffusers' CogVideoX pipeline pieces."""
+"""CogVideoX (THUDM/CogVideoX-2b/-5b, CogVideoX1.5-5B, CogVideoX-5b-I2V) through diffusers' CogVideoX pipeline pieces."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from diffusers import (
     CogVideoXPipeline,
     CogVideoXTransformer3DModel,
 )
+from diffusers.pipelines.cogvideo.pipeline_cogvideox_image2video import retrieve_latents
+from diffusers.video_processor import VideoProcessor
+from PIL import Image
 from transformers import T5Config, T5EncoderModel
 
 from models import cogvideox_packed
@@ -32,6 +35,11 @@ class CogVideoXAdapter(DiffusionAdapter):
 
     CogVideoX 1.5 patches pairs of latent frames (`patch_size_t` 2): as `CogVideoXPipeline` does, a request's
     odd latent frame count is padded by one noise frame, which the decode drops.
+
+    Image-to-video checkpoints (CogVideoX-5b-I2V: the transformer takes twice the VAE's latent channels) are
+    `CogVideoXImageToVideoPipeline`'s loop: the input image's latents (first frame; zeros after it) are
+    concatenated to the noisy latents on the channel axis of every row at every step. CogVideoX 1.5 I2V (its `ofs`
+    embedding and first-frame padding) is refused at load.
     """
 
     family = "cogvideox"
@@ -40,7 +48,7 @@ class CogVideoXAdapter(DiffusionAdapter):
     transformer_cls = CogVideoXTransformer3DModel
     vae_cls = AutoencoderKLCogVideoX
     text_components = ("tokenizer", "text_encoder")
-    tiny_variants = ("default", "cogvideox1.5")
+    tiny_variants = ("default", "cogvideox1.5", "i2v")
 
     @classmethod
     def tiny_configs(cls, spec: ModelSpec) -> dict[str, Any]:
@@ -48,9 +56,11 @@ class CogVideoXAdapter(DiffusionAdapter):
         # its RoPE grid ("slice" RoPE covers at most sample_height/patch x sample_width/patch tokens: 64 x 64 here).
         v15 = dict(patch_size_t=2, patch_bias=False, sample_height=128, sample_width=128) \
             if spec.tiny_variant == "cogvideox1.5" else {}
+        in_channels = 8 if spec.tiny_variant == "i2v" else 4  # I2V: noisy latents + image latents (4 channels each)
         return {
             "transformer": dict(
-                num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=32,
+                num_attention_heads=2, attention_head_dim=16, in_channels=in_channels, out_channels=4,
+                time_embed_dim=32,
                 text_embed_dim=32, num_layers=2, sample_frames=9, patch_size=2, temporal_compression_ratio=4,
                 max_text_seq_length=spec.max_sequence_length, use_rotary_positional_embeddings=True,
                 **{"sample_width": 8, "sample_height": 8, **v15},
@@ -78,6 +88,9 @@ class CogVideoXAdapter(DiffusionAdapter):
         t = self.transformer_config
         if (t.get("patch_size_t") or 1) not in (1, 2):
             raise ValueError(f"{self.spec.source}: patch_size_t {t['patch_size_t']}; CogVideoX 1.5 patches 2 frames")
+        if self.image_to_video and (t.get("patch_size_t") or t.get("ofs_embed_dim")):
+            raise ValueError(f"{self.spec.source}: CogVideoX 1.5 image-to-video (ofs embedding) is not served; "
+                             "CogVideoX-5b-I2V is")
         temporal = self.vae_config["temporal_compression_ratio"]
         return Geometry(
             spatial_factor=2 ** (len(self.vae_config["block_out_channels"]) - 1),
@@ -98,9 +111,30 @@ class CogVideoXAdapter(DiffusionAdapter):
         )
         return split_rows(negative_prompts, {"encoder_hidden_states": pos}, {"encoder_hidden_states": neg})
 
+    @property
+    def image_to_video(self) -> bool:
+        return self.transformer_config["in_channels"] == 2 * self.vae_config["latent_channels"]
+
+    @torch.no_grad()
+    def image_latents(self, image: Image.Image, height: int, width: int, num_frames: int, seed: int) -> Condition:
+        """As `CogVideoXImageToVideoPipeline.prepare_latents`: resize, VAE-encode one frame, sample, scale."""
+        pixels = VideoProcessor(vae_scale_factor=self.geometry.spatial_factor).preprocess(image, height, width)
+        vae = self.pipeline.vae
+        encoded = vae.encode(pixels.to(self.device, self.dtype).unsqueeze(2))
+        latents = retrieve_latents(encoded, torch.Generator("cpu").manual_seed(seed)).permute(0, 2, 1, 3, 4)
+        scale = vae.config.scaling_factor
+        latents = latents / scale if vae.config.invert_scale_latents else latents * scale
+        return {"image_latents": latents.to(self.dtype).cpu()}  # (1, 1, C, H/8, W/8)
+
+    def image_placeholder(self, latent_shape: tuple[int, ...]) -> Condition:
+        if not self.image_to_video:
+            return {}
+        _, channels, height, width = latent_shape
+        return {"image_latents": torch.zeros(1, 1, channels, height, width, dtype=self.dtype)}
+
     def latent_shape(self, height: int, width: int, num_frames: int) -> tuple[int, ...]:
         g = self.geometry
-        channels = self.transformer_config["in_channels"]
+        channels = self.transformer_config["in_channels"] // (2 if self.image_to_video else 1)
         frames = -(-g.latent_frames(num_frames) // g.patch_size_t) * g.patch_size_t  # 1.5: padded to whole patches
         return (frames, channels, height // g.spatial_factor, width // g.spatial_factor)
 
@@ -127,6 +161,10 @@ class CogVideoXAdapter(DiffusionAdapter):
         if self.transformer_config.get("use_rotary_positional_embeddings"):
             frames, _, h, w = latents.shape
             rotary = self._rotary(frames, h, w)
+        if "image_latents" in cond:  # the image's latents on the first frame, zeros after it, as extra channels
+            image = cond["image_latents"][0].to(latents.dtype)
+            padded = torch.cat([image, image.new_zeros(latents.shape[0] - 1, *image.shape[1:])])
+            latents = torch.cat([latents, padded], dim=1)
         return PackedRequest(latents, timestep, cond["encoder_hidden_states"][0], rotary)
 
     @lru_cache(maxsize=64)

@@ -31,6 +31,7 @@ class PackedRequest:
     text: torch.Tensor  # (text_tokens, text_dim): only the tokens the model attends to
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # CogVideoX 5b-style RoPE (cos, sin) of video tokens
     pooled: torch.Tensor | None = None  # SD3's pooled text projection (pooled_dim,)
+    image: torch.Tensor | None = None  # Wan 2.1 I2V's CLIP image tokens (image_tokens, image_dim)
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,12 @@
-"""Packed forward of diffusers' `WanTransformer3DModel` (Wan 2.1 T2V) over heterogeneous requests.
+"""Packed forward of diffusers' `WanTransformer3DModel` (Wan 2.1 / 2.2, T2V and I2V) over heterogeneous requests.
 
 Follows `WanTransformer3DModel.forward` and `WanTransformerBlock.forward` of
 diffusers 0.42 step by step, with the batch dimension replaced by packed rows:
 per-request patch embedding, RoPE and condition embedding (diffusers' own
 submodules, called per request), per-row timestep modulation, self-attention via
-the attention context, cross-attention of each row over its own request's text,
-and per-request unpatchify.
+the attention context, cross-attention of each row over its own request's text
+(and, for Wan 2.1 I2V, over its image's CLIP tokens with the block's added K/V
+projections, summed as `WanAttnProcessor` sums them), and per-request unpatchify.
 """
 
 from __future__ import annotations
@@ -47,14 +48,20 @@ def forward_rows(model: WanTransformer3DModel, requests: list[PackedRequest], ct
     counts = token_counts(model, requests)
     segments = ctx.segments(counts)
     held = sorted({s.request for s in segments})  # a rank computes only its requests' embeddings
-    patches, cos, sin, temb, proj, text = {}, {}, {}, {}, {}, {}
+    patches, cos, sin, temb, proj, text, image = {}, {}, {}, {}, {}, {}, {}
     for i in held:
-        sample = requests[i].latents.unsqueeze(0)
+        r = requests[i]
+        if (r.image is None) != (model.condition_embedder.image_embedder is None):
+            raise ValueError("Wan 2.1 I2V rows need their image's CLIP tokens, and other Wan rows take none")
+        sample = r.latents.unsqueeze(0)
         c, s = model.rope(sample)
         cos[i], sin[i] = c[0], s[0]  # (tokens, 1, head_dim)
         patches[i] = model.patch_embedding(sample).flatten(2).transpose(1, 2)[0]
-        t, p, txt, _ = model.condition_embedder(requests[i].timestep.reshape(1), requests[i].text.unsqueeze(0))
+        t, p, txt, img = model.condition_embedder(r.timestep.reshape(1), r.text.unsqueeze(0),
+                                                  None if r.image is None else r.image.unsqueeze(0))
         temb[i], proj[i], text[i] = t[0], p[0].unflatten(0, (6, -1)), txt[0]
+        if img is not None:
+            image[i] = img[0]
     x = gather_rows(patches, segments)
     rope_cos, rope_sin = gather_rows(cos, segments), gather_rows(sin, segments)
     row_temb = per_row(temb, segments)
@@ -65,14 +72,14 @@ def forward_rows(model: WanTransformer3DModel, requests: list[PackedRequest], ct
                                           torch.tensor([s.length for s in segments])).to(x.device)
 
     for block in model.blocks:
-        x = _block(block, x, text, proj_stack, row_request, rope_cos, rope_sin, counts, segments, ctx)
+        x = _block(block, x, text, image, proj_stack, row_request, rope_cos, rope_sin, counts, segments, ctx)
 
     shift, scale = (model.scale_shift_table + row_temb.unsqueeze(1)).chunk(2, dim=1)
     x = (model.norm_out(x.float()) * (1 + scale[:, 0]) + shift[:, 0]).type_as(x)
     return model.proj_out(x), segments
 
 
-def _block(block, x, texts, proj_stack, row_request, cos, sin, counts, segments, ctx):
+def _block(block, x, texts, images, proj_stack, row_request, cos, sin, counts, segments, ctx):
     tables = block.scale_shift_table + proj_stack.float()  # (requests held, 6, hidden)
 
     def modulation(chunk: int) -> torch.Tensor:  # shift, scale, gate, c_shift, c_scale, c_gate: one per row
@@ -93,6 +100,10 @@ def _block(block, x, texts, proj_stack, row_request, cos, sin, counts, segments,
     keys = {i: attn.norm_k(attn.to_k(t)).unflatten(1, (attn.heads, -1)) for i, t in texts.items()}
     values = {i: attn.to_v(t).unflatten(1, (attn.heads, -1)) for i, t in texts.items()}
     out = ctx.cross_attention(q, keys, values, segments).flatten(1)
+    if images:  # Wan 2.1 I2V: the same queries over the image's tokens, with the added K/V projections
+        keys = {i: attn.norm_added_k(attn.add_k_proj(t)).unflatten(1, (attn.heads, -1)) for i, t in images.items()}
+        values = {i: attn.add_v_proj(t).unflatten(1, (attn.heads, -1)) for i, t in images.items()}
+        out = out + ctx.cross_attention(q, keys, values, segments).flatten(1)
     x = x + attn.to_out[1](attn.to_out[0](out))
 
     normed = (block.norm3(x.float()) * (1 + modulation(4)) + modulation(3)).type_as(x)

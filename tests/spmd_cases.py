@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from PIL import Image
 
 from attention.plan import BrickPlan
 from attention.ring import CommStats, brick_attention
@@ -69,8 +71,13 @@ def engine_group_case(rank: int, world_size: int, payload) -> dict:
     runner = ModelRunner({s.name: load_adapter(s, ["transformer"]) for s in specs}, rank, world_size)
     config_only = {s.name: load_adapter(s, ()) for s in specs}
     encoders = {s.name: TextEncoderCore([s]) for s in specs}
+    vaes = {s.name: load_adapter(s, ["vae"]) for s in specs if config_only[s.name].image_to_video}
     for request_id, spec in asks:
         prompt = encoders[spec.model].encode_batch([EncodeRequest(spec.model, spec.prompt, spec.negative_prompt)])[0]
+        if spec.model in vaes:  # image-to-video: a noise picture drawn from the request's seed
+            image = Image.fromarray(np.random.default_rng(spec.seed).integers(0, 256, (30, 40, 3), dtype=np.uint8))
+            prompt = prompt.with_condition(vaes[spec.model].encode_image(image, spec.height, spec.width,
+                                                                         spec.num_frames, spec.seed))
         if request_id in bad:  # an embedding width the transformer cannot take
             prompt.cond["encoder_hidden_states"] = torch.zeros(1, 16, 7)
         core.admit(NewRequest.from_spec(request_id, spec, prompt, config_only[spec.model]))

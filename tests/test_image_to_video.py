@@ -1,0 +1,213 @@
+"""Image-to-video in the packed engine (CogVideoX-5b-I2V and Wan2.2-I2V-A14B layouts), against diffusers'
+`CogVideoXImageToVideoPipeline` and `WanImageToVideoPipeline` (fp32)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import CogVideoXImageToVideoPipeline
+from PIL import Image
+
+from attention.spmd import run_spmd
+from deployments.text_encoder import EncodeRequest, TextEncoderCore
+from engine.messages import NewRequest
+from engine.request import RequestStatus
+from models import load_adapter
+from models.base import EncodedPrompt
+from models.spec import ModelSpec
+from tests.conftest import tiny_spec
+from tests.factories import Engine, gen_spec
+from tests.spmd_cases import engine_group_case
+
+I2V = tiny_spec("cogvideox", name="cogvideox-i2v-tiny", tiny_variant="i2v")
+WAN_I2V = tiny_spec("wan", name="wan2.2-i2v-tiny", tiny_variant="wan2.2-i2v-a14b")
+
+
+def picture(seed: int, width: int = 40, height: int = 30) -> Image.Image:
+    """A noisy RGB picture of another size than the requests', so the resize path runs."""
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def conditioned(prompt: EncodedPrompt, image: Image.Image, height: int, width: int, seed: int,
+                frames: int = 9, spec: ModelSpec = I2V) -> EncodedPrompt:
+    """The prompt with the image's latents, as the job's pipeline hands it to the scheduler."""
+    return prompt.with_condition(load_adapter(spec, parts=("vae",)).encode_image(image, height, width, frames, seed))
+
+
+def _prompts(*texts: str, spec: ModelSpec = I2V) -> list[EncodedPrompt]:
+    return TextEncoderCore([spec]).encode_batch([EncodeRequest(spec.name, t, "") for t in texts])
+
+
+def test_an_image_to_video_checkpoint_halves_the_transformer_channels_for_its_noise():
+    adapter = load_adapter(I2V, parts=())
+    assert adapter.image_to_video and not load_adapter(tiny_spec("cogvideox"), parts=()).image_to_video
+    assert adapter.latent_shape(32, 48, 9) == (3, 4, 4, 6)
+    assert adapter.image_placeholder((3, 4, 4, 6))["image_latents"].shape == (1, 1, 4, 4, 6)
+
+
+def test_engine_matches_the_image_to_video_pipeline():
+    (prompt,) = _prompts("a cat on the moon")
+    image, spec = picture(0), gen_spec(I2V.name, steps=5, frames=9, seed=3, guidance=6.0)
+    engine = Engine([I2V])
+    engine.admit("x", spec, conditioned(prompt, image, spec.height, spec.width, spec.seed))
+    engine.run()
+    assert engine.done["x"].status is RequestStatus.FINISHED
+    adapter = load_adapter(I2V, parts=("text", "transformer", "vae"))
+    pipeline = CogVideoXImageToVideoPipeline(**adapter.pipeline.components)
+    # The pipeline draws the image's posterior sample and then the noise from one generator; the engine draws them
+    # in two processes from the same seed, so the reference gets the engine's noise and the seed for the image.
+    noise = adapter.initial_latents(adapter.latent_shape(32, 48, 9), spec.seed, adapter.new_sampler(5, (1,)))
+    reference = pipeline(image=image, prompt="a cat on the moon", negative_prompt="", height=32, width=48,
+                         num_frames=9, num_inference_steps=5, guidance_scale=6.0, latents=noise,
+                         generator=torch.Generator().manual_seed(3), output_type="latent",
+                         max_sequence_length=16).frames
+    torch.testing.assert_close(engine.latents["x"], reference, rtol=0, atol=1e-5)
+    other = Engine([I2V])
+    other.admit("y", spec, conditioned(prompt, picture(1), spec.height, spec.width, spec.seed))
+    other.run()
+    assert (other.latents["y"] - engine.latents["x"]).abs().max() > 1e-3  # the image conditions the video
+
+
+@pytest.mark.parametrize("spec", [I2V, WAN_I2V], ids=["cogvideox", "wan2.2"])
+def test_packed_with_other_shapes_and_images_equals_alone(spec):
+    target_prompt, other_prompt = _prompts("a cat on the moon", "red car at night", spec=spec)
+    target = gen_spec(spec.name, steps=4, height=32, width=48, frames=9, seed=7)
+    target_prompt = conditioned(target_prompt, picture(2), 32, 48, 7, spec=spec)
+    alone = Engine([spec])
+    alone.admit("t", target, target_prompt)
+    alone.run()
+    batched = Engine([spec])
+    batched.admit("a", gen_spec(spec.name, steps=6, height=48, width=32, frames=17, seed=1),
+                  conditioned(other_prompt, picture(3, 64, 64), 48, 32, 1, frames=17, spec=spec))
+    batched.step()
+    batched.admit("t", target, target_prompt)
+    batched.run()
+    assert any(r.shapes == 2 and r.forwards == 1 for r in batched.results)
+    torch.testing.assert_close(batched.latents["t"], alone.latents["t"], rtol=0, atol=1e-5)
+
+
+def test_a_request_without_its_image_fails_at_admission_and_others_finish():
+    prompt, other = _prompts("a cat", "a dog")
+    engine = Engine([I2V])
+    engine.admit("bare", gen_spec(I2V.name, steps=3), prompt)
+    engine.admit("ok", gen_spec(I2V.name, steps=3), conditioned(other, picture(4), 32, 48, 0))
+    engine.run()
+    assert engine.done["bare"].status is RequestStatus.FAILED and "image_latents" in engine.done["bare"].error
+    assert engine.done["ok"].status is RequestStatus.FINISHED
+
+
+def test_text_to_video_models_refuse_an_image():
+    with pytest.raises(ValueError, match="not an image-to-video model"):
+        load_adapter(tiny_spec("cogvideox"), parts=("vae",)).encode_image(picture(0), 32, 48, 9, 0)
+
+
+def test_checkpoint_round_trip_of_an_image_to_video_model(tmp_path):
+    reference = load_adapter(I2V, parts=("text", "transformer", "vae"))
+    CogVideoXImageToVideoPipeline(**reference.pipeline.components).save_pretrained(tmp_path)
+    saved = I2V.model_copy(update={"source": str(tmp_path)})
+    assert load_adapter(saved, parts=()).image_to_video
+    image = picture(5)
+    cond = load_adapter(saved, parts=("vae",)).encode_image(image, 32, 48, 9, 0)
+    torch.testing.assert_close(cond["image_latents"], reference.encode_image(image, 32, 48, 9, 0)["image_latents"])
+    (prompt,) = _prompts("a cat")
+    spec = gen_spec(I2V.name, steps=3)
+    runs = []
+    for source in (I2V, saved):
+        engine = Engine([source])
+        engine.admit("x", spec, prompt.with_condition(cond))
+        engine.run()
+        runs.append(engine.latents["x"])
+    torch.testing.assert_close(runs[1], runs[0], rtol=0, atol=1e-5)
+
+
+def test_new_request_keeps_the_image_in_its_rows():
+    (prompt,) = _prompts("a cat")
+    spec = gen_spec(I2V.name)
+    new = NewRequest.from_spec("x", spec, conditioned(prompt, picture(0), 32, 48, 0), load_adapter(I2V, parts=()))
+    assert all(row["image_latents"].shape == (1, 1, 4, 4, 6) for row in new.prompt.rows_in_order)
+    assert new.row_tokens == (3 * 2 * 3 + 16,) * 2  # image channels add no tokens
+
+
+def test_wan22_image_to_video_matches_its_pipeline_across_both_experts():
+    """Wan2.2-I2V-A14B's layout: mask + [image, black frames] latents as extra channels, two experts by timestep."""
+    from diffusers import WanImageToVideoPipeline
+
+    adapter = load_adapter(WAN_I2V, parts=("text", "transformer", "vae"))
+    assert adapter.image_to_video and adapter.expert_count == 2
+    assert adapter.latent_shape(32, 48, 9) == (16, 3, 4, 6)
+    (prompt,) = _prompts("a cat on the moon", spec=WAN_I2V)
+    image, spec = picture(0), gen_spec(WAN_I2V.name, steps=6, frames=9, seed=3, guidance=5.0, guidance_2=3.0)
+    cond = adapter.encode_image(image, 32, 48, 9, spec.seed)
+    assert cond["image_latents"].shape == (1, 20, 3, 4, 6)
+    engine = Engine([WAN_I2V])
+    engine.admit("x", spec, prompt.with_condition(cond))
+    engine.run()
+    assert engine.done["x"].status is RequestStatus.FINISHED
+    assert {r.forwards for r in engine.results} == {1}  # each step in one expert; the request switched once
+    pipeline = WanImageToVideoPipeline(**adapter.pipeline.components, image_processor=None, image_encoder=None,
+                                       boundary_ratio=adapter.pipeline.config.boundary_ratio)
+    noise = adapter.initial_latents(adapter.latent_shape(32, 48, 9), spec.seed, adapter.new_sampler(6, (1,)))
+    # The embeddings, not the text: WanImageToVideoPipeline's prompt cleaning needs ftfy, which WanPipeline's does not.
+    reference = pipeline(image=image, prompt_embeds=prompt.cond["encoder_hidden_states"],
+                         negative_prompt_embeds=prompt.uncond["encoder_hidden_states"], height=32, width=48,
+                         num_frames=9, num_inference_steps=6, guidance_scale=5.0, guidance_scale_2=3.0, latents=noise,
+                         output_type="latent").frames
+    torch.testing.assert_close(engine.latents["x"], reference, rtol=0, atol=1e-5)
+
+
+def test_image_to_video_rows_on_two_ranks_equal_one_rank():
+    """Both layouts' image channels travel with their rows into Brick shards: a big request on a ring of 2 and a small
+    one on one rank, two gloo ranks == one."""
+    asks = [("cog-big", gen_spec(I2V.name, steps=3, height=64, width=96, frames=9, seed=1)),
+            ("cog-small", gen_spec(I2V.name, steps=2, seed=2, guidance=1.0)),
+            ("wan-big", gen_spec(WAN_I2V.name, steps=3, height=64, width=96, frames=9, seed=3, guidance_2=2.0))]
+    payload = ([I2V, WAN_I2V], asks, 32, set())  # the big rows (72 video tokens) shard over 2 ranks
+    (alone,) = run_spmd(1, engine_group_case, payload)
+    ranks = run_spmd(2, engine_group_case, payload)
+    assert all(2 in r["rings"] and r["ring_bytes"] > 0 and not r["errors"] for r in ranks)
+    for request_id, _ in asks:
+        for r in ranks:
+            torch.testing.assert_close(r["latents"][request_id], alone["latents"][request_id], atol=1e-4, rtol=1e-4)
+
+
+def test_wan21_image_to_video_attends_to_the_image_clip_tokens_as_its_pipeline_does():
+    """Wan 2.1 I2V's layout: CLIP tokens of the image (encoded beside the VAE) in every block's cross-attention, with
+    the condition latents as extra channels. diffusers' attention processor splits image from text tokens assuming
+    512 text tokens, so this model's prompts are 512 tokens long."""
+    spec = tiny_spec("wan", name="wan2.1-i2v-tiny", tiny_variant="wan2.1-i2v", max_sequence_length=512)
+    adapter = load_adapter(spec, parts=("text", "transformer", "vae"))
+    assert adapter.image_to_video and adapter.expert_count == 1
+    (prompt,) = _prompts("a cat on the moon", spec=spec)
+    image, request = picture(0), gen_spec(spec.name, steps=4, frames=9, seed=3, guidance=5.0)
+    cond = load_adapter(spec, parts=("vae",)).encode_image(image, 32, 48, 9, request.seed)
+    assert cond["image_embeds"].shape == (1, 17, 32)  # (32 / 8)^2 patches + the class token
+    engine = Engine([spec])
+    engine.admit("x", request, prompt.with_condition(cond))
+    engine.run()
+    assert engine.done["x"].status is RequestStatus.FINISHED
+    noise = adapter.initial_latents(adapter.latent_shape(32, 48, 9), request.seed, adapter.new_sampler(4, (1,)))
+    reference = adapter.pipeline(image=image, prompt_embeds=prompt.cond["encoder_hidden_states"],
+                                 negative_prompt_embeds=prompt.uncond["encoder_hidden_states"], height=32, width=48,
+                                 num_frames=9, num_inference_steps=4, guidance_scale=5.0, latents=noise,
+                                 output_type="latent").frames
+    torch.testing.assert_close(engine.latents["x"], reference, rtol=0, atol=1e-5)
+    bare = Engine([spec])
+    bare.admit("y", request, prompt.with_condition({"image_latents": cond["image_latents"]}))
+    bare.run()
+    assert "image_embeds" in bare.done["y"].error  # refused at admission, before any forward
+
+
+def test_wan21_image_to_video_checkpoint_loads_its_image_encoder_with_the_vae(tmp_path):
+    spec = tiny_spec("wan", name="wan2.1-i2v-tiny", tiny_variant="wan2.1-i2v")
+    reference = load_adapter(spec, parts=("text", "transformer", "vae"))
+    reference.pipeline.save_pretrained(tmp_path)
+    saved = spec.model_copy(update={"source": str(tmp_path)})
+    vae_part = load_adapter(saved, parts=("vae",))
+    assert vae_part.pipeline.image_encoder is not None and vae_part.pipeline.transformer is None
+    worker = load_adapter(saved, parts=("transformer",))
+    assert worker.pipeline.image_encoder is None and worker.image_to_video
+    image = picture(6)
+    loaded, expected = (a.encode_image(image, 32, 48, 9, 0) for a in (vae_part, reference))
+    for key in ("image_latents", "image_embeds"):
+        torch.testing.assert_close(loaded[key], expected[key], rtol=0, atol=1e-6)
