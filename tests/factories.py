@@ -61,3 +61,19 @@ class Engine:
     def run(self) -> None:
         while self.core.pool:
             self.step()
+
+
+def assert_joined_late_equals_alone(spec: ModelSpec, target: tuple[GenerationSpec, EncodedPrompt],
+                                    other: tuple[GenerationSpec, EncodedPrompt]) -> None:
+    """The target alone equals the target admitted one step after `other` (another shape, other timesteps) started,
+    one packed forward holding both shapes (fp32, 1e-5)."""
+    alone = Engine([spec])
+    alone.admit("t", *target)
+    alone.run()
+    batched = Engine([spec])
+    batched.admit("a", *other)
+    batched.step()
+    batched.admit("t", *target)
+    batched.run()
+    assert any(r.shapes == 2 and r.forwards == 1 for r in batched.results)
+    torch.testing.assert_close(batched.latents["t"], alone.latents["t"], rtol=0, atol=1e-5)

@@ -92,3 +92,19 @@ def engine_group_case(rank: int, world_size: int, payload) -> dict:
         errors.update(result.errors)
         forwards.add(result.forwards)
     return {"latents": latents, "rings": rings, "ring_bytes": ring_bytes, "errors": errors, "forwards": forwards}
+
+
+def assert_two_ranks_equal_one_rank(specs: list, asks: list, min_shard_tokens: int) -> list[dict]:
+    """`asks` ([(id, GenerationSpec)]) on one rank and on two gloo ranks: a ring of 2 ran and sent K/V, no request
+    failed, and every rank's final latents equal one rank's (sharded sums in another order: 1e-4). The two ranks'
+    results, for further checks."""
+    from attention.spmd import run_spmd
+
+    payload = (specs, asks, min_shard_tokens, set())
+    (alone,) = run_spmd(1, engine_group_case, payload)
+    ranks = run_spmd(2, engine_group_case, payload)
+    assert all(2 in r["rings"] and r["ring_bytes"] > 0 and not r["errors"] for r in ranks)
+    for request_id, _ in asks:
+        for r in ranks:
+            torch.testing.assert_close(r["latents"][request_id], alone["latents"][request_id], atol=1e-4, rtol=1e-4)
+    return ranks

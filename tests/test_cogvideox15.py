@@ -8,7 +8,7 @@ from deployments.text_encoder import EncodeRequest, TextEncoderCore
 from engine.request import RequestStatus
 from models import load_adapter
 from tests.conftest import tiny_spec
-from tests.factories import Engine, gen_spec
+from tests.factories import Engine, assert_joined_late_equals_alone, gen_spec
 
 V15 = tiny_spec("cogvideox", name="cogvideox15-tiny", tiny_variant="cogvideox1.5")
 
@@ -41,14 +41,6 @@ def test_engine_matches_cogvideox_pipeline_and_decodes_the_requested_frames():
 
 def test_packed_with_other_shapes_equals_alone():
     target_prompt, other_prompt = _prompts("a cat on the moon", "red car at night")
-    target = gen_spec(V15.name, steps=4, height=32, width=48, frames=9, seed=7)
-    alone = Engine([V15])
-    alone.admit("t", target, target_prompt)
-    alone.run()
-    batched = Engine([V15])
-    batched.admit("a", gen_spec(V15.name, steps=6, height=240, width=416, frames=17, seed=1), other_prompt)
-    batched.step()
-    batched.admit("t", target, target_prompt)
-    batched.run()
-    assert any(r.shapes == 2 and r.forwards == 1 for r in batched.results)
-    torch.testing.assert_close(batched.latents["t"], alone.latents["t"], rtol=0, atol=1e-5)
+    assert_joined_late_equals_alone(
+        V15, (gen_spec(V15.name, steps=4, height=32, width=48, frames=9, seed=7), target_prompt),
+        (gen_spec(V15.name, steps=6, height=240, width=416, frames=17, seed=1), other_prompt))

@@ -9,7 +9,6 @@ import torch
 from diffusers import CogVideoXImageToVideoPipeline
 from PIL import Image
 
-from attention.spmd import run_spmd
 from deployments.text_encoder import EncodeRequest, TextEncoderCore
 from engine.messages import NewRequest
 from engine.request import RequestStatus
@@ -17,8 +16,8 @@ from models import load_adapter
 from models.base import EncodedPrompt
 from models.spec import ModelSpec
 from tests.conftest import tiny_spec
-from tests.factories import Engine, gen_spec
-from tests.spmd_cases import engine_group_case
+from tests.factories import Engine, assert_joined_late_equals_alone, gen_spec
+from tests.spmd_cases import assert_two_ranks_equal_one_rank
 
 I2V = tiny_spec("cogvideox", name="cogvideox-i2v-tiny", tiny_variant="i2v")
 WAN_I2V = tiny_spec("wan", name="wan2.2-i2v-tiny", tiny_variant="wan2.2-i2v-a14b")
@@ -73,18 +72,10 @@ def test_engine_matches_the_image_to_video_pipeline():
 def test_packed_with_other_shapes_and_images_equals_alone(spec):
     target_prompt, other_prompt = _prompts("a cat on the moon", "red car at night", spec=spec)
     target = gen_spec(spec.name, steps=4, height=32, width=48, frames=9, seed=7)
-    target_prompt = conditioned(target_prompt, picture(2), 32, 48, 7, spec=spec)
-    alone = Engine([spec])
-    alone.admit("t", target, target_prompt)
-    alone.run()
-    batched = Engine([spec])
-    batched.admit("a", gen_spec(spec.name, steps=6, height=48, width=32, frames=17, seed=1),
-                  conditioned(other_prompt, picture(3, 64, 64), 48, 32, 1, frames=17, spec=spec))
-    batched.step()
-    batched.admit("t", target, target_prompt)
-    batched.run()
-    assert any(r.shapes == 2 and r.forwards == 1 for r in batched.results)
-    torch.testing.assert_close(batched.latents["t"], alone.latents["t"], rtol=0, atol=1e-5)
+    assert_joined_late_equals_alone(
+        spec, (target, conditioned(target_prompt, picture(2), 32, 48, 7, spec=spec)),
+        (gen_spec(spec.name, steps=6, height=48, width=32, frames=17, seed=1),
+         conditioned(other_prompt, picture(3, 64, 64), 48, 32, 1, frames=17, spec=spec)))
 
 
 def test_a_request_without_its_image_fails_at_admission_and_others_finish():
@@ -162,13 +153,7 @@ def test_image_to_video_rows_on_two_ranks_equal_one_rank():
     asks = [("cog-big", gen_spec(I2V.name, steps=3, height=64, width=96, frames=9, seed=1)),
             ("cog-small", gen_spec(I2V.name, steps=2, seed=2, guidance=1.0)),
             ("wan-big", gen_spec(WAN_I2V.name, steps=3, height=64, width=96, frames=9, seed=3, guidance_2=2.0))]
-    payload = ([I2V, WAN_I2V], asks, 32, set())  # the big rows (72 video tokens) shard over 2 ranks
-    (alone,) = run_spmd(1, engine_group_case, payload)
-    ranks = run_spmd(2, engine_group_case, payload)
-    assert all(2 in r["rings"] and r["ring_bytes"] > 0 and not r["errors"] for r in ranks)
-    for request_id, _ in asks:
-        for r in ranks:
-            torch.testing.assert_close(r["latents"][request_id], alone["latents"][request_id], atol=1e-4, rtol=1e-4)
+    assert_two_ranks_equal_one_rank([I2V, WAN_I2V], asks, 32)  # the big rows (72 video tokens) shard over 2 ranks
 
 
 def test_wan21_image_to_video_attends_to_the_image_clip_tokens_as_its_pipeline_does():

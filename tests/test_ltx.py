@@ -6,13 +6,12 @@ from dataclasses import replace
 
 import torch
 
-from attention.spmd import run_spmd
 from deployments.text_encoder import EncodeRequest, TextEncoderCore
 from engine.request import RequestStatus
 from models import load_adapter
 from tests.conftest import tiny_spec
-from tests.factories import Engine, gen_spec
-from tests.spmd_cases import engine_group_case
+from tests.factories import Engine, assert_joined_late_equals_alone, gen_spec
+from tests.spmd_cases import assert_two_ranks_equal_one_rank
 
 LTX = tiny_spec("ltx", default_fps=25)
 
@@ -54,26 +53,11 @@ def test_engine_matches_ltx_pipeline_at_the_requests_frame_rate():
 
 def test_packed_with_other_shapes_and_frame_rates_equals_alone():
     target_prompt, other_prompt = _prompts("a cat on the moon", "red car at night")
-    target = _spec(steps=4, seed=7)
-    alone = Engine([LTX])
-    alone.admit("t", target, target_prompt)
-    alone.run()
-    batched = Engine([LTX])
-    batched.admit("a", _spec(12, steps=6, height=64, frames=17, seed=1), other_prompt)
-    batched.step()
-    batched.admit("t", target, target_prompt)
-    batched.run()
-    assert any(r.shapes == 2 and r.forwards == 1 for r in batched.results)
-    torch.testing.assert_close(batched.latents["t"], alone.latents["t"], rtol=0, atol=1e-5)
+    assert_joined_late_equals_alone(LTX, (_spec(steps=4, seed=7), target_prompt),
+                                    (_spec(12, steps=6, height=64, frames=17, seed=1), other_prompt))
 
 
 def test_two_ranks_equal_one_rank():
     asks = [("big", _spec(steps=3, height=128, width=192, frames=17, seed=1)),
             ("small", _spec(steps=2, seed=2, guidance=1.0))]
-    payload = ([LTX], asks, 8, set())
-    (alone,) = run_spmd(1, engine_group_case, payload)
-    ranks = run_spmd(2, engine_group_case, payload)
-    assert all(2 in r["rings"] and r["ring_bytes"] > 0 and not r["errors"] for r in ranks)
-    for request_id, _ in asks:
-        for r in ranks:
-            torch.testing.assert_close(r["latents"][request_id], alone["latents"][request_id], atol=1e-4, rtol=1e-4)
+    assert_two_ranks_equal_one_rank([LTX], asks, 8)

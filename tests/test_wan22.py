@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from attention.planner import BrickCostModel
-from attention.spmd import run_spmd
 from deployments.text_encoder import EncodeRequest, TextEncoderCore
 from engine.request import RequestStatus
 from engine.step_cost import plan_work
@@ -16,7 +15,7 @@ from serve_graph.schemas import VideoGenerationRequest
 from serve_graph.validation import InvalidRequest, RequestValidator, ServedModel
 from tests.conftest import tiny_spec
 from tests.factories import Engine, gen_spec
-from tests.spmd_cases import engine_group_case
+from tests.spmd_cases import assert_two_ranks_equal_one_rank
 
 A14B = tiny_spec("wan", name="wan22-a14b-tiny", tiny_variant="wan2.2-a14b", default_guidance_scale=6.0,
                  default_guidance_scale_2=3.0)
@@ -148,10 +147,5 @@ def test_two_expert_steps_on_two_ranks_equal_one_rank():
     asks = [("short", gen_spec(A14B.name, steps=2, height=64, width=112, seed=1, guidance=6.0, guidance_2=3.0)),
             ("long", gen_spec(A14B.name, steps=8, height=96, width=160, frames=17, seed=2, guidance=6.0,
                               guidance_2=3.0))]
-    payload = ([A14B], asks, 64, set())
-    (alone,) = run_spmd(1, engine_group_case, payload)
-    ranks = run_spmd(2, engine_group_case, payload)
-    assert all(2 in r["rings"] and r["ring_bytes"] > 0 and not r["errors"] and 2 in r["forwards"] for r in ranks)
-    for request_id, _ in asks:
-        for r in ranks:
-            torch.testing.assert_close(r["latents"][request_id], alone["latents"][request_id], atol=1e-4, rtol=1e-4)
+    ranks = assert_two_ranks_equal_one_rank([A14B], asks, 64)
+    assert all(2 in r["forwards"] for r in ranks)  # a step ran both experts' forwards
