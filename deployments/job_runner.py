@@ -24,7 +24,7 @@ from deployments.errors import Overloaded
 from deployments.metrics import ServeMetrics
 from deployments.pipeline import GenerationCancelled, MediaPipeline, SchedulerLost
 from deployments.step_scheduler import ProgressEvent
-from deployments.store.blobs import BlobStore
+from deployments.store.blobs import BlobStore, input_image_name
 from deployments.store.jobs import JobRecord, open_job_store
 from serve_graph.config import StoreConfig
 
@@ -86,9 +86,17 @@ class JobRunner:
     async def _run(self, record: JobRecord, delay_s: float) -> None:
         spec, tags = record.spec, {"model": record.spec.model, "resolution": record.resolution}
         await asyncio.sleep(delay_s)
+        image = None
+        if spec.input_image is not None:  # image-to-video: the bytes the ingress stored beside the job
+            try:
+                image = await asyncio.to_thread(self.blobs.get, self.blobs.path(input_image_name(record.id)))
+            except FileNotFoundError:
+                self._finish(record, "failed", error="the job's input image is missing from the blob store")
+                return
         while True:
             try:
-                mp4, stages = await self.pipeline.generate(record.id, spec, "mp4", self._progress_writer(record.id))
+                mp4, stages = await self.pipeline.generate(record.id, spec, "mp4", self._progress_writer(record.id),
+                                                           image)
             except (GenerationCancelled, asyncio.CancelledError):
                 return  # the ingress already stored the cancellation
             except Overloaded:  # admitted by an ingress whose count was behind: wait for room, stay queued
@@ -143,4 +151,6 @@ class JobRunner:
         for record in expired:
             if record.blob:
                 await asyncio.to_thread(self.blobs.delete, record.blob)
+            if record.spec.input_image is not None:
+                await asyncio.to_thread(self.blobs.delete, self.blobs.path(input_image_name(record.id)))
         self.jobs.delete([r.id for r in expired])

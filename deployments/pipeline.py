@@ -1,4 +1,5 @@
-"""One generation through the video graph: encode the prompt -> the step scheduler's pool -> VAE decode.
+"""One generation through the video graph: encode the prompt (and the input image) -> the step scheduler's pool
+-> VAE decode.
 
 Shared by the job runner (videos, driven from the job store) and the ingress's
 synchronous image route. The scheduler streams the request's progress and then its
@@ -18,7 +19,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.errors import Overloaded
 from deployments.step_scheduler import GenerationResult, ProgressEvent
 from deployments.text_encoder import EncodeRequest
-from deployments.vae_decoder import DecodeRequest, Decoded
+from deployments.vae_decoder import DecodeRequest, Decoded, ImageEncodeRequest
 from engine.request import GenerationSpec, RequestStatus
 from engine.scheduler import PoolFullError
 
@@ -51,10 +52,18 @@ class MediaPipeline:
         self.text_encoder, self.scheduler, self.vae = text_encoder, scheduler, vae
 
     async def generate(self, request_id: str, spec: GenerationSpec, media: str,
-                       on_progress: Callable[[ProgressEvent], None] | None = None) -> tuple[bytes, StageTimes]:
-        """The media bytes (mp4 or png) of one request and the seconds each stage took."""
+                       on_progress: Callable[[ProgressEvent], None] | None = None,
+                       image: bytes | None = None) -> tuple[bytes, StageTimes]:
+        """The media bytes (mp4 or png) of one request and the seconds each stage took; `image` is the input image
+        of an image-to-video request, whose latents join the prompt's rows (they go to the workers once with it)."""
         encode_start = time.time()
-        prompt = await self.text_encoder.encode.remote(EncodeRequest(spec.model, spec.prompt, spec.negative_prompt))
+        prompt_call = self.text_encoder.encode.remote(EncodeRequest(spec.model, spec.prompt, spec.negative_prompt))
+        if image is None:
+            prompt = await prompt_call
+        else:
+            prompt, image_latents = await asyncio.gather(prompt_call, self.vae.encode_image.remote(
+                ImageEncodeRequest(spec.model, image, spec.height, spec.width, spec.num_frames, spec.seed)))
+            prompt = prompt.with_condition(image_latents)
         encode_s = time.time() - encode_start
         result: GenerationResult | None = None
         stream = self.scheduler.options(stream=True).generate.remote(request_id, spec, prompt)

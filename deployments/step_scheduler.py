@@ -155,8 +155,11 @@ class StepScheduler:
         probes = []
         for spec in specs:
             for index, gen in enumerate(validator.probe_specs(spec.name)):
+                adapter = self.adapters[spec.name]
                 prompt = await text_encoder.encode.remote(EncodeRequest(gen.model, gen.prompt, gen.negative_prompt))
-                probes.append(NewRequest.from_spec(f"{spec.name}-{index}", gen, prompt, self.adapters[spec.name]))
+                prompt = prompt.with_condition(adapter.image_placeholder(
+                    adapter.latent_shape(gen.height, gen.width, gen.num_frames)))
+                probes.append(NewRequest.from_spec(f"{spec.name}-{index}", gen, prompt, adapter))
         plans = self.core.probe_plans(probes)
         start = time.perf_counter()
         for warm in (False, True):

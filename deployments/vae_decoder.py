@@ -1,4 +1,5 @@
-"""VaeDecoder: final latents -> frames -> mp4 / png, the job's last stage, in the scheduler's policy order.
+"""VaeDecoder: final latents -> frames -> mp4 / png, the job's last stage, in the scheduler's policy order; and the
+input image of an image-to-video job -> its latents, at the job's start.
 
 The decode is part of a job's latency (seconds per video on CPU here, minutes for
 720p HunyuanVideo / Wan on a GPU without tiling), so its queue is scheduled like the
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import io
 import itertools
 import queue
 import time
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from PIL import Image
 from ray import serve
 
 from deployments import init_replica
@@ -27,6 +30,7 @@ from deployments.drain import SMOOTHING
 from deployments.media import encode_mp4, encode_png
 from engine.policies import make_policy
 from models import load_adapter
+from models.base import Condition
 from models.spec import ModelSpec
 
 
@@ -37,6 +41,18 @@ class DecodeRequest:
     media: Literal["mp4", "png"]
     fps: int = 8
     arrival_time: float = 0.0  # when the job entered the step scheduler's pool: FIFO's decode order
+
+
+@dataclass(frozen=True)
+class ImageEncodeRequest:
+    """An image-to-video request's input image (checked bytes) at the request's size; its seed draws the latents."""
+
+    model: str
+    image: bytes
+    height: int
+    width: int
+    num_frames: int
+    seed: int
 
 
 @dataclass(frozen=True)
@@ -77,6 +93,16 @@ class VaeDecoderCore:
         decoded = time.perf_counter()
         media = encode_mp4(video, request.fps) if request.media == "mp4" else encode_png(video[0])
         return media, decoded - start, time.perf_counter() - decoded
+
+    def encode_image(self, request: ImageEncodeRequest) -> Condition:
+        """The image's latents (`image_latents`), on a VAE set no decode is using (the encoders keep caches too)."""
+        image = Image.open(io.BytesIO(request.image)).convert("RGB")
+        adapters = self._free.get()
+        try:
+            return adapters[request.model].encode_image(image, request.height, request.width, request.num_frames,
+                                                        request.seed)
+        finally:
+            self._free.put(adapters)
 
 
 class DecodeQueue:
@@ -152,6 +178,10 @@ class VaeDecoder:
 
     async def decode(self, request: DecodeRequest) -> Decoded:
         return await self.queue.decode(request)
+
+    async def encode_image(self, request: ImageEncodeRequest) -> Condition:
+        """An image-to-video job's first stage (beside its prompt's encoding), on the next free VAE set."""
+        return await asyncio.to_thread(self.queue.core.encode_image, request)
 
     async def load(self) -> dict:
         """Requests waiting for a decode slot, decodes running, the expected seconds of all admitted decodes (admission) and the

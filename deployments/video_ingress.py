@@ -1,6 +1,7 @@
 """VideoIngress: the HTTP front door (FastAPI) of the video graph; any number of replicas.
 
-POST /v1/videos validates, writes the job to the job store (an `Idempotency-Key`
+POST /v1/videos (a JSON or multipart body; image-to-video models take the first frame's image as
+`input_reference`, stored beside the job) validates, writes the job to the job store (an `Idempotency-Key`
 returns the job created before with that key), nudges the `JobRunner` that drives it
 and answers 202 with its id at once. Every read (status, list, content) comes from the
 job store and the blob store, so any replica answers any job, and no restart of a
@@ -18,7 +19,7 @@ import uuid
 from dataclasses import replace
 from typing import Optional, get_args
 
-from fastapi import FastAPI, Header, Query
+from fastapi import FastAPI, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -27,12 +28,14 @@ from deployments.api_keys import ApiKeys
 from deployments.drain import drain_seconds, overloaded
 from deployments.errors import install_error_handlers
 from deployments.pipeline import MediaPipeline
-from deployments.store.blobs import BlobStore
+from deployments.store.blobs import BlobStore, input_image_name
 from deployments.store.jobs import JobRecord, open_job_store
+from deployments.video_request import read_video_request
 from engine.request import GenerationSpec
 from models import load_adapter
 from models.spec import AspectRatio, ModelSpec
 from serve_graph.config import AuthConfig, LimitsConfig, StoreConfig
+from serve_graph.input_image import FIELD, image_digest, open_image
 from serve_graph.schemas import (
     ImageData,
     ImageGenerationRequest,
@@ -46,12 +49,20 @@ from serve_graph.schemas import (
 from serve_graph.validation import InvalidRequest, RequestValidator, ServedModel
 
 EVENTS_POLL_S = 0.25  # how often an events stream reads its job from the store
+_VIDEO_SCHEMA = VideoGenerationRequest.model_json_schema()
+_VIDEO_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": _VIDEO_SCHEMA},
+    "multipart/form-data": {"schema": {**_VIDEO_SCHEMA, "properties": {
+        **_VIDEO_SCHEMA["properties"],
+        FIELD: {"type": "string", "format": "binary", "description": "Image-to-video: the first frame's image."}}}},
+}}}
+"""POST /v1/videos reads its body itself (`read_video_request`): its OpenAPI body, for clients and the fuzz."""
 app = FastAPI(title="DiT-Serve video API")
 install_error_handlers(app)
 
 
 def _card(served: ServedModel) -> ModelCard:
-    spec, video = served.spec, served.kind == "video"
+    spec, video = served.spec, served.media == "video"
     return ModelCard(id=spec.name, family=spec.family, kind=served.kind,
                      resolutions=dict(spec.resolution_heights) if video else None,
                      num_frames=served.frame_counts if video else None,
@@ -90,20 +101,28 @@ class VideoIngress:
         self.keys.owner(authorization)
         return ModelList(data=[_card(m) for m in self.served.values()])
 
-    @app.post("/v1/videos", status_code=202)
-    async def create_video(self, body: VideoGenerationRequest,
+    @app.post("/v1/videos", status_code=202, openapi_extra=_VIDEO_BODY)
+    async def create_video(self, request: Request,
                            idempotency_key: Optional[str] = Header(default=None, max_length=256),
                            authorization: Optional[str] = Header(default=None)) -> VideoJob:
         owner = self.keys.owner(authorization)
-        resolved = self.validator.video(body)
+        body, image = await read_video_request(request)
+        digest = None if image is None else image_digest(image)
+        resolved = self.validator.video(body, digest)
+        if image is not None:
+            await asyncio.to_thread(open_image, image)  # format, bytes and sides: a 400 naming input_reference
         if idempotency_key is not None and (known := self.jobs.find_by_key(owner, idempotency_key)) is not None:
             return self._repeated(known, body, resolved)
         await self._admit_or_raise()
         new_id = f"video_{uuid.uuid4().hex}"
+        if image is not None:  # stored before the job, so whoever drives (or replays) the job finds it
+            await asyncio.to_thread(self.blobs.put, input_image_name(new_id), image)
         record = self.jobs.create(JobRecord(id=new_id, spec=resolved, owner=owner,
-                                            resolution=self.validator.video_resolution(body),
+                                            resolution=self.validator.video_resolution(body, digest),
                                             idempotency_key=idempotency_key))
         if record.id != new_id:  # the same key raced in through another replica: its job stands
+            if image is not None:
+                await asyncio.to_thread(self.blobs.delete, self.blobs.path(input_image_name(new_id)))
             return self._repeated(record, body, resolved)
         await self.runner.submit.remote(record.id)
         return await self._view(record)

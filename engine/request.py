@@ -41,6 +41,8 @@ class GenerationSpec:
     fps: int
     guidance_scale_2: float | None = None
     """The low-noise expert's guidance of a two-expert model (Wan 2.2 A14B); None for one-expert models."""
+    input_image: str | None = None
+    """Image-to-video: the digest of the input image's bytes (stored beside the job); None for text-only models."""
 
     @property
     def uses_cfg(self) -> bool:

@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 ModelFamily = Literal["cogvideox", "mochi", "wan", "sd3", "ltx"]
 ResolutionName = Literal["64p", "240p", "360p", "480p", "720p"]
 """Names of a video's short side; "64p" is what the CPU default's trained shapes model renders."""
-AspectRatio = Literal["16:9", "9:16", "1:1", "4:3", "3:4"]
+AspectRatio = Literal["16:9", "9:16", "1:1", "4:3", "3:4", "3:2"]
+"""3:2 is CogVideoX-5b(-I2V)'s 720x480."""
 
 
 class _Frozen(BaseModel):

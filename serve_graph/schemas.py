@@ -37,6 +37,12 @@ class VideoGenerationRequest(_Request):
     aspect_ratio: AspectRatio = "16:9"
     num_frames: int | None = Field(default=None, ge=1)
     fps: int | None = Field(default=None, ge=1, le=120)
+    input_reference: str | None = Field(
+        default=None, max_length=15_000_000,
+        description="Image-to-video models (kind i2v) only, and required there: the first frame's image (PNG, JPEG "
+        "or WebP, at most 10 MiB, sides 16-4096 px) as a base64 data URL (data:image/png;base64,...), or as a "
+        "multipart/form-data file part of that name. It is resized to the request's resolution as the model's "
+        "diffusers pipeline does; default model with an image: the first i2v model.")
 
 
 class ImageGenerationRequest(_Request):
@@ -69,9 +75,9 @@ class VideoJob(BaseModel):
     error: str | None = None
     restarts: int = Field(default=0, description="Times the job was re-admitted after the process driving it died.")
     stages: dict[str, float] | None = Field(
-        default=None, description="Completed jobs: seconds of each stage - encode_s (prompt), queue_s (in the pool "
-        "before the first step), denoise_s, decode_queue_s (waiting for the VAE, in the policy's order), decode_s, "
-        "mux_s (mp4 encoding).")
+        default=None, description="Completed jobs: seconds of each stage - encode_s (prompt, and the input image's "
+        "VAE encode for image-to-video, concurrently), queue_s (in the pool before the first step), denoise_s, "
+        "decode_queue_s (waiting for the VAE, in the policy's order), decode_s, mux_s (mp4 encoding).")
     estimated_start_seconds: float | None = Field(
         default=None, description="Queued jobs: the pool's remaining work over its measured drain rate (an upper "
         "bound on the wait under SRPTF, which may start a short job sooner).")
@@ -105,7 +111,9 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     owned_by: str = "dit-serve"
     family: str
-    kind: Literal["video", "image"]
+    kind: Literal["t2v", "i2v", "t2i"] = Field(
+        description="t2v: text-to-video; i2v: image-to-video (POST /v1/videos with input_reference); t2i: "
+        "text-to-image (POST /v1/images/generations).")
     resolutions: dict[str, int] | None = Field(
         default=None, description="Video: accepted resolution names and the pixel height of their short side.")
     num_frames: list[int] | None = Field(default=None, description="Video: accepted frame counts.")

@@ -14,7 +14,7 @@ from models.base import DiffusionAdapter, Geometry
 from models.spec import ModelSpec
 from serve_graph.schemas import ImageGenerationRequest, VideoGenerationRequest
 
-_ASPECTS = {"16:9": (16, 9), "9:16": (9, 16), "1:1": (1, 1), "4:3": (4, 3), "3:4": (3, 4)}
+_ASPECTS = {"16:9": (16, 9), "9:16": (9, 16), "1:1": (1, 1), "4:3": (4, 3), "3:4": (3, 4), "3:2": (3, 2)}
 
 
 class InvalidRequest(ValueError):
@@ -35,14 +35,23 @@ class ServedModel:
     experts: int
     """Transformers sharing the denoising (2 for Wan 2.2 A14B)."""
 
+    image_to_video: bool
+    """Every request of the model brings an input image (`input_reference`)."""
+
     @classmethod
     def of(cls, adapter: DiffusionAdapter) -> "ServedModel":
         """What the API needs of a model; `adapter` may hold no weights (parts=())."""
-        return cls(adapter.spec, adapter.geometry, adapter.expert_count)
+        return cls(adapter.spec, adapter.geometry, adapter.expert_count, adapter.image_to_video)
+
+    @property
+    def media(self) -> str:
+        """The route that serves it: video (/v1/videos) or image (/v1/images/generations)."""
+        return "video" if self.geometry.is_video else "image"
 
     @property
     def kind(self) -> str:
-        return "video" if self.geometry.is_video else "image"
+        """t2v, i2v or t2i, as GET /v1/models lists it."""
+        return "t2i" if not self.geometry.is_video else "i2v" if self.image_to_video else "t2v"
 
     @property
     def frame_counts(self) -> list[int]:
@@ -69,16 +78,29 @@ class RequestValidator:
         self.models = models
         self.max_prompt_chars = max_prompt_chars
 
-    def _model(self, name: str | None, kind: str) -> ServedModel:
-        of_kind = [m for m in self.models.values() if m.kind == kind]
+    def _model(self, name: str | None, media: str, image_to_video: bool = False) -> ServedModel:
+        """The named model of this route, or its first model of the request's kind (i2v when it brings an image)."""
+        of_media = [m for m in self.models.values() if m.media == media]
         if name is None:
+            of_kind = [m for m in of_media if m.image_to_video == image_to_video]
             if not of_kind:
-                raise InvalidRequest("model", f"no {kind} model is served")
+                what = "image-to-video" if image_to_video else f"text-to-{media}"
+                raise InvalidRequest("model", f"no {what} model is served")
             return of_kind[0]
-        if name not in self.models or self.models[name].kind != kind:
-            allowed = ", ".join(m.spec.name for m in of_kind) or "none"
-            raise InvalidRequest("model", f"unknown {kind} model {name!r}; allowed: {allowed}", status_code=404)
+        if name not in self.models or self.models[name].media != media:
+            allowed = ", ".join(m.spec.name for m in of_media) or "none"
+            raise InvalidRequest("model", f"unknown {media} model {name!r}; allowed: {allowed}", status_code=404)
         return self.models[name]
+
+    def _input_image(self, served: ServedModel, input_image: str | None) -> None:
+        """An image-to-video model needs its input image; a text-only model refuses one."""
+        if served.image_to_video and input_image is None:
+            raise InvalidRequest("input_reference", f"{served.spec.name} is an image-to-video model: "
+                                                    "input_reference (the first frame's image) is required")
+        if not served.image_to_video and input_image is not None:
+            i2v = ", ".join(m.spec.name for m in self.models.values() if m.image_to_video) or "none served"
+            raise InvalidRequest("input_reference", f"{served.spec.name} is a text-only model and takes no "
+                                                    f"input_reference; image-to-video models: {i2v}")
 
     def _common(self, request: VideoGenerationRequest | ImageGenerationRequest, served: ServedModel) -> dict:
         spec = served.spec
@@ -114,19 +136,21 @@ class RequestValidator:
             return request.guidance_scale_2
         return guidance if served.spec.default_guidance_scale_2 is None else served.spec.default_guidance_scale_2
 
-    def video_resolution(self, request: VideoGenerationRequest) -> str:
+    def video_resolution(self, request: VideoGenerationRequest, input_image: str | None = None) -> str:
         """The resolution the request renders at: its own, or its model's first listed one when it names none."""
-        spec = self._model(request.model, "video").spec
+        spec = self._model(request.model, "video", input_image is not None).spec
         resolution = request.resolution or next(iter(spec.resolution_heights))
         if resolution not in spec.resolution_heights:
             raise InvalidRequest("resolution", f"resolution {resolution!r} not served by {spec.name}; "
                                                f"allowed: {', '.join(spec.resolution_heights)}")
         return resolution
 
-    def video(self, request: VideoGenerationRequest) -> GenerationSpec:
-        served = self._model(request.model, "video")
+    def video(self, request: VideoGenerationRequest, input_image: str | None = None) -> GenerationSpec:
+        """The validated spec of a video request; `input_image` is the digest of its checked input image, if any."""
+        served = self._model(request.model, "video", input_image is not None)
+        self._input_image(served, input_image)
         spec, geometry = served.spec, served.geometry
-        resolution = self.video_resolution(request)
+        resolution = self.video_resolution(request, input_image)
         if spec.aspect_ratios is not None and request.aspect_ratio not in spec.aspect_ratios:
             raise InvalidRequest("aspect_ratio", f"aspect_ratio {request.aspect_ratio!r} not served by {spec.name}; "
                                                  f"allowed: {', '.join(spec.aspect_ratios)}")
@@ -138,7 +162,7 @@ class RequestValidator:
                                                f"{served.frame_counts}")
         height, width = video_size(spec, geometry, resolution, request.aspect_ratio)
         return GenerationSpec(height=height, width=width, num_frames=frames, fps=request.fps or spec.default_fps,
-                               **self._common(request, served))
+                              input_image=input_image, **self._common(request, served))
 
     def image(self, request: ImageGenerationRequest) -> GenerationSpec:
         served = self._model(request.model, "image")
@@ -153,10 +177,12 @@ class RequestValidator:
         """The smallest and the largest request `name` accepts by default (frames, steps, guidance): what the step
         scheduler times at start-up to seed its step-cost model."""
         served = self.models[name]
-        if served.kind == "video":
+        if served.media == "video":
             heights = served.spec.resolution_heights
             ends = sorted({min(heights, key=heights.get), max(heights, key=heights.get)}, key=heights.get)
-            return [self.video(VideoGenerationRequest(model=name, prompt="probe", resolution=r, seed=0)) for r in ends]
+            image = "probe" if served.image_to_video else None  # the probe runs placeholder image latents
+            return [self.video(VideoGenerationRequest(model=name, prompt="probe", resolution=r, seed=0), image)
+                    for r in ends]
         m = served.geometry.pixel_multiple
         sides = sorted({max(m, 256 // m * m), served.spec.max_image_side // m * m})
         return [self.image(ImageGenerationRequest(model=name, prompt="probe", size=f"{s}x{s}", seed=0)) for s in sides]

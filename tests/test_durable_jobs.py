@@ -1,7 +1,8 @@
 """The durability suite, against SQLite and against a real PostgreSQL: `serve run` of configs/local.yaml's video app
 (two ingress replicas, one job runner) with its job store on each backend. Kill -9 one ingress replica, the
 scheduler replica, then the whole `serve run` process group with jobs queued and running, and start it again on the
-same stores: every job completes (the re-admitted ones with the bytes an undisturbed run gives), what finished
+same stores: every job completes (the re-admitted ones, an image-to-video job among them, with the bytes an
+undisturbed run gives), what finished
 before still downloads, and an Idempotency-Key sent to both replicas at once makes one job."""
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from deployments.media import probe_mp4
 from serve_graph.serve_configs import LOCAL_CONFIG, PROJECT_ROOT
 from tests.conftest import TEST_HEIGHTS
 from tests.postgres_server import postgres_server
-from tests.video_jobs import submit, wait
+from tests.video_jobs import data_url, png_bytes, submit, wait
 
 pytestmark = pytest.mark.serve
 SERVE = Path(sys.executable).with_name("serve")
@@ -174,7 +175,9 @@ def test_a_killed_scheduler_replica_costs_time_not_jobs(app):
 JOBS = [dict(model=model, prompt=f"restart {i}", resolution=resolution, num_frames=frames, num_inference_steps=30,
              seed=100 + i) for i, (model, resolution, frames) in enumerate(
     [("cogvideox-tiny", "360p", 9), ("wan-tiny", "360p", 9), ("mochi-tiny", "240p", 7), ("cogvideox-tiny", "240p", 9),
-     ("wan-tiny", "240p", 9), ("cogvideox-tiny", "360p", 17)])]
+     ("wan-tiny", "240p", 9), ("cogvideox-tiny", "360p", 17)])] + [
+    dict(model="cogvideox-i2v-tiny", prompt="restart from a picture", resolution="240p", num_frames=9,
+         num_inference_steps=30, seed=200, input_reference=data_url(png_bytes(0)))]  # its stored image is replayed
 
 
 def test_a_killed_app_restarted_on_its_stores_completes_every_job(app):

@@ -26,7 +26,7 @@ from models.shapes.scorer import accuracy, read_video
 from serve_graph.app import build_video_app
 from serve_graph.serve_configs import serve_application
 from tests.conftest import TEST_HEIGHTS
-from tests.video_jobs import submit, wait
+from tests.video_jobs import data_url, png_bytes, submit, wait
 
 pytestmark = pytest.mark.serve
 KEYS_ENV, ALICE, BOB = "DIT_TEST_API_KEYS", "alice-token-1", "bob-token-2"
@@ -62,10 +62,10 @@ def test_models_and_health(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     cards = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
     assert {name: (card["kind"], card["family"], card["experts"]) for name, card in cards.items()} == {
-        "shapes-t2v": ("video", "wan", 1), "cogvideox-tiny": ("video", "cogvideox", 1), "wan-tiny": ("video", "wan", 1),
-        "wan2.2-a14b-tiny": ("video", "wan", 2), "ltx-tiny": ("video", "ltx", 1),
-        "cogvideox1.5-tiny": ("video", "cogvideox", 1), "mochi-tiny": ("video", "mochi", 1),
-        "sd3-tiny": ("image", "sd3", 1)}
+        "shapes-t2v": ("t2v", "wan", 1), "cogvideox-tiny": ("t2v", "cogvideox", 1), "wan-tiny": ("t2v", "wan", 1),
+        "wan2.2-a14b-tiny": ("t2v", "wan", 2), "ltx-tiny": ("t2v", "ltx", 1),
+        "cogvideox1.5-tiny": ("t2v", "cogvideox", 1), "cogvideox-i2v-tiny": ("i2v", "cogvideox", 1),
+        "mochi-tiny": ("t2v", "mochi", 1), "sd3-tiny": ("t2i", "sd3", 1)}
     assert cards["ltx-tiny"]["size_multiple"] == 32 and cards["ltx-tiny"]["num_frames"] == [1, 9, 17]
     assert cards["mochi-tiny"]["resolutions"] == {"240p": 32, "360p": 48, "480p": 64}
     assert cards["mochi-tiny"]["num_frames"] == [1, 7, 13]
@@ -118,6 +118,43 @@ def test_mixed_concurrent_requests_complete_with_valid_mp4(client):
     stats = serve.get_deployment_handle("StepScheduler", app_name="video").stats.remote().result()
     # The two-expert model's low-noise forward has its own fit once a step of it ran (the probe times expert 0).
     assert stats["step_cost"]["wan2.2-a14b-tiny"] is not None and stats["step_cost"]["wan2.2-a14b-tiny#1"] is not None
+
+
+def test_image_to_video_as_a_multipart_upload_and_as_a_data_url(client):
+    """OpenAI's multipart form (fields + the image file) and a JSON data URL make the same job: same bytes. Another
+    image makes another video; the image is checked and refused where it does not apply, naming the field."""
+    png = png_bytes(7)
+    fields = {"model": "cogvideox-i2v-tiny", "prompt": "a cat wakes up", "seed": "5", "num_inference_steps": "3"}
+    upload = client.post("/v1/videos", data=fields, files={"input_reference": ("cat.png", png, "image/png")})
+    assert upload.status_code == 202, upload.text
+    as_json = submit(client, model="cogvideox-i2v-tiny", prompt="a cat wakes up", seed=5, num_inference_steps=3,
+                     input_reference=data_url(png))
+    other = submit(client, prompt="a cat wakes up", seed=5, num_inference_steps=3, input_reference=data_url(png_bytes(8)))
+    videos = []
+    for job in (upload.json(), as_json, other):
+        done = wait(client, job["id"])
+        assert (done["status"], done["model"], done["resolution"]) == ("completed", "cogvideox-i2v-tiny", "240p"), (
+            done["error"])
+        assert done["stages"]["encode_s"] > 0
+        videos.append(client.get(f"/v1/videos/{job['id']}/content").content)
+    assert probe_mp4(videos[0]) == (9, done["height"], done["width"]) and videos[0] == videos[1] != videos[2]
+
+    def refused(status: int, **body) -> str:
+        r = client.post("/v1/videos", json={"prompt": "x", **body})
+        assert r.status_code == status and r.json()["error"]["param"] == "input_reference", r.text
+        return r.json()["error"]["message"]
+
+    assert "cogvideox-tiny is a text-only model" in refused(400, model="cogvideox-tiny", input_reference=data_url(png))
+    assert "required" in refused(400, model="cogvideox-i2v-tiny")
+    assert "data URL" in refused(400, input_reference="https://example.com/cat.png")
+    assert "not a readable image" in refused(400, input_reference="data:image/png;base64," + "QUJD" * 10)
+    assert "each side" in refused(400, input_reference=data_url(png_bytes(0, width=8, height=8)))
+    gif = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(gif, format="GIF")
+    assert "allowed: PNG, JPEG, WEBP" in refused(400, input_reference=data_url(gif.getvalue()))
+    bad_form = client.post("/v1/videos", data={**fields, "num_inference_steps": "many"},
+                           files={"input_reference": ("cat.png", png, "image/png")})
+    assert bad_form.status_code == 400 and bad_form.json()["error"]["param"] == "num_inference_steps"
 
 
 def test_mixed_requests_on_brick_rings_equal_each_alone(client):

@@ -3,9 +3,13 @@ durability tests."""
 
 from __future__ import annotations
 
+import base64
+import io
 import time
 
 import httpx
+import numpy as np
+from PIL import Image
 
 TERMINAL = ("completed", "failed", "cancelled")
 
@@ -27,3 +31,16 @@ def submit(client: httpx.Client, **body) -> dict:
     assert r.status_code == 202, r.text
     assert r.json()["status"] == "queued"
     return r.json()
+
+
+def png_bytes(seed: int, width: int = 40, height: int = 30) -> bytes:
+    """A noisy RGB PNG (an image-to-video job's first frame), the same for the same seed."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def data_url(png: bytes) -> str:
+    """`input_reference` in a JSON body."""
+    return "data:image/png;base64," + base64.b64encode(png).decode()

@@ -13,6 +13,11 @@ import posixpath
 from fsspec.core import url_to_fs
 
 
+def input_image_name(job_id: str) -> str:
+    """The blob name of an image-to-video job's input image (written by the ingress, read by the job runner)."""
+    return f"{job_id}.input"
+
+
 class BlobStore:
     def __init__(self, root: str) -> None:
         self.fs, path = url_to_fs(root)
@@ -21,12 +26,16 @@ class BlobStore:
 
     def put(self, name: str, data: bytes) -> str:
         """Write `data` as `name` under the root (atomically where the filesystem allows); returns its path."""
-        path = posixpath.join(self.root, name)
+        path = self.path(name)
         partial = path + ".partial"
         with self.fs.open(partial, "wb") as out:
             out.write(data)
         self.fs.mv(partial, path)
         return path
+
+    def path(self, name: str) -> str:
+        """Where `put(name, ...)` writes."""
+        return posixpath.join(self.root, name)
 
     def get(self, path: str) -> bytes:
         with self.fs.open(path, "rb") as blob:
