@@ -17,12 +17,16 @@ trace's frames at each resolution, against the profile's decode price (`VAE_DECO
 the measured fraction of the bf16 peak is `cost_profiles.VAE_MFU`. 720p is also decoded tiled
 (diffusers' `enable_tiling`, what a deployment turns on to bound the decode's memory).
 
+`--i2v` builds the image-to-video layouts instead (CogVideoX-5b-I2V's 32 input channels, without its learned
+positional embedding so that every resolution runs; Wan2.1-I2V-14B's 36 input channels and the 257 CLIP tokens each
+block attends to through its added K/V): the rows carry their image condition as the adapters pack it.
+
 `--dllm` also times one denoising step of the diffusion coder LM at Dream-7B's size (`models/dllm`, bf16) for
 1 to 64 packed sequences (256 prompt + 256 response tokens, logits at the 128 still-masked positions, sampling at
 DiffuCoder's temperature 0.4 / top-p 0.95): the step-batching gain on a GPU, which one CPU thread cannot show.
 
-    python -m benchmarks.gpu_step [--models cogvideox mochi wan] [--vae cogvideox mochi wan] [--dllm] [--repeats 3]
-                                  [--json out.json]
+    python -m benchmarks.gpu_step [--models cogvideox mochi wan] [--i2v] [--vae cogvideox mochi wan] [--dllm]
+                                  [--repeats 3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -46,34 +50,41 @@ RESOLUTIONS = ("240p", "360p", "480p", "720p")
 DEVICE = "cuda"
 
 
-def cogvideox_5b() -> tuple[torch.nn.Module, ModuleType]:
+def cogvideox_5b(i2v: bool = False) -> tuple[torch.nn.Module, ModuleType]:
     from diffusers import CogVideoXTransformer3DModel
     return CogVideoXTransformer3DModel(
-        num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=512,
+        num_attention_heads=48, attention_head_dim=64, in_channels=IN_CHANNELS["cogvideox"][i2v], out_channels=16,
+        time_embed_dim=512,
         text_embed_dim=4096, num_layers=42, sample_width=90, sample_height=60, sample_frames=49, patch_size=2,
         temporal_compression_ratio=4, max_text_seq_length=226, activation_fn="gelu-approximate",
         norm_elementwise_affine=True, norm_eps=1e-5, use_rotary_positional_embeddings=True,
         use_learned_positional_embeddings=False), cogvideox_packed
 
 
-def mochi_1() -> tuple[torch.nn.Module, ModuleType]:
+def mochi_1(i2v: bool = False) -> tuple[torch.nn.Module, ModuleType]:
+    if i2v:
+        raise SystemExit("Mochi has no image-to-video layout")
     from diffusers import MochiTransformer3DModel
     return MochiTransformer3DModel(
         patch_size=2, num_attention_heads=24, attention_head_dim=128, num_layers=48, pooled_projection_dim=1536,
         in_channels=12, text_embed_dim=4096, time_embed_dim=256, max_sequence_length=256), mochi_packed
 
 
-def wan_14b() -> tuple[torch.nn.Module, ModuleType]:
+def wan_14b(i2v: bool = False) -> tuple[torch.nn.Module, ModuleType]:
     from diffusers import WanTransformer3DModel
+    image = dict(image_dim=CLIP_WIDTH, added_kv_proj_dim=5120) if i2v else {}  # Wan2.1-I2V-14B
     return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
-        text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", eps=1e-6), wan_packed
+        patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=IN_CHANNELS["wan"][i2v],
+        out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, **image), wan_packed
 
 
-BUILDERS: dict[str, Callable[[], tuple[torch.nn.Module, ModuleType]]] = {
+BUILDERS: dict[str, Callable[[bool], tuple[torch.nn.Module, ModuleType]]] = {
     "cogvideox": cogvideox_5b, "mochi": mochi_1, "wan": wan_14b}
 CHANNELS = {"cogvideox": 16, "mochi": 12, "wan": 16}
+IN_CHANNELS = {"cogvideox": (16, 32), "mochi": (12, 12), "wan": (16, 36)}
+"""The transformer's input channels (text-to-video, image-to-video): noise, then the image condition."""
+CLIP_TOKENS, CLIP_WIDTH = 257, 1280  # Wan 2.1 I2V's CLIP ViT-H/14 tokens
 
 
 def trace_request(model: str, resolution: str) -> TraceRequest:
@@ -81,13 +92,15 @@ def trace_request(model: str, resolution: str) -> TraceRequest:
                         num_frames=FRAMES[model], steps=50, prompt="", seed=0)
 
 
-def rows(model: str, resolution: str, generator: torch.Generator) -> list[PackedRequest]:
-    """The two CFG rows of one request at the trace's frames, in the family's latent layout."""
+def rows(model: str, resolution: str, generator: torch.Generator, i2v: bool = False) -> list[PackedRequest]:
+    """The two CFG rows of one request at the trace's frames, in the family's latent layout (with the image
+    condition's channels and, for Wan, its CLIP tokens when `i2v`)."""
     dims = H100_MODELS[model]
     height, width = PIXELS[resolution]
     frames = (FRAMES[model] - 1) // dims.vae_temporal + 1
     h, w = height // dims.vae_spatial, width // dims.vae_spatial
-    shape = (frames, CHANNELS[model], h, w) if model == "cogvideox" else (CHANNELS[model], frames, h, w)
+    channels = IN_CHANNELS[model][i2v]
+    shape = (frames, channels, h, w) if model == "cogvideox" else (channels, frames, h, w)
     latents = torch.randn(shape, generator=generator).to(DEVICE, torch.bfloat16)
     timestep = torch.tensor(500.0, device=DEVICE, dtype=torch.bfloat16)
     rotary = None
@@ -95,8 +108,10 @@ def rows(model: str, resolution: str, generator: torch.Generator) -> list[Packed
         video = frames * (h // dims.patch) * (w // dims.patch)
         angle = torch.rand(video, 64, generator=generator).to(DEVICE) * 6.28
         rotary = (angle.cos(), angle.sin())
+    image = (torch.randn(CLIP_TOKENS, CLIP_WIDTH, generator=generator).to(DEVICE, torch.bfloat16)
+             if i2v and model == "wan" else None)
     return [PackedRequest(latents, timestep, torch.randn(dims.text_tokens, 4096, generator=generator).to(
-        DEVICE, torch.bfloat16), rotary) for _ in range(2)]
+        DEVICE, torch.bfloat16), rotary, image=image) for _ in range(2)]
 
 
 def predicted_seconds(profile: H100Profile, model: str, row_tokens: list[int]) -> tuple[float, float]:
@@ -122,17 +137,18 @@ def timed(fn: Callable[[], list[torch.Tensor]], repeats: int) -> tuple[float, li
     return sorted(samples)[len(samples) // 2], out
 
 
-def bench_model(name: str, repeats: int) -> list[dict]:
+def bench_model(name: str, repeats: int, i2v: bool = False) -> list[dict]:
     torch.set_default_dtype(torch.bfloat16)
     with torch.device(DEVICE):
-        model, family = BUILDERS[name]()
+        model, family = BUILDERS[name](i2v)
     torch.set_default_dtype(torch.float32)
     model.eval()
     params = sum(p.numel() for p in model.parameters())
-    print(f"{name}: {params / 1e9:.2f} B parameters (profile: {H100_MODELS[name].params / 1e9:.1f} B)", flush=True)
+    print(f"{name}{' image-to-video' if i2v else ''}: {params / 1e9:.2f} B parameters (profile: "
+          f"{H100_MODELS[name].params / 1e9:.1f} B)", flush=True)
     profile, generator, results = H100Profile(world_size=1), torch.Generator().manual_seed(0), []
     alone: dict[str, tuple[float, list[torch.Tensor]]] = {}
-    batches = {r: rows(name, r, generator) for r in RESOLUTIONS}
+    batches = {r: rows(name, r, generator, i2v) for r in RESOLUTIONS}
     with torch.inference_mode():
         for resolution, requests in [*batches.items(), ("mixed", [r for rs in batches.values() for r in rs])]:
             tokens = family.token_counts(model, requests)
@@ -141,8 +157,8 @@ def bench_model(name: str, repeats: int) -> list[dict]:
             assert tokens == expected, (tokens, expected)
             seconds, out = timed(lambda batch=requests: forward_packed(family, model, batch), repeats)
             predicted, flops = predicted_seconds(profile, name, tokens)
-            row = dict(model=name, batch=resolution, rows=len(tokens), tokens=sum(tokens), measured_s=seconds,
-                       predicted_s=predicted, measured_over_predicted=seconds / predicted,
+            row = dict(model=name, i2v=i2v, batch=resolution, rows=len(tokens), tokens=sum(tokens),
+                       measured_s=seconds, predicted_s=predicted, measured_over_predicted=seconds / predicted,
                        achieved_tflops=flops / seconds / 1e12, mfu=flops / seconds / PEAK_BF16_FLOPS)
             if resolution == "mixed":
                 serial = sum(s for s, _ in alone.values())
@@ -246,6 +262,7 @@ def bench_dllm(repeats: int, batches: tuple[int, ...] = (1, 4, 16, 64), prompt: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="*", choices=sorted(BUILDERS), default=["cogvideox", "mochi", "wan"])
+    parser.add_argument("--i2v", action="store_true", help="the models' image-to-video layouts")
     parser.add_argument("--vae", nargs="*", choices=sorted(BUILDERS), default=[],
                         help="also time these families' VAE decode")
     parser.add_argument("--dllm", action="store_true", help="also time the 7B diffusion coder LM's step")
@@ -257,7 +274,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     results = []
     benches: list[Callable[[], list[dict]]] = [
-        *(lambda n=n: bench_model(n, args.repeats) for n in args.models),
+        *(lambda n=n: bench_model(n, args.repeats, args.i2v) for n in args.models),
         *(lambda n=n: bench_vae(n, args.repeats) for n in args.vae),
         *([lambda: bench_dllm(args.repeats)] if args.dllm else [])]
     for bench in benches:

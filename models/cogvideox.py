@@ -1,4 +1,5 @@
-"""CogVideoX (THUDM/CogVideoX-2b/-5b, CogVideoX1.5-5B, CogVideoX-5b-I2V) through diffusers' CogVideoX pipeline pieces."""
+"""CogVideoX (THUDM/CogVideoX-2b/-5b, CogVideoX1.5-5B, CogVideoX-5b-I2V) through diffusers' CogVideoX pipeline
+pieces."""
 
 from __future__ import annotations
 

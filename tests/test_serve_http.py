@@ -129,7 +129,8 @@ def test_image_to_video_as_a_multipart_upload_and_as_a_data_url(client):
     assert upload.status_code == 202, upload.text
     as_json = submit(client, model="cogvideox-i2v-tiny", prompt="a cat wakes up", seed=5, num_inference_steps=3,
                      input_reference=data_url(png))
-    other = submit(client, prompt="a cat wakes up", seed=5, num_inference_steps=3, input_reference=data_url(png_bytes(8)))
+    other = submit(client, prompt="a cat wakes up", seed=5, num_inference_steps=3,
+                   input_reference=data_url(png_bytes(8)))  # no model named: the first i2v one
     videos = []
     for job in (upload.json(), as_json, other):
         done = wait(client, job["id"])
