@@ -124,6 +124,8 @@ class DiffusionAdapter(ABC):
     """Pipeline components needed to encode prompts (text encoders and tokenizers)."""
     tiny_variants: ClassVar[tuple[str, ...]] = ("default",)
     """Layouts the tiny source can build (`ModelSpec.tiny_variant`)."""
+    min_steps: ClassVar[int] = 1
+    """Fewest denoising steps the family's schedule can make (the API refuses fewer with a 400)."""
 
     def __init__(self, spec: ModelSpec, parts: Iterable[Part] = ("text", "transformer", "vae")) -> None:
         self.spec = spec
@@ -307,7 +309,8 @@ class DiffusionAdapter(ABC):
 
     def encode_image(self, image: Image.Image, height: int, width: int, num_frames: int, seed: int) -> Condition:
         """The input image resized to the request's size as the family's image-to-video pipeline does, through the
-        VAE encoder (a posterior sample drawn from the request's seed): the `image_latents` row condition."""
+        VAE encoder (a posterior sample from the request's seed, or its mode, as that pipeline draws it): the
+        `image_latents` row condition (and `image_embeds` where the transformer attends to image tokens)."""
         if not self.image_to_video:
             raise ValueError(f"{self.spec.name} is not an image-to-video model")
         return self.image_latents(image, height, width, num_frames, seed)

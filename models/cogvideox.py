@@ -61,9 +61,9 @@ class CogVideoXAdapter(DiffusionAdapter):
         return {
             "transformer": dict(
                 num_attention_heads=2, attention_head_dim=16, in_channels=in_channels, out_channels=4,
-                time_embed_dim=32,
-                text_embed_dim=32, num_layers=2, sample_frames=9, patch_size=2, temporal_compression_ratio=4,
-                max_text_seq_length=spec.max_sequence_length, use_rotary_positional_embeddings=True,
+                time_embed_dim=32, text_embed_dim=32, num_layers=2, sample_frames=9, patch_size=2,
+                temporal_compression_ratio=4, max_text_seq_length=spec.max_sequence_length,
+                use_rotary_positional_embeddings=True,
                 **{"sample_width": 8, "sample_height": 8, **v15},
             ),
             "vae": dict(

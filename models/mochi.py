@@ -25,6 +25,7 @@ class MochiAdapter(DiffusionAdapter):
     """Latents are (C, F, H, W) per request; text rows carry an attention mask."""
 
     family = "mochi"
+    min_steps = 2  # MochiPipeline's linear-quadratic schedule divides by its linear half (num_steps // 2)
     packed_module = mochi_packed
     pipeline_cls = MochiPipeline
     transformer_cls = MochiTransformer3DModel

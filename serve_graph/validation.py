@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from engine.request import GenerationSpec
 from models.base import DiffusionAdapter, Geometry
 from models.spec import ModelSpec
-from serve_graph.schemas import ImageGenerationRequest, VideoGenerationRequest
+from serve_graph.schemas import MAX_STEPS, ImageGenerationRequest, VideoGenerationRequest
 
 _ASPECTS = {"16:9": (16, 9), "9:16": (9, 16), "1:1": (1, 1), "4:3": (4, 3), "3:4": (3, 4), "3:2": (3, 2)}
 
@@ -37,11 +37,13 @@ class ServedModel:
 
     image_to_video: bool
     """Every request of the model brings an input image (`input_reference`)."""
+    min_steps: int
+    """Fewest denoising steps its schedule can make."""
 
     @classmethod
     def of(cls, adapter: DiffusionAdapter) -> "ServedModel":
         """What the API needs of a model; `adapter` may hold no weights (parts=())."""
-        return cls(adapter.spec, adapter.geometry, adapter.expert_count, adapter.image_to_video)
+        return cls(adapter.spec, adapter.geometry, adapter.expert_count, adapter.image_to_video, adapter.min_steps)
 
     @property
     def media(self) -> str:
@@ -108,6 +110,10 @@ class RequestValidator:
             raise InvalidRequest("prompt", f"prompt has {len(request.prompt)} characters; allowed 1..{self.max_prompt_chars}")
         if not request.prompt.strip():
             raise InvalidRequest("prompt", "prompt must contain non-whitespace text")
+        steps = request.num_inference_steps or spec.default_steps
+        if steps < served.min_steps:
+            raise InvalidRequest("num_inference_steps", f"num_inference_steps={steps}; {spec.name}'s schedule needs "
+                                                        f"{served.min_steps}..{MAX_STEPS}")
         guidance = spec.default_guidance_scale if request.guidance_scale is None else request.guidance_scale
         guidance_2 = self._second_guidance(request, served, guidance)
         negative = request.negative_prompt if request.negative_prompt is not None else spec.default_negative_prompt
@@ -117,7 +123,7 @@ class RequestValidator:
             model=spec.name,
             prompt=request.prompt,
             negative_prompt=negative if max(guidance, guidance_2 or 0.0) > 1.0 else None,
-            num_inference_steps=request.num_inference_steps or spec.default_steps,
+            num_inference_steps=steps,
             guidance_scale=guidance,
             guidance_scale_2=guidance_2,
             seed=secrets.randbelow(2**31) if request.seed is None else request.seed,

@@ -281,6 +281,8 @@ def test_image_generation_returns_png(client):
         ("/v1/videos", {"prompt": "x", "model": "mochi-tiny", "resolution": "720p"}, 400, "resolution", "480p"),
         ("/v1/videos", {"prompt": "x", "num_inference_steps": 201}, 400, "num_inference_steps", "le=200"),
         ("/v1/videos", {"prompt": "x", "num_inference_steps": 0}, 400, "num_inference_steps", "ge=1"),
+        ("/v1/videos", {"prompt": "x", "model": "mochi-tiny", "num_inference_steps": 1}, 400, "num_inference_steps",
+         "needs 2..200"),
         ("/v1/videos", {"prompt": "x", "model": "cogvideox-tiny", "num_frames": 5}, 400, "num_frames", "1 + 8k"),
         ("/v1/videos", {"prompt": "x", "model": "wan-tiny", "num_frames": 4}, 400, "num_frames", "1 + 4k"),
         ("/v1/videos", {"prompt": "x", "model": "cogvideox-tiny", "num_frames": 25}, 400, "num_frames", "[1, 17]"),
