@@ -45,6 +45,7 @@ from benchmarks.cost_profiles import (FORWARD_OVERHEAD_S, H100_MODELS, PEAK_BF16
 from benchmarks.workloads import FRAMES, TraceRequest
 from models import cogvideox_packed, mochi_packed, wan_packed
 from models.packed import PackedRequest, forward_packed
+from models.wan import WanAdapter
 
 RESOLUTIONS = ("240p", "360p", "480p", "720p")
 DEVICE = "cuda"
@@ -81,10 +82,9 @@ def wan_14b(i2v: bool = False) -> tuple[torch.nn.Module, ModuleType]:
 
 BUILDERS: dict[str, Callable[[bool], tuple[torch.nn.Module, ModuleType]]] = {
     "cogvideox": cogvideox_5b, "mochi": mochi_1, "wan": wan_14b}
-CHANNELS = {"cogvideox": 16, "mochi": 12, "wan": 16}
 IN_CHANNELS = {"cogvideox": (16, 32), "mochi": (12, 12), "wan": (16, 36)}
 """The transformer's input channels (text-to-video, image-to-video): noise, then the image condition."""
-CLIP_TOKENS, CLIP_WIDTH = 257, 1280  # Wan 2.1 I2V's CLIP ViT-H/14 tokens
+CLIP_WIDTH = 1280  # Wan 2.1 I2V's CLIP ViT-H/14 (WanAdapter.CLIP_TOKENS tokens)
 
 
 def trace_request(model: str, resolution: str) -> TraceRequest:
@@ -108,7 +108,7 @@ def rows(model: str, resolution: str, generator: torch.Generator, i2v: bool = Fa
         video = frames * (h // dims.patch) * (w // dims.patch)
         angle = torch.rand(video, 64, generator=generator).to(DEVICE) * 6.28
         rotary = (angle.cos(), angle.sin())
-    image = (torch.randn(CLIP_TOKENS, CLIP_WIDTH, generator=generator).to(DEVICE, torch.bfloat16)
+    image = (torch.randn(WanAdapter.CLIP_TOKENS, CLIP_WIDTH, generator=generator).to(DEVICE, torch.bfloat16)
              if i2v and model == "wan" else None)
     return [PackedRequest(latents, timestep, torch.randn(dims.text_tokens, 4096, generator=generator).to(
         DEVICE, torch.bfloat16), rotary, image=image) for _ in range(2)]

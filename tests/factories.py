@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import torch
+from PIL import Image
 
 from engine.config import BudgetConfig
 from engine.messages import NewRequest, StepResult
@@ -77,3 +79,9 @@ def assert_joined_late_equals_alone(spec: ModelSpec, target: tuple[GenerationSpe
     batched.run()
     assert any(r.shapes == 2 and r.forwards == 1 for r in batched.results)
     torch.testing.assert_close(batched.latents["t"], alone.latents["t"], rtol=0, atol=1e-5)
+
+
+def noise_picture(seed: int, width: int = 40, height: int = 30) -> Image.Image:
+    """An RGB noise picture, the same for the same seed: an image-to-video request's first frame (of another size
+    than the tests' requests, so the resize path runs)."""
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from PIL import Image
 
 from attention.plan import BrickPlan
 from attention.ring import CommStats, brick_attention
@@ -64,6 +62,7 @@ def engine_group_case(rank: int, world_size: int, payload) -> dict:
     from engine.runner import ModelRunner
     from engine.scheduler import StepSchedulerCore
     from models import load_adapter
+    from tests.factories import noise_picture
 
     specs, asks, min_shard_tokens, bad = payload  # specs: tiny ModelSpecs (seeded: the same weights on every rank)
     core = StepSchedulerCore(make_policy("fifo"), BudgetConfig(), world_size=world_size,
@@ -75,9 +74,8 @@ def engine_group_case(rank: int, world_size: int, payload) -> dict:
     for request_id, spec in asks:
         prompt = encoders[spec.model].encode_batch([EncodeRequest(spec.model, spec.prompt, spec.negative_prompt)])[0]
         if spec.model in vaes:  # image-to-video: a noise picture drawn from the request's seed
-            image = Image.fromarray(np.random.default_rng(spec.seed).integers(0, 256, (30, 40, 3), dtype=np.uint8))
-            prompt = prompt.with_condition(vaes[spec.model].encode_image(image, spec.height, spec.width,
-                                                                         spec.num_frames, spec.seed))
+            prompt = prompt.with_condition(vaes[spec.model].encode_image(noise_picture(spec.seed), spec.height,
+                                                                         spec.width, spec.num_frames, spec.seed))
         if request_id in bad:  # an embedding width the transformer cannot take
             prompt.cond["encoder_hidden_states"] = torch.zeros(1, 16, 7)
         core.admit(NewRequest.from_spec(request_id, spec, prompt, config_only[spec.model]))

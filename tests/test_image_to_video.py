@@ -1,9 +1,8 @@
-"""Image-to-video in the packed engine (CogVideoX-5b-I2V and Wan2.2-I2V-A14B layouts), against diffusers'
-`CogVideoXImageToVideoPipeline` and `WanImageToVideoPipeline` (fp32)."""
+"""Image-to-video in the packed engine (CogVideoX-5b-I2V, Wan2.2-I2V-A14B and Wan2.1-I2V layouts), against
+diffusers' `CogVideoXImageToVideoPipeline` and `WanImageToVideoPipeline` (fp32)."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from diffusers import CogVideoXImageToVideoPipeline
@@ -16,16 +15,11 @@ from models import load_adapter
 from models.base import EncodedPrompt
 from models.spec import ModelSpec
 from tests.conftest import tiny_spec
-from tests.factories import Engine, assert_joined_late_equals_alone, gen_spec
+from tests.factories import Engine, assert_joined_late_equals_alone, gen_spec, noise_picture
 from tests.spmd_cases import assert_two_ranks_equal_one_rank
 
 I2V = tiny_spec("cogvideox", name="cogvideox-i2v-tiny", tiny_variant="i2v")
 WAN_I2V = tiny_spec("wan", name="wan2.2-i2v-tiny", tiny_variant="wan2.2-i2v-a14b")
-
-
-def picture(seed: int, width: int = 40, height: int = 30) -> Image.Image:
-    """A noisy RGB picture of another size than the requests', so the resize path runs."""
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 def conditioned(prompt: EncodedPrompt, image: Image.Image, height: int, width: int, seed: int,
@@ -47,7 +41,7 @@ def test_an_image_to_video_checkpoint_halves_the_transformer_channels_for_its_no
 
 def test_engine_matches_the_image_to_video_pipeline():
     (prompt,) = _prompts("a cat on the moon")
-    image, spec = picture(0), gen_spec(I2V.name, steps=5, frames=9, seed=3, guidance=6.0)
+    image, spec = noise_picture(0), gen_spec(I2V.name, steps=5, frames=9, seed=3, guidance=6.0)
     engine = Engine([I2V])
     engine.admit("x", spec, conditioned(prompt, image, spec.height, spec.width, spec.seed))
     engine.run()
@@ -63,7 +57,7 @@ def test_engine_matches_the_image_to_video_pipeline():
                          max_sequence_length=16).frames
     torch.testing.assert_close(engine.latents["x"], reference, rtol=0, atol=1e-5)
     other = Engine([I2V])
-    other.admit("y", spec, conditioned(prompt, picture(1), spec.height, spec.width, spec.seed))
+    other.admit("y", spec, conditioned(prompt, noise_picture(1), spec.height, spec.width, spec.seed))
     other.run()
     assert (other.latents["y"] - engine.latents["x"]).abs().max() > 1e-3  # the image conditions the video
 
@@ -73,16 +67,16 @@ def test_packed_with_other_shapes_and_images_equals_alone(spec):
     target_prompt, other_prompt = _prompts("a cat on the moon", "red car at night", spec=spec)
     target = gen_spec(spec.name, steps=4, height=32, width=48, frames=9, seed=7)
     assert_joined_late_equals_alone(
-        spec, (target, conditioned(target_prompt, picture(2), 32, 48, 7, spec=spec)),
+        spec, (target, conditioned(target_prompt, noise_picture(2), 32, 48, 7, spec=spec)),
         (gen_spec(spec.name, steps=6, height=48, width=32, frames=17, seed=1),
-         conditioned(other_prompt, picture(3, 64, 64), 48, 32, 1, frames=17, spec=spec)))
+         conditioned(other_prompt, noise_picture(3, 64, 64), 48, 32, 1, frames=17, spec=spec)))
 
 
 def test_a_request_without_its_image_fails_at_admission_and_others_finish():
     prompt, other = _prompts("a cat", "a dog")
     engine = Engine([I2V])
     engine.admit("bare", gen_spec(I2V.name, steps=3), prompt)
-    engine.admit("ok", gen_spec(I2V.name, steps=3), conditioned(other, picture(4), 32, 48, 0))
+    engine.admit("ok", gen_spec(I2V.name, steps=3), conditioned(other, noise_picture(4), 32, 48, 0))
     engine.run()
     assert engine.done["bare"].status is RequestStatus.FAILED and "image_latents" in engine.done["bare"].error
     assert engine.done["ok"].status is RequestStatus.FINISHED
@@ -90,7 +84,7 @@ def test_a_request_without_its_image_fails_at_admission_and_others_finish():
 
 def test_text_to_video_models_refuse_an_image():
     with pytest.raises(ValueError, match="not an image-to-video model"):
-        load_adapter(tiny_spec("cogvideox"), parts=("vae",)).encode_image(picture(0), 32, 48, 9, 0)
+        load_adapter(tiny_spec("cogvideox"), parts=("vae",)).encode_image(noise_picture(0), 32, 48, 9, 0)
 
 
 def test_checkpoint_round_trip_of_an_image_to_video_model(tmp_path):
@@ -98,7 +92,7 @@ def test_checkpoint_round_trip_of_an_image_to_video_model(tmp_path):
     CogVideoXImageToVideoPipeline(**reference.pipeline.components).save_pretrained(tmp_path)
     saved = I2V.model_copy(update={"source": str(tmp_path)})
     assert load_adapter(saved, parts=()).image_to_video
-    image = picture(5)
+    image = noise_picture(5)
     cond = load_adapter(saved, parts=("vae",)).encode_image(image, 32, 48, 9, 0)
     torch.testing.assert_close(cond["image_latents"], reference.encode_image(image, 32, 48, 9, 0)["image_latents"])
     (prompt,) = _prompts("a cat")
@@ -115,7 +109,7 @@ def test_checkpoint_round_trip_of_an_image_to_video_model(tmp_path):
 def test_new_request_keeps_the_image_in_its_rows():
     (prompt,) = _prompts("a cat")
     spec = gen_spec(I2V.name)
-    new = NewRequest.from_spec("x", spec, conditioned(prompt, picture(0), 32, 48, 0), load_adapter(I2V, parts=()))
+    new = NewRequest.from_spec("x", spec, conditioned(prompt, noise_picture(0), 32, 48, 0), load_adapter(I2V, parts=()))
     assert all(row["image_latents"].shape == (1, 1, 4, 4, 6) for row in new.prompt.rows_in_order)
     assert new.row_tokens == (3 * 2 * 3 + 16,) * 2  # image channels add no tokens
 
@@ -128,7 +122,7 @@ def test_wan22_image_to_video_matches_its_pipeline_across_both_experts():
     assert adapter.image_to_video and adapter.expert_count == 2
     assert adapter.latent_shape(32, 48, 9) == (16, 3, 4, 6)
     (prompt,) = _prompts("a cat on the moon", spec=WAN_I2V)
-    image, spec = picture(0), gen_spec(WAN_I2V.name, steps=6, frames=9, seed=3, guidance=5.0, guidance_2=3.0)
+    image, spec = noise_picture(0), gen_spec(WAN_I2V.name, steps=6, frames=9, seed=3, guidance=5.0, guidance_2=3.0)
     cond = adapter.encode_image(image, 32, 48, 9, spec.seed)
     assert cond["image_latents"].shape == (1, 20, 3, 4, 6)
     engine = Engine([WAN_I2V])
@@ -164,7 +158,7 @@ def test_wan21_image_to_video_attends_to_the_image_clip_tokens_as_its_pipeline_d
     adapter = load_adapter(spec, parts=("text", "transformer", "vae"))
     assert adapter.image_to_video and adapter.expert_count == 1
     (prompt,) = _prompts("a cat on the moon", spec=spec)
-    image, request = picture(0), gen_spec(spec.name, steps=4, frames=9, seed=3, guidance=5.0)
+    image, request = noise_picture(0), gen_spec(spec.name, steps=4, frames=9, seed=3, guidance=5.0)
     cond = load_adapter(spec, parts=("vae",)).encode_image(image, 32, 48, 9, request.seed)
     assert cond["image_embeds"].shape == (1, 17, 32)  # (32 / 8)^2 patches + the class token
     engine = Engine([spec])
@@ -192,7 +186,7 @@ def test_wan21_image_to_video_checkpoint_loads_its_image_encoder_with_the_vae(tm
     assert vae_part.pipeline.image_encoder is not None and vae_part.pipeline.transformer is None
     worker = load_adapter(saved, parts=("transformer",))
     assert worker.pipeline.image_encoder is None and worker.image_to_video
-    image = picture(6)
+    image = noise_picture(6)
     loaded, expected = (a.encode_image(image, 32, 48, 9, 0) for a in (vae_part, reference))
     for key in ("image_latents", "image_embeds"):
         torch.testing.assert_close(loaded[key], expected[key], rtol=0, atol=1e-6)

@@ -8,8 +8,8 @@ import io
 import time
 
 import httpx
-import numpy as np
-from PIL import Image
+
+from tests.factories import noise_picture
 
 TERMINAL = ("completed", "failed", "cancelled")
 
@@ -34,10 +34,9 @@ def submit(client: httpx.Client, **body) -> dict:
 
 
 def png_bytes(seed: int, width: int = 40, height: int = 30) -> bytes:
-    """A noisy RGB PNG (an image-to-video job's first frame), the same for the same seed."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    """`noise_picture` as a PNG file (an image-to-video job's first frame over HTTP)."""
     out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
+    noise_picture(seed, width, height).save(out, format="PNG")
     return out.getvalue()
 
 
