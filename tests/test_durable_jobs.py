@@ -160,16 +160,27 @@ def test_a_killed_scheduler_replica_costs_time_not_jobs(app):
     runner re-admits both from their stored specs: they complete, each counting one restart."""
     [scheduler] = app.replica_pids("StepScheduler")
     with app.client() as client:
-        # Long enough (~7 s here; 40 steps of 9 frames took 0.76 s) that the kill lands while both still denoise.
+        # Long enough (~7 s here; 40 steps of 9 frames took 0.76 s) that the kill lands while both are unfinished.
         ids = [submit(client, model="cogvideox-tiny", prompt=f"survivor {i}", resolution="480p", num_frames=17,
                       num_inference_steps=200, seed=i)["id"] for i in range(2)]
-        for job_id in ids:  # both in the pool: a job still on its way to the scheduler would just go to the new one
-            wait(client, job_id, until=("running",), timeout=120, poll_s=0.05)
+        # Both in the pool: the first has run steps long after the second (sent with it) reached the scheduler. The
+        # second need not have run a step: the cost rule may keep two equal jobs in series (SRPT's order).
+        _wait_for_step(client, ids[0], 10)
+        assert [client.get(f"/v1/videos/{i}").json()["status"] for i in ids] in (["running", "queued"],
+                                                                                ["running", "running"])
         os.kill(scheduler, signal.SIGKILL)
         for job_id in ids:
             done = wait(client, job_id, timeout=300, poll_s=0.2)
             assert done["status"] == "completed" and done["restarts"] == 1, done
             assert probe_mp4(client.get(f"/v1/videos/{job_id}/content").content)[0] == 17
+
+
+def _wait_for_step(client: httpx.Client, job_id: str, step: int, timeout: float = 120) -> None:
+    """Until the job has run `step` denoising steps."""
+    deadline = time.time() + timeout
+    while (job := client.get(f"/v1/videos/{job_id}").json())["progress"]["step"] < step:
+        assert time.time() < deadline and job["status"] in ("queued", "running"), job
+        time.sleep(0.05)
 
 
 JOBS = [dict(model=model, prompt=f"restart {i}", resolution=resolution, num_frames=frames, num_inference_steps=30,
