@@ -34,6 +34,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
 from attention.context import AttentionContext, LocalAttention
+from models.onednn_conv import route_conv3d_to_onednn
 from models.packed import PackedRequest, forward_packed
 from models.spec import ModelSpec
 
@@ -144,6 +145,8 @@ class DiffusionAdapter(ABC):
             self.pipeline = self._load_pretrained(spec)
             self.transformer_config = dict(self.transformer_cls.load_config(spec.source, subfolder="transformer"))
             self.vae_config = dict(self.vae_cls.load_config(spec.source, subfolder="vae"))
+        if getattr(self.pipeline, "vae", None) is not None:
+            route_conv3d_to_onednn(self.pipeline.vae)  # the CPU decode's largest cost (models.onednn_conv)
         self.scheduler_config = self.pipeline.scheduler.config
         self.geometry = self.make_geometry()
 
