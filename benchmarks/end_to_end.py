@@ -15,11 +15,15 @@ offsets; latency is the server's `completed_at` minus the client's submission ti
 The systems take turns, one deployment each per round (the machine's speed drifts over
 half an hour; turns share it fairly), `rounds` rounds. Printed per system: mean and p95
 latency over each run, the mean over runs with its 95% interval (t distribution), the
-mean seconds per stage (`stages` of the job), and each system's mean over naive's.
+mean seconds per stage (`stages` of the job), each run's throughput (completed jobs over the
+span from the first arrival to the last completion), and each system's mean over naive's.
+At a rate no system keeps up with, the throughput is the system's capacity: the issue's
+"0.8 of Naive's capacity" is 0.8 x naive's throughput under `--rate 100`.
 
     python -m benchmarks.end_to_end                         # the issue's trace: 24 jobs at 0.15/s, 5 rounds
     python -m benchmarks.end_to_end --rate 0.2 --rounds 3   # another load
     python -m benchmarks.end_to_end --json out.json         # every job of every run
+    python -m benchmarks.end_to_end --systems naive --rate 100 --rounds 2   # naive's capacity (jobs/s)
 """
 
 from __future__ import annotations
@@ -100,6 +104,13 @@ def p95(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
 
 
+def throughput(run: list[RealOutcome]) -> float:
+    """Completed jobs per second from the first arrival to the last completion (the client's clock)."""
+    done = [o for o in run if o.status == "completed"]
+    span = max(o.request.arrival_s + o.latency_s for o in done) - min(o.request.arrival_s for o in run)
+    return len(done) / span
+
+
 def summarise(runs: dict[str, list[list[RealOutcome]]]) -> dict:
     """Per system: each run's mean and p95, the mean over runs with its interval, the stage means."""
     out = {}
@@ -115,7 +126,8 @@ def summarise(runs: dict[str, list[list[RealOutcome]]]) -> dict:
                     stages.setdefault(stage, []).append(seconds)
         out[name] = {"run_means_s": means, "run_p95_s": [p95(run) for run in latencies if run], "mean_s": mean,
                      "ci95_s": half, "p95_mean_s": statistics.mean(p95(run) for run in latencies if run),
-                     "failed": failed, "stages_mean_s": {k: statistics.mean(v) for k, v in stages.items()}}
+                     "failed": failed, "throughput_jobs_per_s": statistics.mean(map(throughput, system_runs)),
+                     "stages_mean_s": {k: statistics.mean(v) for k, v in stages.items()}}
     return out
 
 
@@ -143,7 +155,7 @@ def main() -> None:
             last = runs[system.name][-1]
             done = [o.latency_s for o in last if o.status == "completed"]
             print(f"round {round_index + 1} {system.name}: mean {statistics.mean(done):.2f} s, p95 {p95(done):.2f} s, "
-                  f"{len(last) - len(done)} failed", flush=True)
+                  f"throughput {throughput(last):.4f} jobs/s, {len(last) - len(done)} failed", flush=True)
     summary = summarise(runs)
     print(f"\n{args.jobs} cogvideox-tiny jobs, Poisson {args.rate}/s, 240p/360p, steps 10-80; {args.rounds} runs each")
     naive = summary.get("naive")
@@ -152,7 +164,8 @@ def main() -> None:
         ratio = f"; naive / this {naive['mean_s'] / row['mean_s']:.2f}x" if naive else ""
         stages = ", ".join(f"{k.removesuffix('_s')} {v:.2f}" for k, v in row["stages_mean_s"].items())
         print(f"{system.label:52s} mean {row['mean_s']:6.2f} s ± {row['ci95_s']:.2f} (95%), p95 "
-              f"{row['p95_mean_s']:6.2f} s, failed {row['failed']}{ratio}\n    runs {[round(m, 2) for m in row['run_means_s']]}"
+              f"{row['p95_mean_s']:6.2f} s, throughput {row['throughput_jobs_per_s']:.4f} jobs/s, "
+              f"failed {row['failed']}{ratio}\n    runs {[round(m, 2) for m in row['run_means_s']]}"
               f"\n    stages (mean s): {stages}")
     if measurements:
         measured = measured_app(measurements, runs["default"])
