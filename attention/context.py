@@ -150,10 +150,21 @@ def gather_rows(per_request: dict[int, torch.Tensor], segments: list[Segment]) -
     return torch.cat([per_request[s.request][s.tokens] for s in segments])
 
 
-def per_row(per_request: dict[int, torch.Tensor], segments: list[Segment]) -> torch.Tensor:
-    """Repeat a per-request value over that request's rows here."""
-    return torch.cat([per_request[s.request].unsqueeze(0).expand(s.length, *per_request[s.request].shape)
-                      for s in segments])
+def per_row(per_request: dict[int, torch.Tensor], segments: list[Segment],
+            leading: dict[int, tuple[int, torch.Tensor]] | None = None) -> torch.Tensor:
+    """Repeat a per-request value over that request's rows here; `leading[i] = (n, value)` gives request i's first
+    n tokens another value (a conditioning frame's timestep modulation)."""
+    leading = leading or {}
+    pieces = []
+    for s in segments:
+        n, first = leading.get(s.request, (0, None))
+        head = min(max(n - s.token_start, 0), s.length)
+        if head:
+            pieces.append(first.unsqueeze(0).expand(head, *first.shape))
+        if s.length > head:
+            value = per_request[s.request]
+            pieces.append(value.unsqueeze(0).expand(s.length - head, *value.shape))
+    return torch.cat(pieces)
 
 
 def rows_by_request(rows: torch.Tensor, segments: list[Segment]) -> dict[int, tuple[int, torch.Tensor]]:

@@ -105,7 +105,8 @@ class ModelRunner:
         sampler = adapter.new_sampler(new.num_steps, new.latent_shape)
         if len(sampler.timesteps) != new.num_steps:
             raise ValueError(f"the sampler made {len(sampler.timesteps)} timesteps for {new.num_steps} steps")
-        latents = adapter.initial_latents(new.latent_shape, new.seed, sampler).to(adapter.device)
+        noise = adapter.initial_latents(new.latent_shape, new.seed, sampler)
+        latents = adapter.condition_latents(noise, prompt.rows_in_order[0]).to(adapter.device)
         self.requests[new.request_id] = RunnerRequest(new, prompt.to(adapter.device), latents, sampler)
 
     # ---- the step ---------------------------------------------------------

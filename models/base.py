@@ -7,7 +7,7 @@ pieces of that loop one at a time, so the step scheduler can interleave requests
     encode()          prompt -> Condition                          (TextEncoder)
     encode_image()    image-to-video: input image -> its latents   (VaeDecoder, once per request)
     new_sampler()     a fresh diffusers scheduler per request      (ModelRunner)
-    initial_latents() seeded noise                                 (ModelRunner)
+    initial_latents() seeded noise, condition_latents() its image frame  (ModelRunner)
     forward_packed()  one packed transformer pass, any shapes      (ModelRunner)
     sampler_step()    x_t -> x_{t-1} for one request               (ModelRunner)
     decode()          latents -> uint8 frames                      (VaeDecoder)
@@ -148,6 +148,10 @@ class DiffusionAdapter(ABC):
         if getattr(self.pipeline, "vae", None) is not None:
             route_conv3d_to_onednn(self.pipeline.vae)  # the CPU decode's largest cost (models.onednn_conv)
         self.scheduler_config = self.pipeline.scheduler.config
+        if spec.image_input and not self.runs_both_pipelines:
+            raise ValueError(f"{spec.name}: image_input is for checkpoints that run both pipelines (LTX-Video, "
+                             f"Wan2.2-TI2V-5B); this {self.family} checkpoint's image-to-video is a checkpoint of "
+                             "its own, read from its config")
         self.geometry = self.make_geometry()
 
     # ---- construction -------------------------------------------------
@@ -223,10 +227,20 @@ class DiffusionAdapter(ABC):
         # Flow-matching schedulers start from unit noise and define no init_noise_sigma.
         return noise * getattr(sampler, "init_noise_sigma", 1.0)
 
+    def condition_latents(self, latents: torch.Tensor, cond: Condition) -> torch.Tensor:
+        """A request's first latents given its row condition: the noise itself, or, where the image is the first latent
+        frame, the noise with the image's latents as that frame, which `sampler_step` then keeps."""
+        if not self.image_first_frame:
+            return latents
+        return torch.cat([cond["image_latents"].to(latents), latents[:, :, 1:]], dim=2)
+
     def sampler_step(self, sampler: Any, noise_pred: torch.Tensor, t: torch.Tensor, latents: torch.Tensor,
                      extra: dict[str, Any]) -> torch.Tensor:
-        """Advance one request by one step; `extra` is per-request sampler state the family may keep."""
-        return sampler.step(noise_pred, t, latents, return_dict=False)[0]
+        """Advance one request by one step; `extra` is per-request sampler state the family may keep. An image
+        first frame stays as it is: the samplers of those families (flow Euler, UniPC) are elementwise, so stepping
+        the other frames alone, as their pipelines do, gives the same values."""
+        stepped = sampler.step(noise_pred, t, latents, return_dict=False)[0]
+        return torch.cat([latents[:, :, :1], stepped[:, :, 1:]], dim=2) if self.image_first_frame else stepped
 
     # ---- transformer ----------------------------------------------------
     packed_module: ClassVar[ModuleType]
@@ -308,7 +322,7 @@ class DiffusionAdapter(ABC):
     def image_to_video(self) -> bool:
         """Whether every request is conditioned on an input image (its latents enter the request's rows as
         `image_latents`, encoded once by `encode_image`); known from the configs, without weights."""
-        return False
+        return self.image_first_frame
 
     def encode_image(self, image: Image.Image, height: int, width: int, num_frames: int, seed: int) -> Condition:
         """The input image resized to the request's size as the family's image-to-video pipeline does, through the
@@ -317,6 +331,18 @@ class DiffusionAdapter(ABC):
         if not self.image_to_video:
             raise ValueError(f"{self.spec.name} is not an image-to-video model")
         return self.image_latents(image, height, width, num_frames, seed)
+
+    @property
+    def runs_both_pipelines(self) -> bool:
+        """Whether one checkpoint runs both the text- and the image-to-video pipeline, so that `ModelSpec.image_input`
+        chooses (LTX-Video, Wan2.2-TI2V-5B)."""
+        return False
+
+    @property
+    def image_first_frame(self) -> bool:
+        """Whether the input image's latents are the request's first latent frame, kept by every step and modulated at
+        timestep 0 (an `image_input` entry; latents laid out (1, C, F, H, W)), not extra channels beside every frame."""
+        return self.spec.image_input
 
     def image_latents(self, image: Image.Image, height: int, width: int, num_frames: int, seed: int) -> Condition:
         """`encode_image` of a family that has image-to-video checkpoints."""

@@ -1,4 +1,4 @@
-"""LTX-Video (Lightricks/LTX-Video 0.9.x) text-to-video through diffusers' LTX pipeline pieces."""
+"""LTX-Video (Lightricks/LTX-Video 0.9.x) text- and image-to-video through diffusers' LTX pipeline pieces."""
 
 from __future__ import annotations
 
@@ -7,8 +7,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+from diffusers import (AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXImageToVideoPipeline, LTXPipeline,
+                       LTXVideoTransformer3DModel)
 from diffusers.pipelines.ltx.pipeline_ltx import calculate_shift
+from diffusers.pipelines.ltx.pipeline_ltx_image2video import retrieve_latents
+from diffusers.video_processor import VideoProcessor
+from PIL import Image
 from transformers import T5EncoderModel
 
 from models import ltx_packed
@@ -26,6 +30,11 @@ class LTXAdapter(DiffusionAdapter):
     LTX conditions its RoPE on the video's frame rate, so each request's fps enters its rows as the
     `frame_rate` condition (`request_condition`); timesteps shift with each request's token count, as
     `LTXPipeline` shifts them.
+
+    One LTX-Video checkpoint runs both pipelines; a model entry with `image_input` serves it as
+    `LTXImageToVideoPipeline`: the input image's latents are the first latent frame of the request's
+    initial latents, its tokens are modulated at timestep 0 in every forward, and the sampler steps only
+    the frames after it.
     """
 
     family = "ltx"
@@ -75,6 +84,10 @@ class LTXAdapter(DiffusionAdapter):
         return split_rows(negative_prompts, {"encoder_hidden_states": pos, "encoder_attention_mask": pos_mask},
                           {"encoder_hidden_states": neg, "encoder_attention_mask": neg_mask})
 
+    @property
+    def runs_both_pipelines(self) -> bool:
+        return True
+
     def request_condition(self, fps: int | None) -> Condition:
         return {"frame_rate": torch.tensor([[float(fps or self.spec.default_fps)]])}
 
@@ -92,6 +105,22 @@ class LTXAdapter(DiffusionAdapter):
                              config.get("max_shift", 1.15))
         sampler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu, device="cpu")
 
+    @torch.no_grad()
+    def image_latents(self, image: Image.Image, height: int, width: int, num_frames: int, seed: int) -> Condition:
+        """As `LTXImageToVideoPipeline.prepare_latents`: resize, VAE-encode one frame, sample, normalise."""
+        pixels = VideoProcessor(vae_scale_factor=self.geometry.spatial_factor).preprocess(image, height, width)
+        vae = self.pipeline.vae
+        encoded = vae.encode(pixels.to(self.device, self.dtype).unsqueeze(2))
+        latents = retrieve_latents(encoded, torch.Generator("cpu").manual_seed(seed))
+        latents = LTXImageToVideoPipeline._normalize_latents(latents, vae.latents_mean, vae.latents_std)
+        return {"image_latents": latents.to(self.dtype).cpu()}  # (1, C, 1, H/32, W/32)
+
+    def image_placeholder(self, latent_shape: tuple[int, ...]) -> Condition:
+        if not self.image_first_frame:
+            return {}
+        channels, _, height, width = latent_shape
+        return {"image_latents": torch.zeros(1, channels, 1, height, width, dtype=self.dtype)}
+
     def row_tokens(self, latent_shape: tuple[int, ...], cond: Condition) -> int:
         """Video tokens only: LTX's text enters through cross-attention."""
         _, frames, height, width = latent_shape
@@ -99,13 +128,15 @@ class LTXAdapter(DiffusionAdapter):
         return (frames // t["patch_size_t"]) * (height // t["patch_size"]) * (width // t["patch_size"])
 
     def packed_request(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Condition) -> PackedRequest:
-        """Only the unmasked text tokens, and the RoPE table of this shape at the row's frame rate (the runner adds
-        it at admission; a row without one, e.g. from a benchmark's direct call, takes the model's default)."""
+        """Only the unmasked text tokens, the RoPE table of this shape at the row's frame rate (the runner adds
+        it at admission; a row without one, e.g. from a benchmark's direct call, takes the model's default), and
+        an image-to-video row's first-frame tokens as clean."""
         valid = cond["encoder_attention_mask"][0].bool()
         _, frames, height, width = latents.shape
         fps = float(cond["frame_rate"]) if "frame_rate" in cond else float(self.spec.default_fps)
         rotary = self._rotary(frames, height, width, fps)
-        return PackedRequest(latents, timestep, cond["encoder_hidden_states"][0][valid], rotary)
+        clean = self.row_tokens((0, 1, height, width), cond) if self.image_first_frame else 0
+        return PackedRequest(latents, timestep, cond["encoder_hidden_states"][0][valid], rotary, clean_tokens=clean)
 
     @lru_cache(maxsize=64)
     def _rotary(self, frames: int, height: int, width: int, fps: float) -> tuple[torch.Tensor, torch.Tensor]:

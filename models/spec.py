@@ -36,6 +36,12 @@ class ModelSpec(_Frozen):
         default="default",
         description="Which layout a 'tiny' source builds, where a family has several (Wan: 'wan2.1', "
         "'wan2.2-a14b' with two experts, 'wan2.2-ti2v-5b' with the 4x16x16 VAE); ignored for checkpoints.")
+    image_input: bool = Field(
+        default=False,
+        description="Serve this entry as image-to-video (every request brings its first frame) where one checkpoint "
+        "runs both pipelines (LTX-Video: `LTXImageToVideoPipeline`; Wan2.2-TI2V-5B: `WanImageToVideoPipeline` with "
+        "`expand_timesteps`); checkpoints whose image-to-video is a checkpoint of its own (CogVideoX-5b-I2V, "
+        "Wan I2V) are read as such from their config and refuse this flag.")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     resolution_heights: dict[ResolutionName, int] = Field(
         default={"240p": 240, "360p": 360, "480p": 480, "720p": 720},

@@ -39,7 +39,9 @@ class WanAdapter(DiffusionAdapter):
     channels and the VAE latents of [image, black frames]) are `WanImageToVideoPipeline`'s loop: that condition
     is concatenated to every row's latents on the channel axis. Wan 2.1 I2V also attends to the image's CLIP
     tokens (`image_encoder`, loaded with the VAE: both encode the input image once); Wan2.2-I2V-A14B has no
-    image encoder. TI2V-5B's image input (first-frame timestep 0) is not served yet.
+    image encoder. TI2V-5B runs both pipelines from one checkpoint; an `image_input` entry serves it as
+    `WanImageToVideoPipeline` with `expand_timesteps`: the image's latents (the VAE's mode) are the first latent
+    frame, kept by every step, and its tokens are modulated at timestep 0.
     """
 
     family = "wan"
@@ -165,21 +167,29 @@ class WanAdapter(DiffusionAdapter):
         return split_rows(negative_prompts, {"encoder_hidden_states": pos}, {"encoder_hidden_states": neg})
 
     @property
+    def runs_both_pipelines(self) -> bool:
+        return bool(self.pipeline.config.get("expand_timesteps"))
+
+    @property
     def image_to_video(self) -> bool:
-        return self.transformer_config["in_channels"] != self.transformer_config["out_channels"]
+        return self.image_first_frame or self.transformer_config["in_channels"] != self.transformer_config["out_channels"]
 
     @torch.no_grad()
     def image_latents(self, image: Image.Image, height: int, width: int, num_frames: int, seed: int) -> Condition:
         """As `WanImageToVideoPipeline.prepare_latents`: the VAE's mean latents of [image, black frames], normalised,
-        after the mask channels (1 on the image's frame); deterministic (the posterior's mode), so `seed` is unused."""
+        after the mask channels (1 on the image's frame); TI2V-5B (`expand_timesteps`) encodes the image alone, its
+        one latent frame. Deterministic (the posterior's mode), so `seed` is unused."""
         vae, g = self.pipeline.vae, self.geometry
         pixels = VideoProcessor(vae_scale_factor=g.spatial_factor).preprocess(image, height, width).unsqueeze(2)
-        video = torch.cat([pixels, pixels.new_zeros(1, 3, num_frames - 1, height, width)], dim=2)
+        frames = 0 if self.image_first_frame else num_frames - 1
+        video = torch.cat([pixels, pixels.new_zeros(1, 3, frames, height, width)], dim=2)
         latents = retrieve_latents(vae.encode(video.to(self.device, vae.dtype)), sample_mode="argmax").float()
         view = (1, vae.config.z_dim, 1, 1, 1)
         mean = torch.tensor(vae.config.latents_mean).view(view).to(latents)
         inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(view).to(latents)
         latents = (latents - mean) * inverse_std
+        if self.image_first_frame:
+            return {"image_latents": latents.to(self.dtype).cpu()}  # (1, C, 1, H, W)
         mask = torch.zeros(1, g.temporal_factor, latents.shape[2], *latents.shape[3:], dtype=latents.dtype,
                            device=latents.device)
         mask[:, :, 0] = 1  # the first latent frame holds the image (its temporal_factor mask copies, as the pipeline)
@@ -194,6 +204,8 @@ class WanAdapter(DiffusionAdapter):
     def image_placeholder(self, latent_shape: tuple[int, ...]) -> Condition:
         if not self.image_to_video:
             return {}
+        if self.image_first_frame:
+            return {"image_latents": torch.zeros(1, latent_shape[0], 1, *latent_shape[2:], dtype=self.dtype)}
         channels = self.transformer_config["in_channels"] - latent_shape[0]
         cond = {"image_latents": torch.zeros(1, channels, *latent_shape[1:], dtype=self.dtype)}
         if (width := self.transformer_config.get("image_dim")) is not None:
@@ -212,10 +224,14 @@ class WanAdapter(DiffusionAdapter):
         return (frames // p_t) * (height // p_h) * (width // p_w)
 
     def packed_request(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Condition) -> PackedRequest:
-        if "image_latents" in cond:  # image-to-video: mask + condition latents as extra channels
+        """Image-to-video: mask + condition latents as extra channels, or (TI2V-5B) the first frame's tokens clean."""
+        clean = 0
+        if self.image_first_frame:
+            clean = self.row_tokens((0, 1, *latents.shape[2:]), cond)
+        elif "image_latents" in cond:
             latents = torch.cat([latents, cond["image_latents"][0].to(latents.dtype)])
         image = cond["image_embeds"][0] if "image_embeds" in cond else None
-        return PackedRequest(latents, timestep, cond["encoder_hidden_states"][0], image=image)
+        return PackedRequest(latents, timestep, cond["encoder_hidden_states"][0], image=image, clean_tokens=clean)
 
     def decode_to_pixels(self, latents: torch.Tensor) -> torch.Tensor:
         config = self.pipeline.vae.config

@@ -7,6 +7,8 @@ submodules, called per request), per-row timestep modulation, self-attention via
 the attention context, cross-attention of each row over its own request's text
 (and, for Wan 2.1 I2V, over its image's CLIP tokens with the block's added K/V
 projections, summed as `WanAttnProcessor` sums them), and per-request unpatchify.
+A TI2V-5B image-to-video row's first latent frame (`clean_tokens`) is modulated at
+timestep 0, as `WanImageToVideoPipeline` passes per-token timesteps with `expand_timesteps`.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def forward_rows(model: WanTransformer3DModel, requests: list[PackedRequest], ct
     segments = ctx.segments(counts)
     held = sorted({s.request for s in segments})  # a rank computes only its requests' embeddings
     patches, cos, sin, temb, proj, text, image = {}, {}, {}, {}, {}, {}, {}
+    clean_temb, clean_proj = {}, {}  # image first frames: (clean tokens, embedding at timestep 0)
     for i in held:
         r = requests[i]
         if (r.image is None) != (model.condition_embedder.image_embedder is None):
@@ -62,14 +65,17 @@ def forward_rows(model: WanTransformer3DModel, requests: list[PackedRequest], ct
         temb[i], proj[i], text[i] = t[0], p[0].unflatten(0, (6, -1)), txt[0]
         if img is not None:
             image[i] = img[0]
+        if r.clean_tokens:
+            t0, p0, _, _ = model.condition_embedder(torch.zeros_like(r.timestep).reshape(1), r.text.unsqueeze(0), None)
+            clean_temb[i], clean_proj[i] = (r.clean_tokens, t0[0]), p0[0].unflatten(0, (6, -1))
     x = gather_rows(patches, segments)
     rope_cos, rope_sin = gather_rows(cos, segments), gather_rows(sin, segments)
-    row_temb = per_row(temb, segments)
-    # The blocks' AdaLN tables stay per request; each chunk is spread over the rows only when it is used (six
-    # fp32 chunks per row at once would be 12x the size of x: 23 GB for a 187k-token pack of Wan-14B).
-    proj_stack = torch.stack([proj[i] for i in held])
-    row_request = torch.repeat_interleave(torch.tensor([held.index(s.request) for s in segments]),
-                                          torch.tensor([s.length for s in segments])).to(x.device)
+    row_temb = per_row(temb, segments, clean_temb)
+    # The blocks' AdaLN tables stay per request (and per clean frame); each chunk is spread over the rows only when it
+    # is used (six fp32 chunks per row at once would be 12x the size of x: 23 GB for a 187k-token pack of Wan-14B).
+    tables = [proj[i] for i in held] + [clean_proj[i] for i in clean_proj]
+    proj_stack = torch.stack(tables)
+    row_request = _row_tables(held, list(clean_proj), {i: n for i, (n, _) in clean_temb.items()}, segments).to(x.device)
 
     for block in model.blocks:
         x = _block(block, x, text, image, proj_stack, row_request, rope_cos, rope_sin, counts, segments, ctx)
@@ -77,6 +83,21 @@ def forward_rows(model: WanTransformer3DModel, requests: list[PackedRequest], ct
     shift, scale = (model.scale_shift_table + row_temb.unsqueeze(1)).chunk(2, dim=1)
     x = (model.norm_out(x.float()) * (1 + scale[:, 0]) + shift[:, 0]).type_as(x)
     return model.proj_out(x), segments
+
+
+def _row_tables(held: list[int], clean: list[int], clean_tokens: dict[int, int], segments: list[Segment],
+                ) -> torch.Tensor:
+    """Per row, its AdaLN table's index: request i's (its position in `held`), or for its first clean_tokens[i]
+    tokens its clean frame's (after all the requests', in `clean` order)."""
+    values, counts = [], []
+    for s in segments:
+        head = min(max(clean_tokens.get(s.request, 0) - s.token_start, 0), s.length)
+        if head:
+            values.append(len(held) + clean.index(s.request))
+            counts.append(head)
+        values.append(held.index(s.request))
+        counts.append(s.length - head)
+    return torch.repeat_interleave(torch.tensor(values), torch.tensor(counts))
 
 
 def _block(block, x, texts, images, proj_stack, row_request, cos, sin, counts, segments, ctx):

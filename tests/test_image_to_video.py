@@ -190,3 +190,58 @@ def test_wan21_image_to_video_checkpoint_loads_its_image_encoder_with_the_vae(tm
     loaded, expected = (a.encode_image(image, 32, 48, 9, 0) for a in (vae_part, reference))
     for key in ("image_latents", "image_embeds"):
         torch.testing.assert_close(loaded[key], expected[key], rtol=0, atol=1e-6)
+
+
+TI2V_IMAGE = tiny_spec("wan", name="wan2.2-ti2v-i2v-tiny", tiny_variant="wan2.2-ti2v-5b", image_input=True)
+
+
+def test_ti2v_5b_image_input_matches_its_pipeline_with_expanded_timesteps():
+    """TI2V-5B's image-to-video (`WanImageToVideoPipeline`, `expand_timesteps`): the image's latents are the first
+    latent frame of the model input and of the result, its tokens at timestep 0; one checkpoint serves both."""
+    from diffusers import WanImageToVideoPipeline
+
+    adapter = load_adapter(TI2V_IMAGE, parts=("text", "transformer", "vae"))
+    assert adapter.image_to_video and adapter.image_first_frame
+    assert not load_adapter(tiny_spec("wan", tiny_variant="wan2.2-ti2v-5b"), parts=()).image_to_video
+    (prompt,) = _prompts("a cat on the moon", spec=TI2V_IMAGE)
+    image, spec = noise_picture(0), gen_spec(TI2V_IMAGE.name, steps=5, height=32, width=64, frames=9, seed=3)
+    cond = adapter.encode_image(image, 32, 64, 9, spec.seed)
+    assert cond["image_latents"].shape == (1, 48, 1, 2, 4)
+    engine = Engine([TI2V_IMAGE])
+    engine.admit("x", spec, prompt.with_condition(cond))
+    engine.run()
+    assert engine.done["x"].status is RequestStatus.FINISHED
+    pipeline = WanImageToVideoPipeline(**adapter.pipeline.components, image_processor=None, image_encoder=None,
+                                       expand_timesteps=True)
+    noise = adapter.initial_latents(adapter.latent_shape(32, 64, 9), spec.seed, adapter.new_sampler(5, (1,)))
+    reference = pipeline(image=image, prompt_embeds=prompt.cond["encoder_hidden_states"],
+                         negative_prompt_embeds=prompt.uncond["encoder_hidden_states"], height=32, width=64,
+                         num_frames=9, num_inference_steps=5, guidance_scale=6.0, latents=noise,
+                         output_type="latent").frames
+    torch.testing.assert_close(engine.latents["x"], reference, rtol=0, atol=1e-5)
+    assert torch.equal(engine.latents["x"][:, :, :1], cond["image_latents"])
+    text_only = Engine([tiny_spec("wan", name=TI2V_IMAGE.name, tiny_variant="wan2.2-ti2v-5b")])
+    text_only.admit("y", spec, prompt)
+    text_only.run()
+    assert (text_only.latents["y"] - engine.latents["x"])[:, :, 1:].abs().max() > 1e-3  # the image conditions it
+
+
+def test_ti2v_5b_image_rows_packed_with_others_and_on_two_ranks_equal_alone():
+    target_prompt, other_prompt = _prompts("a cat on the moon", "red car at night", spec=TI2V_IMAGE)
+    target = gen_spec(TI2V_IMAGE.name, steps=4, height=32, width=64, frames=9, seed=7)
+    other = gen_spec(TI2V_IMAGE.name, steps=6, height=64, width=32, frames=17, seed=1)
+    assert_joined_late_equals_alone(
+        TI2V_IMAGE, (target, conditioned(target_prompt, noise_picture(2), 32, 64, 7, spec=TI2V_IMAGE)),
+        (other, conditioned(other_prompt, noise_picture(3, 64, 64), 64, 32, 1, frames=17, spec=TI2V_IMAGE)))
+    asks = [("big", gen_spec(TI2V_IMAGE.name, steps=3, height=128, width=192, frames=9, seed=1)),
+            ("small", gen_spec(TI2V_IMAGE.name, steps=2, height=32, width=64, seed=2, guidance=1.0))]
+    assert_two_ranks_equal_one_rank([TI2V_IMAGE], asks, 32)  # the big row (72 tokens, 24 clean) on a ring of 2
+
+
+def test_per_row_gives_the_clean_tokens_their_own_value_across_shards():
+    """A request's first clean tokens may end inside its second shard: each shard takes the value its tokens need."""
+    from attention.context import Segment, per_row
+
+    segments = [Segment(0, 0, 3, 0), Segment(1, 0, 2, 3), Segment(0, 3, 4, 5)]
+    noisy, clean = {0: torch.tensor([1.0]), 1: torch.tensor([2.0])}, {0: (5, torch.tensor([9.0]))}
+    assert per_row(noisy, segments, clean)[:, 0].tolist() == [9, 9, 9, 2, 2, 9, 9, 1, 1]
