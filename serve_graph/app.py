@@ -26,7 +26,7 @@ def _actor_options(res: DeploymentResources) -> dict[str, Any]:
 
 def build_video_app(args: dict[str, Any]) -> Application:
     """VideoIngress replicas -> JobRunner -> TextEncoder, StepScheduler (+ its worker group), VaeDecoder; jobs and
-    results in the job and blob stores (see README's graph)."""
+    results in the job and blob stores (see docs/architecture.md's graph)."""
     config = VideoAppConfig(**args)
     models = [m.model_dump() for m in config.models]
 
