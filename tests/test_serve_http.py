@@ -65,6 +65,7 @@ def test_models_and_health(client):
         "shapes-t2v": ("t2v", "wan", 1), "cogvideox-tiny": ("t2v", "cogvideox", 1), "wan-tiny": ("t2v", "wan", 1),
         "wan2.2-a14b-tiny": ("t2v", "wan", 2), "ltx-tiny": ("t2v", "ltx", 1),
         "cogvideox1.5-tiny": ("t2v", "cogvideox", 1), "cogvideox-i2v-tiny": ("i2v", "cogvideox", 1),
+        "ltx-i2v-tiny": ("i2v", "ltx", 1),
         "mochi-tiny": ("t2v", "mochi", 1), "sd3-tiny": ("t2i", "sd3", 1)}
     assert cards["ltx-tiny"]["size_multiple"] == 32 and cards["ltx-tiny"]["num_frames"] == [1, 9, 17]
     assert cards["mochi-tiny"]["resolutions"] == {"240p": 32, "360p": 48, "480p": 64}
@@ -122,7 +123,8 @@ def test_mixed_concurrent_requests_complete_with_valid_mp4(client):
 
 def test_image_to_video_as_a_multipart_upload_and_as_a_data_url(client):
     """OpenAI's multipart form (fields + the image file) and a JSON data URL make the same job: same bytes. Another
-    image makes another video; the image is checked and refused where it does not apply, naming the field."""
+    image makes another video; LTX's image-input entry serves the same image; the image is checked and refused where
+    it does not apply, naming the field."""
     png = png_bytes(7)
     fields = {"model": "cogvideox-i2v-tiny", "prompt": "a cat wakes up", "seed": "5", "num_inference_steps": "3"}
     upload = client.post("/v1/videos", data=fields, files={"input_reference": ("cat.png", png, "image/png")})
@@ -139,6 +141,10 @@ def test_image_to_video_as_a_multipart_upload_and_as_a_data_url(client):
         assert done["stages"]["encode_s"] > 0
         videos.append(client.get(f"/v1/videos/{job['id']}/content").content)
     assert probe_mp4(videos[0]) == (9, done["height"], done["width"]) and videos[0] == videos[1] != videos[2]
+    ltx = wait(client, submit(client, model="ltx-i2v-tiny", prompt="a cat wakes up", seed=5, num_inference_steps=3,
+                              input_reference=data_url(png))["id"])  # the image as LTX's first latent frame
+    assert ltx["status"] == "completed", ltx["error"]
+    assert probe_mp4(client.get(f"/v1/videos/{ltx['id']}/content").content) == (9, ltx["height"], ltx["width"])
 
     def refused(status: int, **body) -> str:
         r = client.post("/v1/videos", json={"prompt": "x", **body})
