@@ -21,7 +21,7 @@ each candidate with the step-cost model the core learns from `observe_step` (see
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Callable
 
 from attention.plan import BrickPlan, RingAssignment, even_bounds
@@ -37,14 +37,6 @@ from engine.step_cost import StepCostModel, busiest_rank_work, plan_work
 
 class PoolFullError(RuntimeError):
     """The pool holds `max_pool_size` requests; the caller should shed load (HTTP 429)."""
-
-
-@dataclass(frozen=True)
-class Progress:
-    status: RequestStatus
-    steps_done: int
-    total_steps: int
-    first_step_time: float | None
 
 
 class StepSchedulerCore:
@@ -97,12 +89,6 @@ class StepSchedulerCore:
             return False
         self._finish(meta, RequestStatus.CANCELLED)
         return True
-
-    def progress(self, request_id: str) -> Progress | None:
-        meta = self.pool.get(request_id)
-        if meta is None:
-            return None
-        return Progress(meta.status, meta.steps_done, meta.total_steps, meta.first_step_time)
 
     def pop_done(self) -> list[RequestMeta]:
         """Requests that left the pool since the last call (finished, failed or cancelled)."""
