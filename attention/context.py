@@ -38,6 +38,10 @@ class Segment:
     def tokens(self) -> slice:
         return slice(self.token_start, self.token_start + self.length)
 
+    def head(self, leading_tokens: int) -> int:
+        """How many of these rows are among the request's first `leading_tokens` tokens."""
+        return min(max(leading_tokens - self.token_start, 0), self.length)
+
 
 class AttentionContext(ABC):
     """Which tokens this process holds, and how their self-attention is computed."""
@@ -158,7 +162,7 @@ def per_row(per_request: dict[int, torch.Tensor], segments: list[Segment],
     pieces = []
     for s in segments:
         n, first = leading.get(s.request, (0, None))
-        head = min(max(n - s.token_start, 0), s.length)
+        head = s.head(n)
         if head:
             pieces.append(first.unsqueeze(0).expand(head, *first.shape))
         if s.length > head:

@@ -91,7 +91,7 @@ def _row_tables(held: list[int], clean: list[int], clean_tokens: dict[int, int],
     tokens its clean frame's (after all the requests', in `clean` order)."""
     values, counts = [], []
     for s in segments:
-        head = min(max(clean_tokens.get(s.request, 0) - s.token_start, 0), s.length)
+        head = s.head(clean_tokens.get(s.request, 0))
         if head:
             values.append(len(held) + clean.index(s.request))
             counts.append(head)
