@@ -4,6 +4,8 @@
 FROM rayproject/ray:2.60.0-py311-gpu
 WORKDIR /home/ray/dit-serve
 COPY --chown=ray:users pyproject.toml README.md ./
+COPY --chown=ray:users common common
+COPY --chown=ray:users api api
 COPY --chown=ray:users serve_graph serve_graph
 COPY --chown=ray:users deployments deployments
 COPY --chown=ray:users engine engine

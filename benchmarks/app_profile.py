@@ -20,16 +20,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from api.schemas import VideoGenerationRequest
+from api.validation import RequestValidator, ServedModel
+from benchmarks.cost_profiles import CostProfile
+from benchmarks.workloads import TraceRequest
 from engine.config import PlannerConfig
 from engine.messages import NewRequest, StepPlan
 from engine.step_cost import plan_work
 from models import load_adapter
 from models.spec import ModelSpec
-from serve_graph.schemas import VideoGenerationRequest
-from serve_graph.validation import RequestValidator, ServedModel
-
-from benchmarks.cost_profiles import CostProfile
-from benchmarks.workloads import TraceRequest
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from api.serve_configs import serve_application
 from attention.spmd import free_port
-from serve_graph.serve_configs import serve_application
 
 MAX_MODEL_LEN = 1024
 

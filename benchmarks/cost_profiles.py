@@ -34,10 +34,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from attention.plan import BrickPlan
+from benchmarks.workloads import TraceRequest
 from engine.config import PlannerConfig
 from engine.messages import StepPlan
-
-from benchmarks.workloads import TraceRequest
 
 PEAK_BF16_FLOPS = 989e12
 LINEAR_MFU = 0.40

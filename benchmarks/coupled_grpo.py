@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs/train/tiny-dllm-served.yaml"
+from common.paths import PROJECT_ROOT
+
+CONFIG = PROJECT_ROOT / "configs/train/tiny-dllm-served.yaml"
 
 
 def estimate_variance(policy_dir: Path, draws: int) -> dict[str, float]:
@@ -56,9 +57,9 @@ def reward_curves(policy_dir: Path, steps: int, storage: Path) -> dict[str, dict
     import ray
     from ray import serve
 
+    from api.serve_configs import serve_application
     from attention.spmd import free_port
     from serve_graph.dllm_app import build_dllm_app
-    from serve_graph.serve_configs import serve_application
     from training.config import load_config
     from training.train import run
 

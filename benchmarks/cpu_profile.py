@@ -23,7 +23,7 @@ machine's speed drifts up to 2x within an hour, so a run is predicted at a slowd
 (`CpuProfile.slowed`: every measured time multiplied) that `fit_slowdown` finds from the
 calibration trace replayed beside it (`paper_eval`).
 Resolutions are scaled as in the tests (240p-720p rendered 32-96 pixels high), so all
-four fit a CPU run; the real app of `real_app_args()` serves the same sizes.
+four fit a CPU run; the real app of `cpu_app.real_app_args()` serves the same sizes.
 """
 
 from __future__ import annotations
@@ -40,22 +40,16 @@ import numpy as np
 from scipy.optimize import nnls
 
 from attention.plan import BrickPlan
+from benchmarks.cost_profiles import CostProfile
+from benchmarks.cpu_app import MODELS, PLANNER, model_specs, pixel_size
+from benchmarks.real_run import run_systems
+from benchmarks.simulator import System, capacity, make_core, mean_latency, new_request
+from benchmarks.workloads import FRAMES, RESOLUTIONS, TraceRequest, make_trace
 from engine.config import PlannerConfig
 from engine.messages import StepPlan
 from models import load_adapter
-from models.spec import ModelSpec
-from serve_graph.validation import video_size
-
-from benchmarks.cost_profiles import CostProfile
-from benchmarks.simulator import System, capacity, make_core, mean_latency, new_request
-from benchmarks.workloads import FRAMES, RESOLUTIONS, TraceRequest, make_trace
 
 RESULTS = Path(__file__).parent / "results" / "cpu_profile.json"
-HEIGHTS = {"240p": 32, "360p": 48, "480p": 64, "720p": 96}
-MODELS = {"cogvideox": "cogvideox-tiny", "wan": "wan-tiny"}
-"""Trace family -> served tiny model. Mochi is left out on CPU: its packed rows depend on each prompt's length."""
-PLANNER = PlannerConfig(min_shard_tokens=256, ring_sizes=(1, 2), linear_tokens=192)
-"""480p and 720p rows (>= 512 tokens) shard over both ranks; 240p and 360p stay on one."""
 REAL_MODEL = "wan"
 REAL_STEPS = (10, 20)
 """The real CPU app's workload (calibration and evaluation): Wan, with the step mix scaled down with the resolutions
@@ -63,28 +57,6 @@ REAL_STEPS = (10, 20)
 STEP_GAP_S = 0.007
 """The rank's idle time between two forwards in the app (Ray's actor-call turnaround; `ray_dit_step_gap_seconds`
 in benchmarks/engine_step.py), which the grid's in-process steps do not pay."""
-
-
-def model_specs() -> list[ModelSpec]:
-    return [ModelSpec(name=name, family=family, source="tiny", max_sequence_length=16, resolution_heights=HEIGHTS,
-                      max_frames=max(FRAMES.values()), default_frames=9, default_steps=8)
-            for family, name in MODELS.items()]
-
-
-def real_app_args(scheduler: dict) -> dict:
-    """configs/local.yaml's video app serving the CPU profile's models and sizes, with `scheduler` (a system's)."""
-    from serve_graph.serve_configs import serve_application
-
-    args = serve_application("video")["args"]
-    args["models"] = [s.model_dump(exclude_none=True) for s in model_specs()]
-    args["scheduler"] = {**scheduler, "planner": {**PLANNER.model_dump(), **scheduler.get("planner", {})},
-                         "max_pool_size": 256, "budget": {**scheduler.get("budget", {}), "max_batch_tokens": 10**6}}
-    return args
-
-
-def pixel_size(family: str, resolution: str) -> tuple[int, int]:
-    spec = next(s for s in model_specs() if s.family == family)
-    return video_size(spec, load_adapter(spec, parts=()).geometry, resolution, "16:9")
 
 
 # ---- measurement (two spawned gloo ranks) ---------------------------------------------------------------
@@ -142,10 +114,10 @@ def measure_steps(rank: int, world_size: int, payload: int) -> list[float]:
 
 def measure_outside() -> dict:
     """Seconds of prompt encoding and of VAE decode + mp4 per (family, resolution) at the trace's frame counts."""
+    import torch
+
     from deployments.text_encoder import EncodeRequest, TextEncoderCore
     from deployments.vae_decoder import DecodeRequest, VaeDecoderCore
-
-    import torch
 
     torch.set_num_threads(1)  # as the encoder and VAE replicas of configs/local.yaml
     specs = model_specs()
@@ -351,8 +323,6 @@ def fit_app(profile: CpuProfile, repeats: int) -> dict:
     threads for which the simulator's mean latency of that trace equals the app's. (An
     8-job burst 0.1 s apart, fitted before, is an overload: its term came out 0.05-0.15 in
     three fits and left the simulated latency 37-110% high at load 0.45.)"""
-    from benchmarks.real_run import run_systems
-
     system = System("calibration", "calibration", CALIBRATION_SYSTEM)
     alone = [TraceRequest(f"alone-{i}", 6.0 * i, "wan", res, FRAMES["wan"], steps, "a calibration scene", i)
              for i, (res, steps) in enumerate(ALONE)]

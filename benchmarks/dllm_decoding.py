@@ -28,9 +28,9 @@ from engine.dllm_runner import DllmModel, DllmRunner
 from engine.messages import NewDllmRequest
 from engine.policies import make_policy
 from engine.scheduler import StepSchedulerCore
-from models.dllm import DecodeParams, load_dllm
-from models.dllm.checkpoint import load_dllm_tokenizer
+from models.dllm.checkpoint import load_dllm, load_dllm_tokenizer
 from models.dllm.config import stop_token_ids
+from models.dllm.decoding import DecodeParams
 from models.dllm.tiny import build_tiny_dllm
 
 PROMPTS = ["def fibonacci(n):", "import os\n\ndef list_files(path):", "class Stack:\n    def push(self, x):",

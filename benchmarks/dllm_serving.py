@@ -24,8 +24,8 @@ import statistics
 import time
 from dataclasses import dataclass
 
+from api.serve_configs import serve_application
 from attention.spmd import free_port
-from serve_graph.serve_configs import serve_application
 
 MAX_TOKENS = (32, 64, 128)
 

@@ -37,8 +37,7 @@ from pathlib import Path
 
 from ray import serve
 
-from serve_graph.serve_configs import serve_application
-
+from api.serve_configs import serve_application
 from benchmarks.app_profile import AppProfile, MeasuredApp
 from benchmarks.real_run import RealOutcome, run_systems
 from benchmarks.simulator import System, simulate

@@ -33,9 +33,9 @@ import httpx
 import ray
 from ray import serve
 
+from api.serve_configs import serve_application
 from attention.spmd import free_port
 from serve_graph.app import build_video_app
-from serve_graph.serve_configs import serve_application
 
 HEIGHTS = {"240p": 32, "360p": 48, "480p": 64, "720p": 96}
 MIX = list(itertools.product(["cogvideox-tiny", "wan-tiny"], HEIGHTS, [1, 9, 17], [20, 30, 40]))

@@ -40,8 +40,14 @@ from types import ModuleType
 
 import torch
 
-from benchmarks.cost_profiles import (FORWARD_OVERHEAD_S, H100_MODELS, PEAK_BF16_FLOPS, PIXELS,
-                                     VAE_DECODE_FLOPS_PER_VOXEL, H100Profile)
+from benchmarks.cost_profiles import (
+    FORWARD_OVERHEAD_S,
+    H100_MODELS,
+    PEAK_BF16_FLOPS,
+    PIXELS,
+    VAE_DECODE_FLOPS_PER_VOXEL,
+    H100Profile,
+)
 from benchmarks.workloads import FRAMES, TraceRequest
 from models import cogvideox_packed, mochi_packed, wan_packed
 from models.packed import PackedRequest, forward_packed

@@ -19,17 +19,17 @@ from pathlib import Path
 
 import ray
 
+from common.paths import PROJECT_ROOT
 from deployments.coder.tiny_model import write_tiny_coder
 from training.config import load_config
 from training.train import run
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def measure(pipeline: str, policy: Path, storage: Path, steps: int, epochs: int, tests: int) -> list[dict]:
-    base = load_config(ROOT / "configs/train/tiny-cpu.yaml")
-    cfg = load_config(ROOT / "configs/train/tiny-cpu.yaml", model={"path": str(policy)}, storage_path=str(storage),
-                      name=f"bench-{pipeline}", steps=steps, pipeline=pipeline,
+    config = PROJECT_ROOT / "configs/train/tiny-cpu.yaml"
+    base = load_config(config)
+    cfg = load_config(config, model={"path": str(policy)}, storage_path=str(storage), name=f"bench-{pipeline}",
+                      steps=steps, pipeline=pipeline,
                       data={**base.data.model_dump(), "held_out": None},
                       algorithm={**base.algorithm.model_dump(), "epochs": epochs},
                       reward={**base.reward.model_dump(), "tests_per_problem": tests})

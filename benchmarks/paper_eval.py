@@ -40,13 +40,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks.cost_profiles import CostProfile, H100Profile  # noqa: E402
-from benchmarks.cpu_profile import (REAL_MODEL, REAL_STEPS, RESULTS, CpuProfile, calibration_trace,  # noqa: E402
-                                    fit_slowdown, measure_profile)
-from benchmarks.simulator import (SYSTEMS, capacity, is_stable, load_system, mean_latency,  # noqa: E402
-                                  physical_limit_s, simulate)
+from benchmarks.cpu_profile import (  # noqa: E402
+    REAL_MODEL,
+    REAL_STEPS,
+    RESULTS,
+    CpuProfile,
+    calibration_trace,
+    fit_slowdown,
+    measure_profile,
+)
+from benchmarks.simulator import SYSTEMS, capacity, is_stable, load_system, mean_latency, physical_limit_s, simulate  # noqa: E402
 from benchmarks.workloads import FRAMES, TraceRequest, make_trace  # noqa: E402
+from common.paths import PROJECT_ROOT  # noqa: E402
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 OURS, NAIVE, SAME_SHAPE, REQUEST_SP = "cb_brick_srptf", "naive_ring", "same_shape_step_sp", "request_batch_sp"
 
 

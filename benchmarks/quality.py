@@ -36,13 +36,13 @@ import torch
 from diffusers import AutoencoderKLWan
 from ray import serve
 
+from api.serve_configs import serve_application
 from attention.spmd import free_port
 from deployments.media import decode_mp4
 from models.shapes.data import Attributes, all_attributes, render_clip
 from models.shapes.scorer import accuracy, read_video
 from models.shapes.train import to_pixels
 from serve_graph.app import build_video_app
-from serve_graph.serve_configs import serve_application
 
 MODEL = "shapes-t2v"
 CHECKPOINT = "models/shapes/checkpoint"

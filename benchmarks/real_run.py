@@ -1,7 +1,7 @@
 """Drive traces through the real video app over HTTP, once or more per system, on this machine.
 
 One local Ray + Serve; for each system the video app is deployed with the system's
-`scheduler` section on the CPU profile's models and sizes (`cpu_profile.real_app_args`:
+`scheduler` section on the CPU profile's models and sizes (`cpu_app.real_app_args`:
 2 gloo ranks, tiny CogVideoX / Wan, 240p-720p scaled to 32-96 pixels) and a job store
 in a temporary directory; each replay of a trace warms it up with one short job, then replays the
 trace: each job is POSTed at its arrival offset and polled until done. Latency is what
@@ -22,11 +22,10 @@ import ray
 from ray import serve
 
 from attention.spmd import free_port
-from serve_graph.app import build_video_app
-
-from benchmarks.cpu_profile import MODELS, real_app_args
+from benchmarks.cpu_app import MODELS, real_app_args
 from benchmarks.simulator import System
 from benchmarks.workloads import TraceRequest
+from serve_graph.app import build_video_app
 
 POLL_S = 1.0
 """Seconds between status polls of one job: latency is read from the server's `completed_at`, so polling

@@ -25,13 +25,12 @@ from pathlib import Path
 import yaml
 
 from attention.plan import BrickPlan, RingAssignment, even_bounds
+from benchmarks.cost_profiles import CostProfile
+from benchmarks.workloads import STEP_CHOICES, TraceRequest, make_trace
 from engine.config import SchedulerConfig
 from engine.messages import NewRequest, StepPlan, StepResult
 from engine.policies import make_policy
 from engine.scheduler import StepSchedulerCore
-
-from benchmarks.cost_profiles import CostProfile
-from benchmarks.workloads import STEP_CHOICES, TraceRequest, make_trace
 
 SYSTEMS_DIR = Path(__file__).parent / "systems"
 SYSTEMS = ("naive_ring", "naive_batching_ring", "cb_brick_fifo", "cb_brick_srptf", "same_shape_step_sp",

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import httpx
 import psutil
 
+from api.serve_configs import serve_application
 from attention.spmd import free_port
-from serve_graph.serve_configs import serve_application
 
 MIX = [dict(model="cogvideox-tiny", resolution="240p", num_frames=9, num_inference_steps=8),
        dict(model="wan-tiny", resolution="240p", num_frames=9, num_inference_steps=8),

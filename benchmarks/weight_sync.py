@@ -50,10 +50,10 @@ def main() -> None:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
+    from api.serve_configs import serve_application
     from attention.spmd import free_port
     from deployments.coder.tiny_model import write_tiny_coder
     from serve_graph.coder_app import build_coder_app
-    from serve_graph.serve_configs import serve_application
 
     os.environ.setdefault("CODER_ADMIN_TOKEN", "benchmark-token")
     with tempfile.TemporaryDirectory() as tmp:

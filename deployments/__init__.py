@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from serve_graph.config import DeploymentResources
+from api.config import DeploymentResources
 
 
 def init_replica(resources: dict) -> DeploymentResources:

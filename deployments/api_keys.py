@@ -15,8 +15,8 @@ import hmac
 import os
 from pathlib import Path
 
+from api.config import AuthConfig
 from deployments.errors import Unauthorized
-from serve_graph.config import AuthConfig
 
 
 def _pairs(text: str, separator: str, source: str) -> dict[str, str]:

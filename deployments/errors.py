@@ -6,7 +6,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from serve_graph.validation import InvalidRequest
+from api.validation import InvalidRequest
 
 
 class Overloaded(Exception):

@@ -20,13 +20,13 @@ import time
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from api.config import StoreConfig
 from deployments.errors import Overloaded
 from deployments.metrics import ServeMetrics
 from deployments.pipeline import GenerationCancelled, MediaPipeline, SchedulerLost
 from deployments.step_scheduler import ProgressEvent
 from deployments.store.blobs import BlobStore, input_image_name
 from deployments.store.jobs import JobRecord, open_job_store
-from serve_graph.config import StoreConfig
 
 logger = logging.getLogger(__name__)
 

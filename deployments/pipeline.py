@@ -19,7 +19,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.errors import Overloaded
 from deployments.step_scheduler import GenerationResult, ProgressEvent
 from deployments.text_encoder import EncodeRequest
-from deployments.vae_decoder import DecodeRequest, Decoded, ImageEncodeRequest
+from deployments.vae_decoder import Decoded, DecodeRequest, ImageEncodeRequest
 from engine.request import GenerationSpec, RequestStatus
 from engine.scheduler import PoolFullError
 

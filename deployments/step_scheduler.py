@@ -37,6 +37,8 @@ import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from api.config import WorkerGroupConfig
+from api.validation import RequestValidator, ServedModel
 from deployments.drain import DrainRate
 from deployments.metrics import ServeMetrics
 from deployments.text_encoder import EncodeRequest
@@ -48,10 +50,8 @@ from engine.request import GenerationSpec, RequestMeta, RequestStatus
 from engine.scheduler import StepSchedulerCore
 from engine.step_cost import forward_key
 from models import load_adapter
-from models.base import EncodedPrompt
+from models.interface import EncodedPrompt
 from models.spec import ModelSpec
-from serve_graph.config import WorkerGroupConfig
-from serve_graph.validation import RequestValidator, ServedModel
 
 logger = logging.getLogger(__name__)
 

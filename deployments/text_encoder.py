@@ -10,7 +10,7 @@ from ray import serve
 
 from deployments import init_replica
 from models import load_adapter
-from models.base import EncodedPrompt
+from models.interface import EncodedPrompt
 from models.spec import ModelSpec
 
 

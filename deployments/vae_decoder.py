@@ -30,7 +30,7 @@ from deployments.drain import SMOOTHING
 from deployments.media import encode_mp4, encode_png
 from engine.policies import make_policy
 from models import load_adapter
-from models.base import Condition
+from models.interface import Condition
 from models.spec import ModelSpec
 
 

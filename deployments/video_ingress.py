@@ -24,6 +24,19 @@ from fastapi.responses import Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from api.config import AuthConfig, LimitsConfig, StoreConfig
+from api.input_image import FIELD, image_digest, open_image
+from api.schemas import (
+    ImageData,
+    ImageGenerationRequest,
+    ImageGenerationResponse,
+    ModelCard,
+    ModelList,
+    VideoGenerationRequest,
+    VideoJob,
+    VideoJobList,
+)
+from api.validation import InvalidRequest, RequestValidator, ServedModel
 from deployments.api_keys import ApiKeys
 from deployments.drain import drain_seconds, overloaded
 from deployments.errors import install_error_handlers
@@ -34,19 +47,6 @@ from deployments.video_request import read_video_request
 from engine.request import GenerationSpec
 from models import load_adapter
 from models.spec import AspectRatio, ModelSpec
-from serve_graph.config import AuthConfig, LimitsConfig, StoreConfig
-from serve_graph.input_image import FIELD, image_digest, open_image
-from serve_graph.schemas import (
-    ImageData,
-    ImageGenerationRequest,
-    ImageGenerationResponse,
-    ModelCard,
-    ModelList,
-    VideoGenerationRequest,
-    VideoJob,
-    VideoJobList,
-)
-from serve_graph.validation import InvalidRequest, RequestValidator, ServedModel
 
 EVENTS_POLL_S = 0.25  # how often an events stream reads its job from the store
 _VIDEO_SCHEMA = VideoGenerationRequest.model_json_schema()

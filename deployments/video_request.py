@@ -17,9 +17,9 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from serve_graph.input_image import FIELD, MAX_IMAGE_BYTES, bytes_of_data_url
-from serve_graph.schemas import VideoGenerationRequest
-from serve_graph.validation import InvalidRequest
+from api.input_image import FIELD, MAX_IMAGE_BYTES, bytes_of_data_url
+from api.schemas import VideoGenerationRequest
+from api.validation import InvalidRequest
 
 MAX_FORM_FIELDS = 32
 

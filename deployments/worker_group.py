@@ -30,12 +30,12 @@ import torch.distributed as dist
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from api.config import WorkerGroupConfig
 from deployments import init_replica
 from engine.messages import StepPlan, StepResult
 from engine.runner import ModelRunner
 from models import load_adapter
 from models.spec import ModelSpec
-from serve_graph.config import WorkerGroupConfig
 
 logger = logging.getLogger(__name__)
 

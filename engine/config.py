@@ -8,19 +8,17 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from attention.planner import BrickCostModel
+from common.frozen import FrozenModel
 
 AdmissionMode = Literal["step", "step_same_shape", "request", "batch"]
 BatchingMode = Literal["cost", "fill"]
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
-
-class BudgetConfig(_Frozen):
+class BudgetConfig(FrozenModel):
     """What one denoising step may hold (see engine.scheduler)."""
 
     max_batch_size: int = Field(default=8, ge=1, description="Most requests in one step.")
@@ -32,7 +30,7 @@ class BudgetConfig(_Frozen):
     )
 
 
-class PlannerConfig(_Frozen):
+class PlannerConfig(FrozenModel):
     """The Brick planner's cost model (attention.planner.BrickCostModel): which ring each forward row gets."""
 
     min_shard_tokens: int = Field(
@@ -53,7 +51,7 @@ class PlannerConfig(_Frozen):
         return BrickCostModel(self.min_shard_tokens, tuple(self.ring_sizes), self.linear_tokens)
 
 
-class SchedulerConfig(_Frozen):
+class SchedulerConfig(FrozenModel):
     policy: Literal["fifo", "srptf"] = "srptf"
     starvation_timeout_s: float | None = Field(
         default=None,

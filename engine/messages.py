@@ -14,14 +14,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 
 from attention.plan import BrickPlan
 from engine.request import GenerationSpec
-from models.base import DiffusionAdapter, EncodedPrompt
 from models.dllm.decoding import DecodeParams
+from models.interface import EncodedPrompt
+
+if TYPE_CHECKING:  # only the type: importing models.base loads diffusers
+    from models.base import DiffusionAdapter
 
 
 @dataclass(frozen=True)

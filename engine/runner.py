@@ -30,7 +30,8 @@ import torch.distributed as dist
 from attention.context import AttentionContext, LocalAttention, ShardedAttention
 from engine.messages import NewRequest, StepPlan, StepResult
 from engine.runner_steps import admit_new, scheduled_states
-from models.base import DiffusionAdapter, EncodedPrompt
+from models.base import DiffusionAdapter
+from models.interface import EncodedPrompt
 
 logger = logging.getLogger(__name__)
 

@@ -18,11 +18,10 @@ them against KubeRay v1.7.0's CRD schemas and ServeDeploySchema.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from common.paths import PROJECT_ROOT
+
 IMAGE = "ghcr.io/dit-serve/dit-serve:0.1.0-gpu"  # built by ./Dockerfile
 RAY_VERSION = "2.60.0"
 SERVICE_NAME = "dit-serve"
@@ -73,7 +72,7 @@ def _worker_group(name: str, gpus: int, replicas: tuple[int, int], cpu: str, mem
 
 
 def render_rayservice() -> dict:
-    serve_config = (ROOT / "configs" / "gpu.yaml").read_text()
+    serve_config = (PROJECT_ROOT / "configs" / "gpu.yaml").read_text()
     return {
         "apiVersion": "ray.io/v1", "kind": "RayService",
         "metadata": {"name": SERVICE_NAME, "labels": {"app.kubernetes.io/name": SERVICE_NAME}},
@@ -134,7 +133,7 @@ def dump(manifest: dict) -> str:
 
 def main() -> None:
     for name, render in MANIFESTS.items():
-        (ROOT / "k8s" / name).write_text(f"# Rendered by `python -m k8s.render` from configs/; do not edit.\n"
+        (PROJECT_ROOT / "k8s" / name).write_text(f"# Rendered by `python -m k8s.render` from configs/; do not edit.\n"
                                          f"{dump(render())}")
         print(f"wrote k8s/{name}")
 

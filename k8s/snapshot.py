@@ -35,12 +35,12 @@ from pathlib import Path
 import httpx
 import yaml
 
+from api.serve_configs import serve_application
 from attention.spmd import free_port
+from common.paths import PROJECT_ROOT
 from k8s.dashboards import DASHBOARDS
-from serve_graph.serve_configs import serve_application
 
-ROOT = Path(__file__).resolve().parents[1]
-LOCAL_SCRAPE_CONFIG = ROOT / "k8s/prometheus/prometheus-local.yaml"
+LOCAL_SCRAPE_CONFIG = PROJECT_ROOT / "k8s/prometheus/prometheus-local.yaml"
 VIDEO_MIX = [("wan-tiny", "240p"), ("cogvideox-tiny", "360p"), ("mochi-tiny", "240p"), ("wan-tiny", "360p"),
              ("cogvideox-tiny", "240p"), ("mochi-tiny", "360p")]
 CODER_PROMPTS = ["def fibonacci(n):", "class LRUCache:", "def parse_csv(text):", "import heapq\n\ndef dijkstra("]
@@ -150,11 +150,11 @@ def serve_mixed_load(http_port: int, seconds: float) -> None:
 
 def train_briefly(workdir: Path, steps: int) -> None:
     """A short tiny-cpu GRPO+ run that joins the running cluster (RAY_ADDRESS=auto)."""
-    config = yaml.safe_load((ROOT / "configs/train/tiny-cpu.yaml").read_text())
+    config = yaml.safe_load((PROJECT_ROOT / "configs/train/tiny-cpu.yaml").read_text())
     config.update(name="snapshot", steps=steps, storage_path=str(workdir / "runs"))
     path = workdir / "train.yaml"
     path.write_text(yaml.safe_dump(config))
-    subprocess.run([sys.executable, "-m", "training.train", "--config", str(path)], cwd=ROOT, check=True,
+    subprocess.run([sys.executable, "-m", "training.train", "--config", str(path)], cwd=PROJECT_ROOT, check=True,
                    env={**os.environ, "RAY_ADDRESS": "auto"})
 
 
@@ -222,7 +222,7 @@ def draw(dashboard: dict, series: list[list[Series]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "docs/img")
+    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "docs/img")
     parser.add_argument("--serve-seconds", type=float, default=180)
     parser.add_argument("--train-steps", type=int, default=12)
     args = parser.parse_args(argv)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import importlib
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-from models.base import DiffusionAdapter, Part
+from models.interface import Part
 from models.spec import ModelSpec
+
+if TYPE_CHECKING:  # only the type: models.base loads diffusers, which a family's import brings when needed
+    from models.base import DiffusionAdapter
 
 _REGISTRY: dict[str, str] = {
     "cogvideox": "models.cogvideox:CogVideoXAdapter",

@@ -20,7 +20,8 @@ from PIL import Image
 from transformers import T5Config, T5EncoderModel
 
 from models import cogvideox_packed
-from models.base import Condition, DiffusionAdapter, EncodedPrompt, Geometry, Part, split_rows
+from models.base import DiffusionAdapter
+from models.interface import Condition, EncodedPrompt, Geometry, Part, split_rows
 from models.packed import PackedRequest
 from models.spec import ModelSpec
 from models.tokenizer import TINY_VOCAB_SIZE, build_tiny_tokenizer

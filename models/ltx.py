@@ -7,8 +7,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import (AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXImageToVideoPipeline, LTXPipeline,
-                       LTXVideoTransformer3DModel)
+from diffusers import (
+    AutoencoderKLLTXVideo,
+    FlowMatchEulerDiscreteScheduler,
+    LTXImageToVideoPipeline,
+    LTXPipeline,
+    LTXVideoTransformer3DModel,
+)
 from diffusers.pipelines.ltx.pipeline_ltx import calculate_shift
 from diffusers.pipelines.ltx.pipeline_ltx_image2video import retrieve_latents
 from diffusers.video_processor import VideoProcessor
@@ -16,8 +21,9 @@ from PIL import Image
 from transformers import T5EncoderModel
 
 from models import ltx_packed
-from models.base import Condition, DiffusionAdapter, EncodedPrompt, Geometry, Part, split_rows
+from models.base import DiffusionAdapter
 from models.cogvideox import tiny_t5_config
+from models.interface import Condition, EncodedPrompt, Geometry, Part, split_rows
 from models.packed import PackedRequest
 from models.spec import ModelSpec
 from models.tokenizer import build_tiny_tokenizer

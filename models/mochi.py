@@ -11,8 +11,9 @@ from diffusers.pipelines.mochi.pipeline_mochi import linear_quadratic_schedule
 from transformers import T5EncoderModel
 
 from models import mochi_packed
-from models.base import Condition, DiffusionAdapter, EncodedPrompt, Geometry, Part, split_rows
+from models.base import DiffusionAdapter
 from models.cogvideox import tiny_t5_config
+from models.interface import Condition, EncodedPrompt, Geometry, Part, split_rows
 from models.packed import PackedRequest
 from models.spec import ModelSpec
 from models.tokenizer import build_tiny_tokenizer

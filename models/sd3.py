@@ -10,8 +10,9 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import c
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5EncoderModel
 
 from models import sd3_packed
-from models.base import Condition, DiffusionAdapter, EncodedPrompt, Geometry, Part, split_rows
+from models.base import DiffusionAdapter
 from models.cogvideox import tiny_t5_config
+from models.interface import Condition, EncodedPrompt, Geometry, Part, split_rows
 from models.packed import PackedRequest
 from models.spec import ModelSpec
 from models.tokenizer import TINY_VOCAB_SIZE, build_tiny_tokenizer

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from common.frozen import FrozenModel
 
 ModelFamily = Literal["cogvideox", "mochi", "wan", "sd3", "ltx"]
 ResolutionName = Literal["64p", "240p", "360p", "480p", "720p"]
@@ -17,11 +19,8 @@ AspectRatio = Literal["16:9", "9:16", "1:1", "4:3", "3:4", "3:2"]
 """3:2 is CogVideoX-5b(-I2V)'s 720x480."""
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
-
-class ModelSpec(_Frozen):
+class ModelSpec(FrozenModel):
     """One served diffusion model and the request range it accepts."""
 
     name: str = Field(description="Model id clients pass as `model` (and listed by GET /v1/models).")

@@ -19,7 +19,8 @@ from PIL import Image
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
 from models import wan_packed
-from models.base import Condition, DiffusionAdapter, EncodedPrompt, Geometry, Part, split_rows
+from models.base import DiffusionAdapter
+from models.interface import Condition, EncodedPrompt, Geometry, Part, split_rows
 from models.packed import PackedRequest
 from models.spec import ModelSpec
 from models.tokenizer import TINY_VOCAB_SIZE, build_tiny_tokenizer

@@ -3,7 +3,7 @@
     applications:
       - name: video
         import_path: serve_graph.app:build_video_app
-        args: {...}            # validated into serve_graph.config.VideoAppConfig
+        args: {...}            # validated into api.config.VideoAppConfig
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from typing import Any
 
 from ray.serve import Application
 
+from api.config import DeploymentResources, VideoAppConfig
 from deployments.job_runner import JobRunner
 from deployments.step_scheduler import StepScheduler
 from deployments.text_encoder import TextEncoder
 from deployments.vae_decoder import VaeDecoder
 from deployments.video_ingress import VideoIngress
-from serve_graph.config import DeploymentResources, VideoAppConfig
 
 
 def _actor_options(res: DeploymentResources) -> dict[str, Any]:

@@ -13,8 +13,8 @@ from ray import serve
 from ray.serve.deployment import Application
 from ray.serve.llm import LLMConfig, build_llm_deployment
 
-from deployments.coder.weight_sync import EXTENSION_CLS
-from serve_graph.coder_config import CoderAppConfig
+from api.coder_config import CoderAppConfig
+from common.weight_sync import EXTENSION_CLS
 
 
 def make_llm_config(config: CoderAppConfig) -> LLMConfig:

@@ -9,9 +9,9 @@ from typing import Any
 
 from ray.serve import Application
 
+from api.dllm_config import DllmAppConfig
 from deployments.dllm.ingress import DllmIngress
 from deployments.dllm.scheduler import DllmScheduler
-from serve_graph.dllm_config import DllmAppConfig
 
 
 def build_dllm_app(args: dict[str, Any]) -> Application:

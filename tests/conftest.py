@@ -9,7 +9,7 @@ import ray
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 
-from serve_graph.config import ModelSpec
+from api.config import ModelSpec
 
 TEST_HEIGHTS = {"240p": 32, "360p": 48, "480p": 64, "720p": 96}
 """Tests render the resolution names scaled down (the CPU default serves them at real size): fast and all four."""

@@ -15,7 +15,7 @@ from engine.request import GenerationSpec, RequestMeta
 from engine.runner import ModelRunner
 from engine.scheduler import StepSchedulerCore
 from models import load_adapter
-from models.base import EncodedPrompt
+from models.interface import EncodedPrompt
 from models.spec import ModelSpec
 
 _ids = itertools.count()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from api.config import AuthConfig
 from deployments.api_keys import ApiKeys
 from deployments.errors import Unauthorized
-from serve_graph.config import AuthConfig
 
 
 def test_keys_from_file_and_env_name_their_owner(tmp_path, monkeypatch):

@@ -13,10 +13,10 @@ import pytest
 import ray
 from ray import serve
 
+from api.serve_configs import serve_application
 from attention.spmd import free_port
 from deployments.coder.tiny_model import write_tiny_coder
 from serve_graph.coder_app import build_coder_app
-from serve_graph.serve_configs import serve_application
 
 pytestmark = pytest.mark.serve
 ADMIN_TOKEN = "test-admin-token"

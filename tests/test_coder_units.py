@@ -6,9 +6,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from api.coder_config import CoderAppConfig
+from common.weight_sync import PackedWeights
 from deployments.coder.ingress import fold_system_messages
 from deployments.coder.tiny_model import write_tiny_coder
-from deployments.coder.weight_sync import PackedWeights
 from deployments.coder.weights import (
     IncompatibleCheckpoint,
     check_reloadable,
@@ -17,7 +18,6 @@ from deployments.coder.weights import (
     read_model_config,
 )
 from serve_graph.coder_app import make_llm_config
-from serve_graph.coder_config import CoderAppConfig
 
 
 @pytest.fixture(scope="module")

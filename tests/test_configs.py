@@ -9,10 +9,10 @@ import yaml
 from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
+from api.coder_config import CoderAppConfig
+from api.config import VideoAppConfig
+from api.dllm_config import DllmAppConfig
 from serve_graph.coder_app import make_llm_config
-from serve_graph.coder_config import CoderAppConfig
-from serve_graph.config import VideoAppConfig
-from serve_graph.dllm_config import DllmAppConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -55,7 +55,7 @@ def test_bad_dllm_args_name_the_field(tmp_path):
 
 
 def test_store_urls_default_under_the_data_dir_and_expand_variables(tmp_path, monkeypatch):
-    from serve_graph.config import StoreConfig
+    from api.config import StoreConfig
 
     store = StoreConfig(data_dir=str(tmp_path))
     assert store.resolved_jobs_url() == f"sqlite:///{tmp_path / 'jobs.db'}"

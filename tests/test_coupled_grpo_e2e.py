@@ -11,11 +11,11 @@ import pytest
 import ray
 from ray import serve
 
+from api.serve_configs import serve_application
 from attention.spmd import free_port
 from models.dllm.checkpoint import checkpoint_tensors
 from models.dllm.tiny import write_tiny_dllm
 from serve_graph.dllm_app import build_dllm_app
-from serve_graph.serve_configs import serve_application
 from training.config import load_config
 from training.train import run
 

@@ -12,8 +12,8 @@ from engine.messages import NewDllmRequest
 from engine.policies import make_policy
 from engine.request import RequestStatus
 from engine.scheduler import StepSchedulerCore
-from models.dllm import DecodeParams, DllmSequence
 from models.dllm.config import stop_token_ids
+from models.dllm.decoding import DecodeParams, DllmSequence
 from models.dllm.tiny import build_tiny_dllm
 from tests.dllm_reference import reference_decode
 

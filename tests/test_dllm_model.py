@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from models.dllm import ALGORITHMS, DecodeParams, DllmSequence, load_dllm, save_dream_checkpoint
+from models.dllm.checkpoint import load_dllm, save_dream_checkpoint
 from models.dllm.config import DllmConfig, stop_token_ids
-from models.dllm.decoding import sample_tokens
+from models.dllm.decoding import ALGORITHMS, DecodeParams, DllmSequence, sample_tokens
 from models.dllm.tiny import build_tiny_dllm
 from tests.dllm_reference import reference_decode
 
@@ -214,7 +214,7 @@ def test_sharded_checkpoint_with_wrapper_prefixes_loads(tiny, tmp_path):
 
 
 def test_tied_embeddings_checkpoint_round_trip(tmp_path):
-    from models.dllm import DiffusionLM
+    from models.dllm.model import DiffusionLM
 
     config = DllmConfig(model_type="Dream", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,

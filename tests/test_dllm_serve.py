@@ -13,13 +13,13 @@ import pytest
 import ray
 from ray import serve
 
+from api.serve_configs import serve_application
 from attention.spmd import free_port
-from models.dllm import DecodeParams
 from models.dllm.checkpoint import load_dllm, load_dllm_tokenizer
 from models.dllm.config import stop_token_ids
+from models.dllm.decoding import DecodeParams
 from models.dllm.tiny import write_tiny_dllm
 from serve_graph.dllm_app import build_dllm_app
-from serve_graph.serve_configs import serve_application
 from tests.dllm_reference import reference_decode
 
 pytestmark = pytest.mark.serve

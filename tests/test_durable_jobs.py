@@ -22,9 +22,10 @@ import httpx
 import pytest
 import yaml
 
+from api.serve_configs import LOCAL_CONFIG
 from attention.spmd import free_port
+from common.paths import PROJECT_ROOT
 from deployments.media import probe_mp4
-from serve_graph.serve_configs import LOCAL_CONFIG, PROJECT_ROOT
 from tests.conftest import TEST_HEIGHTS
 from tests.postgres_server import postgres_server
 from tests.video_jobs import data_url, png_bytes, submit, wait

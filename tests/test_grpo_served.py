@@ -14,10 +14,10 @@ import pytest
 import ray
 from ray import serve
 
+from api.serve_configs import serve_application
 from attention.spmd import free_port
 from deployments.coder.tiny_model import write_tiny_coder
 from serve_graph.coder_app import build_coder_app
-from serve_graph.serve_configs import serve_application
 from training.config import load_config
 from training.train import run
 

@@ -12,7 +12,7 @@ from deployments.text_encoder import EncodeRequest, TextEncoderCore
 from engine.messages import NewRequest
 from engine.request import RequestStatus
 from models import load_adapter
-from models.base import EncodedPrompt
+from models.interface import EncodedPrompt
 from models.spec import ModelSpec
 from tests.conftest import tiny_spec
 from tests.factories import Engine, assert_joined_late_equals_alone, gen_spec, noise_picture

@@ -11,10 +11,10 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
+from api.coder_config import CoderAppConfig
+from api.config import VideoAppConfig
+from api.dllm_config import DllmAppConfig
 from k8s.render import MANIFESTS, dump
-from serve_graph.coder_config import CoderAppConfig
-from serve_graph.config import VideoAppConfig
-from serve_graph.dllm_config import DllmAppConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CRDS = Path(os.environ.get("KUBERAY_CRDS_DIR", ROOT.parent / "shared" / "kuberay-crds"))

@@ -14,13 +14,13 @@ import ray
 import yaml
 from ray import serve
 
+from api.serve_configs import serve_application
 from attention.spmd import free_port
 from deployments.coder.tiny_model import write_tiny_coder
 from deployments.media import probe_mp4
 from k8s.dashboards import DASHBOARDS, dump
 from serve_graph.app import build_video_app
 from serve_graph.coder_app import build_coder_app
-from serve_graph.serve_configs import serve_application
 
 pytestmark = pytest.mark.serve
 ROOT = Path(__file__).resolve().parents[1]

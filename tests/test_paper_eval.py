@@ -15,8 +15,8 @@ from benchmarks.cpu_profile import REAL_MODEL, REAL_STEPS, CpuProfile, calibrati
 from benchmarks.paper_eval import OURS, QUICK, evaluated_trace, naive_ring_stable, stability_edge
 from benchmarks.simulator import SYSTEMS, capacity, is_stable, load_system, mean_latency, physical_limit_s, simulate
 from benchmarks.workloads import FRAMES, TraceRequest, arrival_times, make_trace, read_jsonl, write_jsonl
+from common.paths import PROJECT_ROOT
 from engine.config import PlannerConfig
-from training.config import PROJECT_ROOT
 
 
 def test_traces_are_seeded_round_trip_through_jsonl_and_follow_the_mix(tmp_path):

@@ -18,13 +18,13 @@ from hypothesis import HealthCheck, settings
 from PIL import Image
 from ray import serve
 
+from api.serve_configs import serve_application
 from attention.spmd import free_port
 from deployments.media import decode_mp4, probe_mp4
 from deployments.video_ingress import app as video_api
 from models.shapes.data import all_attributes
 from models.shapes.scorer import accuracy, read_video
 from serve_graph.app import build_video_app
-from serve_graph.serve_configs import serve_application
 from tests.conftest import TEST_HEIGHTS
 from tests.video_jobs import data_url, png_bytes, submit, wait
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from api.schemas import VideoGenerationRequest
+from api.validation import InvalidRequest, RequestValidator, ServedModel
 from attention.planner import BrickCostModel
 from deployments.text_encoder import EncodeRequest, TextEncoderCore
 from engine.request import RequestStatus
 from engine.step_cost import plan_work
 from models import load_adapter
-from serve_graph.schemas import VideoGenerationRequest
-from serve_graph.validation import InvalidRequest, RequestValidator, ServedModel
 from tests.conftest import tiny_spec
 from tests.factories import Engine, gen_spec
 from tests.spmd_cases import assert_two_ranks_equal_one_rank

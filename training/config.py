@@ -10,17 +10,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-"""The checkout: relative checkpoint, data and storage paths in configs resolve against it."""
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+from common.frozen import FrozenModel
+from common.paths import PROJECT_ROOT
 
 
-class ModelConfig(_Frozen):
+class ModelConfig(FrozenModel):
     path: str = Field(description="HF checkpoint directory (relative: to the project root) or hub id of the policy.")
     dtype: Literal["float32", "bfloat16"] = "float32"
     family: Literal["causal", "dllm"] = Field(
@@ -32,14 +28,14 @@ class ModelConfig(_Frozen):
         return str(candidate) if not Path(self.path).is_absolute() and candidate.exists() else self.path
 
 
-class DataConfig(_Frozen):
+class DataConfig(FrozenModel):
     train: str = Field(description="'toy' (the built-in toy task set) or a curated JSONL of problems.")
     held_out: str | None = Field(default="toy", description="'toy', a JSONL, or null: evaluated at start/end.")
     batch_problems: int = Field(default=8, ge=1, description="Problems per step (DeepCoder: 32-128).")
     seed: int = 0
 
 
-class RolloutConfig(_Frozen):
+class RolloutConfig(FrozenModel):
     backend: Literal["local", "served"] = Field(
         default="local", description="'local': a private vLLM engine in a Ray actor; 'served': the coder Serve app "
                                      "(users keep being served from the weights being trained).")
@@ -84,7 +80,7 @@ class RolloutConfig(_Frozen):
         return self
 
 
-class AlgorithmConfig(_Frozen):
+class AlgorithmConfig(FrozenModel):
     lr: float = Field(default=1e-6, gt=0.0)
     eps_low: float = 0.2
     eps_high: float = 0.28
@@ -102,12 +98,12 @@ class AlgorithmConfig(_Frozen):
                                                                           "from [low, 1 - low].")
 
 
-class ContextStage(_Frozen):
+class ContextStage(FrozenModel):
     from_step: int = Field(ge=0)
     max_response_tokens: int = Field(ge=1)
 
 
-class WarmStartConfig(_Frozen):
+class WarmStartConfig(FrozenModel):
     steps: int = Field(default=0, ge=0, description="Supervised steps on reference solutions before RL (0: none).")
     batch: int = 16
     lr: float = 1e-3
@@ -115,13 +111,13 @@ class WarmStartConfig(_Frozen):
                                                                          "with a wrong operation (imperfect teacher).")
 
 
-class RewardSettings(_Frozen):
+class RewardSettings(FrozenModel):
     timeout_s: float = Field(default=6.0, ge=6.0, le=12.0)
     tests_per_problem: int = 15
     workers: int = Field(default=2, ge=1, description="Reward actors (each runs one sandboxed test at a time).")
 
 
-class TrainConfig(_Frozen):
+class TrainConfig(FrozenModel):
     name: str = "grpo"
     model: ModelConfig
     data: DataConfig

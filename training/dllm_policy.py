@@ -26,8 +26,7 @@ import torch
 from models.dllm.checkpoint import load_dllm, load_dllm_tokenizer, save_dream_checkpoint
 from training.coupled_grpo import CanvasBatch, Estimator, canvas_batch, estimate_logprobs, sample_seed
 from training.fsdp import all_sum, rank_and_world
-from training.policy import chat_prompt
-from training.problems import Problem
+from training.problems import Problem, chat_prompt
 
 if TYPE_CHECKING:
     from training.rollout import Sample

@@ -10,16 +10,13 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from training.fsdp import all_sum, rank_and_world
-from training.problems import Problem
-
-if TYPE_CHECKING:
-    from training.rollout import Sample
+from training.problems import Problem, chat_prompt
+from training.rollout import Sample
 
 
 @dataclass(frozen=True)
@@ -29,12 +26,6 @@ class Sequences:
     input_ids: torch.Tensor       # (batch, length)
     attention_mask: torch.Tensor  # (batch, length)
     response_mask: torch.Tensor   # (batch, length - 1): 1 where the next token is a response token
-
-
-def chat_prompt(tokenizer, statement: str) -> str:
-    """The one rendering of a problem as a prompt: a single user turn, generation prompt appended."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": statement}], tokenize=False,
-                                         add_generation_prompt=True)
 
 
 class Policy:

@@ -62,3 +62,9 @@ def write_jsonl(problems: list[Problem], path: Path) -> None:
 
 def read_jsonl(path: Path) -> list[Problem]:
     return [Problem.model_validate_json(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def chat_prompt(tokenizer, statement: str) -> str:
+    """The one rendering of a problem as a prompt: a single user turn, generation prompt appended."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": statement}], tokenize=False,
+                                         add_generation_prompt=True)

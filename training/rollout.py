@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 
 import ray
 
-from training.policy import chat_prompt
-from training.problems import Problem
+from common.weight_sync import EXTENSION_CLS, PackedWeights, load_call
+from training.problems import Problem, chat_prompt
 
 
 @dataclass(frozen=True)
@@ -95,8 +95,6 @@ class LocalRollout:
     def __init__(self, model_path: str, dtype: str, max_model_len: int, engine_kwargs: dict, seed: int) -> None:
         from vllm import LLM
 
-        from deployments.coder.weight_sync import EXTENSION_CLS
-
         self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
                        worker_extension_cls=EXTENSION_CLS, **engine_kwargs)
         self.tokenizer = self.llm.get_tokenizer()
@@ -121,8 +119,6 @@ class LocalRollout:
         return RolloutBatch(problems, samples, refs, self.version, time.perf_counter() - started, max_tokens)
 
     def load_weights(self, weights: WeightsHandoff) -> SyncTiming:
-        from deployments.coder.weight_sync import PackedWeights, load_call
-
         started = time.time()
         method, kwargs = load_call(PackedWeights.pack(ray.get(weights.ref[0])) if weights.ref is not None
                                    else weights.directory)

@@ -12,7 +12,7 @@ cluster). Either way the replica swaps its weights in place, without a restart:
      recomputed with the new weights on resume (none is dropped or aborted);
   3. vLLM's in-place reload on every worker (TP ranks included) through
      `collective_rpc`: `reload_weights(weights_path=...)` for a directory,
-     `load_packed_weights` (`deployments.coder.weight_sync`) for memory;
+     `load_packed_weights` (`common.weight_sync`) for memory;
   4. `resume()`.
 
 If step 3 fails the replica loads the weights it served before and resumes, so bad
@@ -30,7 +30,7 @@ from dataclasses import asdict
 from ray.serve import metrics
 from ray.serve.llm import LLMConfig, LLMServer
 
-from deployments.coder.weight_sync import PackedWeights, load_call
+from common.weight_sync import PackedWeights, load_call
 from deployments.coder.weights import check_reloadable, check_state_dict, expected_shapes, read_model_config
 from deployments.weight_swaps import ReloadResult, WeightsInfo
 

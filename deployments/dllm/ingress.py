@@ -36,6 +36,10 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from api.dllm_config import DllmModelConfig
+from api.dllm_schemas import ChatCompletionRequest, CompletionRequest, Usage
+from api.dllm_validation import resolve_params
+from api.validation import InvalidRequest
 from deployments.dllm.scheduler import DllmAdmitted, DllmPrefix, DllmResult
 from deployments.dllm.text import ResponseText
 from deployments.drain import drain_seconds, overloaded
@@ -45,10 +49,6 @@ from engine.request import RequestStatus
 from engine.scheduler import PoolFullError
 from models.dllm.checkpoint import load_dllm_tokenizer
 from models.dllm.config import DllmConfig
-from serve_graph.dllm_config import DllmModelConfig
-from serve_graph.dllm_schemas import ChatCompletionRequest, CompletionRequest, Usage
-from serve_graph.dllm_validation import resolve_params
-from serve_graph.validation import InvalidRequest
 
 logger = logging.getLogger(__name__)
 app = FastAPI(title="DiT-Serve diffusion LM API")

@@ -35,6 +35,7 @@ import ray
 import torch
 from ray import serve
 
+from api.dllm_config import DllmModelConfig
 from deployments import init_replica
 from deployments.drain import DrainRate
 from deployments.metrics import ServeMetrics
@@ -48,7 +49,6 @@ from engine.scheduler import StepSchedulerCore
 from models.dllm.checkpoint import checkpoint_tensors, load_dllm, load_dllm_tokenizer, map_names
 from models.dllm.config import stop_token_ids
 from models.dllm.model import DiffusionLM
-from serve_graph.dllm_config import DllmModelConfig
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
+from api.schemas import JobStatus, Progress, VideoJob
 from engine.request import GenerationSpec
-from serve_graph.schemas import JobStatus, Progress, VideoJob
 
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 

@@ -6,11 +6,3 @@ dLLMs). A response is decoded from `max_tokens` masks in `steps` denoising steps
 unmasking some positions (`decoding.DllmSequence`). The serving engine runs the steps of
 many requests in one packed, non-causal forward (`model.DiffusionLM.forward_packed`).
 """
-
-from models.dllm.checkpoint import load_dllm, save_dream_checkpoint
-from models.dllm.config import DllmConfig
-from models.dllm.decoding import ALGORITHMS, DecodeParams, DllmSequence
-from models.dllm.model import DiffusionLM
-
-__all__ = ["ALGORITHMS", "DecodeParams", "DiffusionLM", "DllmConfig", "DllmSequence", "load_dllm",
-           "save_dream_checkpoint"]

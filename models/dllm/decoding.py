@@ -39,11 +39,13 @@ its neighbours draw.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from models.dllm.model import PrefixKV
+if TYPE_CHECKING:  # only the type: the model module loads transformers
+    from models.dllm.model import PrefixKV
 
 ALGORITHMS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 

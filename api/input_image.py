@@ -19,7 +19,7 @@ import warnings
 
 from PIL import Image
 
-from serve_graph.validation import InvalidRequest
+from api.validation import InvalidRequest
 
 FIELD = "input_reference"
 FORMATS = ("PNG", "JPEG", "WEBP")

@@ -11,19 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from api.config import DeploymentResources
+from api.serve_configs import PROJECT_ROOT
+from common.frozen import FrozenModel
 from engine.config import SchedulerConfig
 from models.dllm.decoding import ALGORITHMS
-from serve_graph.config import DeploymentResources
-from serve_graph.serve_configs import PROJECT_ROOT
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class DecodingDefaults(_Frozen):
+class DecodingDefaults(FrozenModel):
     """What a request that leaves a decoding field unset gets (see models.dllm.decoding for each rule)."""
 
     max_tokens: int = Field(default=256, ge=1, description="Response length (masked positions) when unset.")
@@ -45,7 +42,7 @@ class DecodingDefaults(_Frozen):
         default=False, description="With block_length: reuse the keys/values before the current block (Fast-dLLM).")
 
 
-class DllmModelConfig(_Frozen):
+class DllmModelConfig(FrozenModel):
     name: str = Field(min_length=1, description="The `model` clients pass; GET /v1/models lists it.")
     source: str = Field(description="Dream-layout checkpoint directory (config.json model_type Dream, safetensors, "
                         "tokenizer). A relative path is looked up in the working directory, then the project root.")
@@ -64,7 +61,7 @@ class DllmModelConfig(_Frozen):
                          "`python -m models.dllm.tiny --out .cache/models/tiny-dllm`")
 
 
-class DllmAppConfig(_Frozen):
+class DllmAppConfig(FrozenModel):
     """The `args:` of the diffusion-LM application: models, one step scheduler replica per device."""
 
     models: list[DllmModelConfig] = Field(min_length=1)

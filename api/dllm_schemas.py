@@ -5,7 +5,7 @@ naming it (`extra="forbid"`) rather than silently ignored. The diffusion fields
 (`steps`, `alg`, `alg_temp`, `eos_penalty`, `confidence_threshold`, `block_length`,
 `prefix_cache`) travel in the
 `openai` client's `extra_body`; unset fields take the model's configured defaults
-(`serve_graph.dllm_config.DecodingDefaults`, listed by GET /v1/models).
+(`api.dllm_config.DecodingDefaults`, listed by GET /v1/models).
 """
 
 from __future__ import annotations

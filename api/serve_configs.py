@@ -3,7 +3,7 @@
 Tests, benchmarks and k8s/snapshot.py start the applications of configs/local.yaml
 exactly as `serve run` would, through `serve_application`, so that no caller
 re-parses the file its own way. Relative paths in configs resolve against
-`PROJECT_ROOT` (defined with the training config, the lowest layer that needs it).
+`common.paths.PROJECT_ROOT`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from training.config import PROJECT_ROOT
+from common.paths import PROJECT_ROOT
 
 LOCAL_CONFIG = PROJECT_ROOT / "configs" / "local.yaml"
 

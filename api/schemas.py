@@ -1,7 +1,7 @@
 """HTTP API schemas (OpenAI-style, like vLLM-Omni / SGLang diffusion serving).
 
 Static ranges live here; limits that depend on the model (allowed resolutions,
-frame counts, image sizes) are checked by `serve_graph.validation` against the
+frame counts, image sizes) are checked by `api.validation` against the
 model's geometry, so every error names the field and the allowed values.
 """
 

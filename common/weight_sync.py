@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-EXTENSION_CLS = "deployments.coder.weight_sync.WeightSyncExtension"
+EXTENSION_CLS = "common.weight_sync.WeightSyncExtension"
 """The `worker_extension_cls` engine argument every engine that takes in-memory weights is started with."""
 
 

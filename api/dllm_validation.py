@@ -12,10 +12,10 @@ from __future__ import annotations
 import math
 import secrets
 
+from api.dllm_config import DecodingDefaults
+from api.dllm_schemas import ChatCompletionRequest, CompletionRequest
+from api.validation import InvalidRequest
 from models.dllm.decoding import DecodeParams
-from serve_graph.dllm_config import DecodingDefaults
-from serve_graph.dllm_schemas import ChatCompletionRequest, CompletionRequest
-from serve_graph.validation import InvalidRequest
 
 
 def resolve_params(body: CompletionRequest | ChatCompletionRequest, defaults: DecodingDefaults, prompt_tokens: int,

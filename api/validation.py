@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from api.schemas import MAX_STEPS, ImageGenerationRequest, VideoGenerationRequest
 from engine.request import GenerationSpec
-from models.base import DiffusionAdapter, Geometry
+from models.interface import Geometry
 from models.spec import ModelSpec
-from serve_graph.schemas import MAX_STEPS, ImageGenerationRequest, VideoGenerationRequest
+
+if TYPE_CHECKING:  # only the type: importing models.base loads diffusers
+    from models.base import DiffusionAdapter
 
 _ASPECTS = {"16:9": (16, 9), "9:16": (9, 16), "1:1": (1, 1), "4:3": (4, 3), "3:4": (3, 4), "3:2": (3, 2)}
 

@@ -12,16 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from serve_graph.serve_configs import PROJECT_ROOT
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+from api.serve_configs import PROJECT_ROOT
+from common.frozen import FrozenModel
 
 
-class SamplingDefaults(_Frozen):
+class SamplingDefaults(FrozenModel):
     """Sampling applied when a client leaves a field unset (DeepCoder's model card values)."""
 
     temperature: float = Field(default=0.6, ge=0.0, le=2.0)
@@ -33,7 +30,7 @@ class SamplingDefaults(_Frozen):
     )
 
 
-class CoderAppConfig(_Frozen):
+class CoderAppConfig(FrozenModel):
     model_id: str = Field(description="Name clients pass as `model` and GET /v1/models lists.")
     model_source: str = Field(
         description="Local checkpoint directory or hub id. A relative path is looked up in the "

@@ -12,17 +12,14 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from common.frozen import FrozenModel
 from engine.config import SchedulerConfig
 from models.spec import ModelSpec
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class LimitsConfig(_Frozen):
+class LimitsConfig(FrozenModel):
     max_prompt_chars: int = Field(default=2000, ge=1)
     max_backlog_s: float | None = Field(
         default=600, gt=0, description="Admission by work: a new job is refused (HTTP 429, Retry-After) while the "
@@ -31,7 +28,7 @@ class LimitsConfig(_Frozen):
         "pool's request count (scheduler.max_pool_size) bounds admission.")
 
 
-class StoreConfig(_Frozen):
+class StoreConfig(FrozenModel):
     """Where jobs and their results live (deployments.store): outside every process, so restarts lose nothing."""
 
     data_dir: str = Field(default=".data", description="Default home of the SQLite job store and the blobs; a "
@@ -60,7 +57,7 @@ class StoreConfig(_Frozen):
         return str(Path(self.data_dir).resolve() / "blobs")
 
 
-class DeploymentResources(_Frozen):
+class DeploymentResources(FrozenModel):
     """Ray resources and parallelism of one deployment."""
 
     num_cpus: float = Field(default=0.5, ge=0)
@@ -69,7 +66,7 @@ class DeploymentResources(_Frozen):
     device: str = Field(default="cpu", description="torch device the deployment's model runs on.")
 
 
-class ReplicaRange(_Frozen):
+class ReplicaRange(FrozenModel):
     """Serve autoscaling of the step scheduler: each replica owns one worker group, so scaling out adds groups."""
 
     min_replicas: int = Field(default=1, ge=1)
@@ -81,7 +78,7 @@ class ReplicaRange(_Frozen):
         return self.model_dump()
 
 
-class WorkerGroupConfig(_Frozen):
+class WorkerGroupConfig(FrozenModel):
     """The DiT worker group of each step-scheduler replica: `ranks` actors in the replica's placement group."""
 
     ranks: int = Field(default=1, ge=1, le=8, description="Ranks (GPUs) per group; Brick rings of 1..ranks.")
@@ -112,14 +109,14 @@ class WorkerGroupConfig(_Frozen):
         return [bundle(replica_cpus)] + [bundle(0) for _ in range(self.ranks - 1)]
 
 
-class AuthConfig(_Frozen):
+class AuthConfig(FrozenModel):
     """Optional API keys (deployments.api_keys); neither set: the API is open."""
 
     keys_file: str | None = Field(default=None, description="File of `name:token` lines on the serving nodes.")
     keys_env: str | None = Field(default=None, description="Environment variable with `name:token,...` pairs.")
 
 
-class VideoAppConfig(_Frozen):
+class VideoAppConfig(FrozenModel):
     """The `args:` of the video application."""
 
     models: list[ModelSpec] = Field(min_length=1)
