@@ -69,3 +69,15 @@ def test_training_script_writes_a_checkpoint_the_adapter_loads(tmp_path):
     again = load_adapter(ModelSpec(name="shapes", family="wan", source=str(continued), max_sequence_length=16,
                                    resolution_heights={"64p": 64}), parts=("vae",)).pipeline.vae.config
     assert again.latents_mean == vae_config.latents_mean  # the VAE and its statistics are kept as they were
+
+    fresh = tmp_path / "fresh"
+    assert train.main(["--vae-from", str(out), "--out", str(fresh), "--clips-per-caption", "1", "--steps", "1",
+                       "--batch", "2", "--eval-captions", "1", "--threads", "1"]) == 0
+    record = json.loads((fresh / "training.json").read_text())
+    assert record["vae_from"]["seed"] == 0 and record["transformer_config"]["attention_head_dim"] == 24
+    kept = load_adapter(ModelSpec(name="shapes", family="wan", source=str(fresh), max_sequence_length=16,
+                                  resolution_heights={"64p": 64}), parts=("vae", "transformer")).pipeline
+    assert kept.vae.config.latents_std == vae_config.latents_std
+    assert kept.transformer.config.ffn_dim == train.TRANSFORMER_CONFIG["ffn_dim"]
+    with pytest.raises(SystemExit):  # the two ways of reusing a checkpoint exclude each other
+        train.main(["--vae-from", str(out), "--init-from", str(out), "--out", str(tmp_path / "both")])

@@ -26,6 +26,10 @@ as they are (stage 1 is skipped; the clips are encoded with that VAE and normali
 its saved statistics) and stage 2 starts from its transformer and text encoder, with a
 fresh warm-up and cosine schedule. The earlier `training.json` is kept under
 `continued_from`, so the record holds every leg's command and seconds.
+
+`--vae-from CHECKPOINT` keeps only that checkpoint's VAE and its statistics (stage 1 is skipped) and
+trains a fresh tokenizer, text encoder and transformer of this file's configs: how a new transformer
+shape is tried without paying for the VAE again. The VAE's run is kept under `vae_from`.
 """
 
 from __future__ import annotations
@@ -67,6 +71,8 @@ TRANSFORMER_CONFIG = dict(
     freq_dim=64, ffn_dim=256, num_layers=4, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
     rope_max_seq_len=256,
 )
+"""The committed checkpoint's transformer (0.6M parameters). A wider one (4 heads of 32, feed-forward 512) trained
+from this VAE with `--vae-from` read shapes no better (docs/shapes_model.md)."""
 TEXT_CONFIG = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
                    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
 
@@ -202,29 +208,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3, help="denoiser peak learning rate")
     parser.add_argument("--init-from", type=Path, default=None,
                         help="a checkpoint of this script to continue: its VAE is kept, stage 2 starts from it")
+    parser.add_argument("--vae-from", type=Path, default=None,
+                        help="a checkpoint of this script whose VAE is kept; stage 2 trains fresh models")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--eval-captions", type=int, default=len(all_attributes()))
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.init_from is not None and args.vae_from is not None:
+        parser.error("--init-from continues a whole checkpoint; --vae-from keeps only a VAE: give one")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     record: dict = {"command": "python -m models.shapes.train " + shlex.join(sys.argv[1:] if argv is None else argv),
-                    "seed": args.seed, "seconds": {}, "vae_config": VAE_CONFIG, "transformer_config":
-                    {**TRANSFORMER_CONFIG, "patch_size": list(TRANSFORMER_CONFIG["patch_size"])}}
+                    "seed": args.seed, "seconds": {}, "vae_config": VAE_CONFIG}
 
     start = time.perf_counter()
     vae_log: list[float] = []
     continued: WanPipeline | None = None
-    if args.init_from is None:
-        vae = train_vae(args.vae_steps, args.vae_batch, rng, vae_log)
-    else:
+    if args.init_from is not None:
         continued = WanPipeline.from_pretrained(args.init_from)
         record["continued_from"] = json.loads((args.init_from / "training.json").read_text())
         vae = continued.vae.eval()
+    elif args.vae_from is not None:
+        vae = AutoencoderKLWan.from_pretrained(args.vae_from / "vae").eval()
+        record["vae_from"] = json.loads((args.vae_from / "training.json").read_text())
+    else:
+        vae = train_vae(args.vae_steps, args.vae_batch, rng, vae_log)
     captions, raw = encode_dataset(vae, args.clips_per_caption, rng)
-    if continued is None:  # a new VAE: its latents' per-channel statistics, as Wan's config carries them
+    if vae_log:  # a new VAE: its latents' per-channel statistics, as Wan's config carries them
         vae.register_to_config(latents_mean=raw.mean(dim=(0, 2, 3, 4)).tolist(),
                                latents_std=raw.std(dim=(0, 2, 3, 4)).tolist())
     mean, std = torch.tensor(vae.config.latents_mean), torch.tensor(vae.config.latents_std)
@@ -234,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     pipeline = continued if continued is not None else new_pipeline(vae)
     transformer, text_encoder = pipeline.transformer, pipeline.text_encoder
+    record["transformer_config"] = {key: list(value) if isinstance(value, tuple) else value
+                                    for key, value in transformer.config.items() if not key.startswith("_")}
     dit_log: list[float] = []
     ema = train_denoiser(pipeline, captions, latents, args.steps, args.batch, generator, dit_log, args.lr)
     transformer.load_state_dict(ema["transformer"])
