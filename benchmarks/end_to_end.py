@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import heapq
 import json
 import math
 import statistics
@@ -96,6 +97,56 @@ def interval(values: list[float]) -> tuple[float, float]:
     if len(values) < 2:
         return mean, 0.0
     return mean, T_95[min(len(values) - 1, 10)] * statistics.stdev(values) / math.sqrt(len(values))
+
+
+SERVICE_STAGES = ("encode_s", "denoise_s", "decode_s", "mux_s")
+"""A job's own work in its `stages`: everything but the time it waited (queue_s, decode_queue_s)."""
+
+
+def single_server_means(jobs: list[tuple[float, float]]) -> tuple[float, float]:
+    """Mean latency of `(arrival_s, service_s)` jobs on one work-conserving server, first-come-first-served and
+    under preemptive shortest-remaining-processing-time (SRPT: provably the least mean latency of any order when
+    sizes are known and a job may be preempted at any instant).
+
+    The ratio of the two is what ordering alone can gain on this trace: the ceiling of an SRPT-style scheduler
+    on a device one job already saturates (where batching adds no throughput) when every stage of the job,
+    the VAE decode included, could be preempted, which the app's decode cannot."""
+    ordered = sorted(jobs)
+    free, fcfs = 0.0, []
+    for arrival, service in ordered:
+        free = max(free, arrival) + service
+        fcfs.append(free - arrival)
+    now, index, srpt = 0.0, 0, []
+    pending: list[list[float]] = []  # heap of [remaining_s, arrival_s]
+    while index < len(ordered) or pending:
+        if not pending:
+            now = max(now, ordered[index][0])
+        while index < len(ordered) and ordered[index][0] <= now:
+            heapq.heappush(pending, [ordered[index][1], ordered[index][0]])
+            index += 1
+        remaining, arrival = pending[0]
+        next_arrival = ordered[index][0] if index < len(ordered) else math.inf
+        if now + remaining <= next_arrival:
+            now += remaining
+            heapq.heappop(pending)
+            srpt.append(now - arrival)
+        else:
+            pending[0][0] -= next_arrival - now
+            now = next_arrival
+    return statistics.mean(fcfs), statistics.mean(srpt)
+
+
+def ordering_bound(runs: list[list[RealOutcome]]) -> tuple[float, float, float]:
+    """Per run, each completed job's arrival and own work (`SERVICE_STAGES` as the app measured them) on one
+    server, FCFS and ideal SRPT: the mean FCFS and SRPT latencies over runs and the mean of the runs' ratios."""
+    pairs = []
+    for run in runs:
+        jobs = [(o.request.arrival_s, sum(o.job["stages"][k] for k in SERVICE_STAGES))
+                for o in run if o.status == "completed" and o.job.get("stages")]
+        if jobs:
+            pairs.append(single_server_means(jobs))
+    return (statistics.mean(f for f, _ in pairs), statistics.mean(s for _, s in pairs),
+            statistics.mean(f / s for f, s in pairs))
 
 
 def p95(values: list[float]) -> float:
@@ -166,6 +217,11 @@ def main() -> None:
               f"{row['p95_mean_s']:6.2f} s, throughput {row['throughput_jobs_per_s']:.4f} jobs/s, "
               f"failed {row['failed']}{ratio}\n    runs {[round(m, 2) for m in row['run_means_s']]}"
               f"\n    stages (mean s): {stages}")
+    for system in systems:
+        fcfs, srpt, ratio = ordering_bound(runs[system.name])
+        print(f"\nordering bound on {system.name}'s measured job sizes (one server, every stage preemptible): FCFS "
+              f"{fcfs:.2f} s, ideal SRPT {srpt:.2f} s, FCFS / SRPT {ratio:.2f}x")
+        summary[system.name]["ordering_bound"] = {"fcfs_s": fcfs, "srpt_s": srpt, "ratio": ratio}
     if measurements:
         measured = measured_app(measurements, runs["default"])
         simulated = simulated_means(trace, measured)
