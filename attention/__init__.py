@@ -4,5 +4,4 @@
 - `attention.plan`: who holds which tokens (`BrickPlan`, `RingAssignment`).
 - `attention.ring`: many rings in one SPMD call over torch.distributed (`brick_attention`, `ring_attention`).
 - `attention.planner`: ring sizes and placement from a cost model (`plan_brick`).
-- `attention.spmd`: run a function on N local gloo ranks (tests, benchmarks).
 """

@@ -22,6 +22,7 @@ item`, i.e. within 2x of the optimum (both terms are lower bounds of any placeme
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from attention.plan import BrickPlan, RingAssignment, even_bounds
@@ -58,6 +59,13 @@ def plan_brick(token_counts: list[int], world_size: int, cost: BrickCostModel = 
         raise ValueError(f"usable_ranks {usable_ranks} outside 1..{world_size}")
     if any(n < 1 for n in token_counts):
         raise ValueError(f"every request needs at least one token, got {token_counts}")
+    return _placed(tuple(token_counts), world_size, cost, usable)
+
+
+@functools.lru_cache(maxsize=4096)
+def _placed(token_counts: tuple[int, ...], world_size: int, cost: BrickCostModel, usable: int) -> BrickPlan:
+    """`plan_brick`'s placement, memoised: the cost rule prices the same candidate steps over and over (a request's
+    rows keep their token counts for all its steps), and a plan is immutable."""
     loads = [0.0] * world_size
     sizes = [cost.ring_size(n, usable) for n in token_counts]
     shares = [cost.request_cost(n) / r for n, r in zip(token_counts, sizes)]  # each ring rank's part

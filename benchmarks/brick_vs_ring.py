@@ -27,7 +27,7 @@ import torch.distributed as dist
 from attention.plan import BrickPlan, single_ring_plan
 from attention.planner import BrickCostModel, plan_brick
 from attention.ring import CommStats, brick_attention
-from attention.spmd import run_spmd
+from common.spmd import run_spmd
 
 HEADS, DIM = 8, 64
 

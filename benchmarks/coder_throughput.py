@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from api.serve_configs import serve_application
-from attention.spmd import free_port
+from common.spmd import free_port
 
 MAX_MODEL_LEN = 1024
 

@@ -58,7 +58,7 @@ def reward_curves(policy_dir: Path, steps: int, storage: Path) -> dict[str, dict
     from ray import serve
 
     from api.serve_configs import serve_application
-    from attention.spmd import free_port
+    from common.spmd import free_port
     from serve_graph.dllm_app import build_dllm_app
     from training.config import load_config
     from training.train import run

@@ -43,7 +43,7 @@ from attention.plan import BrickPlan
 from benchmarks.cost_profiles import CostProfile
 from benchmarks.cpu_app import MODELS, PLANNER, model_specs, pixel_size
 from benchmarks.real_run import run_systems
-from benchmarks.simulator import System, capacity, make_core, mean_latency, new_request
+from benchmarks.simulator import System, capacity, make_engine, mean_latency, new_request
 from benchmarks.workloads import FRAMES, RESOLUTIONS, TraceRequest, make_trace
 from engine.config import PlannerConfig
 from engine.messages import StepPlan
@@ -75,6 +75,7 @@ def measure_steps(rank: int, world_size: int, payload: int) -> list[float]:
     """This rank's forward seconds (median of `payload` steps) for every grid entry."""
     from deployments.text_encoder import EncodeRequest, TextEncoderCore
     from engine.config import BudgetConfig
+    from engine.engine import EngineCore, LocalExecutor
     from engine.messages import NewRequest
     from engine.policies import make_policy
     from engine.request import GenerationSpec
@@ -83,32 +84,29 @@ def measure_steps(rank: int, world_size: int, payload: int) -> list[float]:
 
     repeats = payload
     specs = {s.family: s for s in model_specs()}
-    runner = ModelRunner({s.name: load_adapter(s, ["transformer"]) for s in specs.values()}, rank, world_size)
+    executor = LocalExecutor(ModelRunner({s.name: load_adapter(s, ["transformer"]) for s in specs.values()}, rank,
+                                         world_size))
     config_only = {s.name: load_adapter(s, ()) for s in specs.values()}
     encoder = TextEncoderCore(list(specs.values()))
     out = []
     for n, entry in enumerate(_grid()):
         ring = {r for _, _, r in entry}.pop() if len({r for _, _, r in entry}) == 1 else 0
         planner = PLANNER if ring == 0 else PlannerConfig(mode="fixed", fixed_degree=ring)
-        core = StepSchedulerCore(make_policy("fifo"), BudgetConfig(max_batch_size=16), world_size=world_size,
-                                 cost_model=planner.cost_model(world_size))
+        engine = EngineCore(StepSchedulerCore(make_policy("fifo"), BudgetConfig(max_batch_size=16),
+                                              world_size=world_size, cost_model=planner.cost_model(world_size)))
         for i, (family, res, _) in enumerate(entry):
             height, width = pixel_size(family, res)
             spec = GenerationSpec(model=specs[family].name, prompt="a calibration scene", negative_prompt="",
                                   height=height, width=width, num_frames=FRAMES[family], num_inference_steps=repeats + 2,
                                   guidance_scale=6.0, seed=i, fps=8)
             prompt = encoder.encode_batch([EncodeRequest(spec.model, spec.prompt, spec.negative_prompt)])[0]
-            core.admit(NewRequest.from_spec(f"g{n}-{i}", spec, prompt, config_only[spec.model]))
-        times = []
-        for _ in range(repeats + 1):  # the first step admits (seeded noise, samplers): not timed
-            plan = core.schedule()
-            result = runner.execute(plan)
-            core.postprocess(plan, result)
-            times.append(result.forward_seconds)
+            engine.admit(NewRequest.from_spec(f"g{n}-{i}", spec, prompt, config_only[spec.model]))
+        # The first step admits (seeded noise, samplers): not timed.
+        times = [engine.run_local(executor)[1].seconds for _ in range(repeats + 1)]
         out.append(statistics.median(times[1:]))
-        for request_id in list(core.pool):
-            core.cancel(request_id)
-        runner.execute(core.schedule())  # frees the grid entry's requests on the ranks
+        for request_id in list(engine.scheduler.pool):
+            engine.cancel(request_id)
+        engine.run_local(executor)  # frees the grid entry's requests on the ranks
     return out
 
 
@@ -329,9 +327,9 @@ def fit_app(profile: CpuProfile, repeats: int) -> dict:
     latency = _mean_per_job(run_systems({"alone": alone}, [system], repeats)["calibration"]["alone"])
     rows = []
     for request in alone:
-        core = make_core(system, profile, clock=lambda: 0.0)
-        core.admit(new_request(request, profile))
-        plan = core.schedule()
+        engine = make_engine(system, profile, clock=lambda: 0.0)
+        engine.admit(new_request(request, profile))
+        plan = engine.schedule()
         steps = request.steps * profile.isolated_step_seconds(plan)
         rows.append([steps, 0.0, 1.0] if not sharded(plan) else [0.0, steps, 1.0])
     y = np.array([latency[i] - profile.decode_seconds(request) for i, request in enumerate(alone)])
@@ -363,7 +361,7 @@ def measure_profile(out: Path, step_repeats: int = 3, app_runs: int = 3) -> CpuP
     """Measure this machine now (the step grid on two gloo ranks, the work outside the steps, the app's shell),
     write the profile to `out` and return it. This machine's speed drifts from day to day (the grid's steps
     measured 1.3x apart on two days), so `paper_eval` measures it in the same run as the real runs it predicts."""
-    from attention.spmd import run_spmd
+    from common.spmd import run_spmd
 
     per_rank = run_spmd(2, measure_steps, step_repeats, timeout_s=900)
     measured = [max(times) for times in zip(*per_rank)]

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 
 from api.serve_configs import serve_application
-from attention.spmd import free_port
+from common.spmd import free_port
 
 MAX_TOKENS = (32, 64, 128)
 

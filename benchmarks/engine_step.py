@@ -34,7 +34,7 @@ import ray
 from ray import serve
 
 from api.serve_configs import serve_application
-from attention.spmd import free_port
+from common.spmd import free_port
 from serve_graph.app import build_video_app
 
 HEIGHTS = {"240p": 32, "360p": 48, "480p": 64, "720p": 96}

@@ -37,7 +37,7 @@ from diffusers import AutoencoderKLWan
 from ray import serve
 
 from api.serve_configs import serve_application
-from attention.spmd import free_port
+from common.spmd import free_port
 from deployments.media import decode_mp4
 from models.shapes.data import Attributes, all_attributes, render_clip
 from models.shapes.scorer import accuracy, read_video

@@ -21,10 +21,10 @@ import httpx
 import ray
 from ray import serve
 
-from attention.spmd import free_port
 from benchmarks.cpu_app import MODELS, real_app_args
 from benchmarks.simulator import System
 from benchmarks.workloads import TraceRequest
+from common.spmd import free_port
 from serve_graph.app import build_video_app
 
 POLL_S = 1.0

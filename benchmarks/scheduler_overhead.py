@@ -1,8 +1,9 @@
 """The step scheduler's own work per step, tensor-free, at 10 to 10,000 pooled requests.
 
-Times `StepSchedulerCore.schedule()` (policy ordering + budget fill + plan building)
-plus `postprocess()` (counters, finished requests leave) with no model and no
-tensors: the worker's answer is `StepResult.all_stepped(plan)`, not timed. The pool
+Times the engine's `schedule()` (policy ordering + the cost rule + budget fill + plan
+building) plus `complete()` (counters, the step-cost model, finished requests leave)
+with no model and no tensors: the worker's answer is `StepResult.all_stepped(plan)` in
+a constant step time, not timed. The pool
 is kept at its size (finished requests are replaced). The baseline measured in
 the same run is one real packed step of the tiny CogVideoX model for a full
 batch of mixed-size requests, so the overhead prints as a fraction of a step.
@@ -20,6 +21,7 @@ import time
 import torch
 
 from engine.config import BudgetConfig
+from engine.engine import EngineCore, Executed, LocalExecutor
 from engine.messages import NewRequest, StepResult
 from engine.policies import make_policy
 from engine.request import GenerationSpec
@@ -30,6 +32,7 @@ from models.spec import ModelSpec
 
 SPEC = ModelSpec(name="cog", family="cogvideox", max_sequence_length=16, max_frames=17)
 SIZES = [(32, 48), (48, 80), (64, 112), (96, 160)]
+STAND_IN_STEP_S = 0.1
 
 
 def _spec(i: int) -> GenerationSpec:
@@ -38,27 +41,27 @@ def _spec(i: int) -> GenerationSpec:
                           num_inference_steps=200 if i % 2 else 50, guidance_scale=6.0, seed=i, fps=8)
 
 
-def _fill(core: StepSchedulerCore, adapter, n: int, start: int, prompt=None) -> None:
+def _fill(engine: EngineCore, adapter, n: int, start: int, prompt=None) -> None:
     for i in range(start, start + n):
-        core.admit(NewRequest.from_spec(f"r{i}", _spec(i), prompt, adapter))
+        engine.admit(NewRequest.from_spec(f"r{i}", _spec(i), prompt, adapter))
 
 
 def scheduler_overhead_ms(pool_size: int, policy: str, steps: int, budget: BudgetConfig) -> float:
     adapter = load_adapter(SPEC, parts=())
-    core = StepSchedulerCore(make_policy(policy), budget, max_pool_size=pool_size + 16)
-    _fill(core, adapter, pool_size, 0)
+    engine = EngineCore(StepSchedulerCore(make_policy(policy), budget, max_pool_size=pool_size + 16))
+    _fill(engine, adapter, pool_size, 0)
     next_id, samples = pool_size, []
     for _ in range(steps):
         t0 = time.perf_counter()
-        plan = core.schedule()
+        plan = engine.schedule()
         t1 = time.perf_counter()
-        result = StepResult.all_stepped(plan)  # stands in for the worker; not timed
+        # Stands in for the worker (not timed): every request stepped, in a step time the cost model learns from.
+        executed = Executed(StepResult.all_stepped(plan), (STAND_IN_STEP_S,))
         t2 = time.perf_counter()
-        core.postprocess(plan, result)
-        core.pop_done()
+        engine.complete(plan, executed)
         samples.append((t1 - t0) + (time.perf_counter() - t2))
-        missing = pool_size - len(core.pool)
-        _fill(core, adapter, missing, next_id)
+        missing = pool_size - len(engine.scheduler.pool)
+        _fill(engine, adapter, missing, next_id)
         next_id += missing
     return statistics.median(samples) * 1e3
 
@@ -69,14 +72,14 @@ def model_step_ms(budget: BudgetConfig, repeats: int = 20) -> float:
 
     adapter = load_adapter(SPEC, parts=())
     prompt = TextEncoderCore([SPEC]).encode_batch([EncodeRequest("cog", "a cat", "")])[0]
-    core = StepSchedulerCore(make_policy("fifo"), budget)
-    runner = ModelRunner({"cog": load_adapter(SPEC, parts=("transformer",))})
-    _fill(core, adapter, budget.max_batch_size, 0, prompt)
-    core.step(runner.execute)  # admission step (samplers, noise) not timed; >= 50 steps remain for each request
+    engine = EngineCore(StepSchedulerCore(make_policy("fifo"), budget, batching="fill"))  # a full batch each step
+    executor = LocalExecutor(ModelRunner({"cog": load_adapter(SPEC, parts=("transformer",))}))
+    _fill(engine, adapter, budget.max_batch_size, 0, prompt)
+    engine.run_local(executor)  # admission step (samplers, noise) not timed; >= 50 steps remain for each request
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        core.step(runner.execute)
+        engine.run_local(executor)
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
 

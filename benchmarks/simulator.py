@@ -1,11 +1,12 @@
-"""Discrete-event simulator: the real `engine/` scheduler, policies, admission modes and Brick planner on a
-virtual clock, with a cost profile (`benchmarks.cost_profiles`) in place of the worker group.
+"""Discrete-event simulator: the real engine (`engine.engine.EngineCore`: scheduler, policies, admission modes,
+Brick planner, step-cost model) on a virtual clock, with a cost profile (`benchmarks.cost_profiles`) as its
+executor in place of the worker group.
 
-Events are arrivals (from a trace) and step ends. The loop reads like the Serve
-shell's: the start-up probe seeds the core's step-cost model (the trace's smallest and
-largest request of each model, alone and together), then admit what has arrived (after
-its prompt encoding), `schedule()`, advance the clock by the profile's price of the
-plan, `observe_step()` with the step's elapsed time, `postprocess()`. Requests that
+Events are arrivals (from a trace) and step ends. The loop is the Serve shell's: the
+start-up probe seeds the engine's step-cost model (the trace's smallest and largest
+request of each model, alone and together), then admit what has arrived (after its
+prompt encoding), `schedule()`, advance the clock by the profile's price of the plan
+(`VirtualClockExecutor`), `complete()` with the step's elapsed time. Requests that
 arrive during a step join at its end, as in the app. After its last step a request is
 decoded: at once, or on the profile's `decode_servers` (the app's VAE replica) in the
 policy's decode order (`SchedulingPolicy.decode_priority`, as the VaeDecoder orders its
@@ -28,9 +29,8 @@ from attention.plan import BrickPlan, RingAssignment, even_bounds
 from benchmarks.cost_profiles import CostProfile
 from benchmarks.workloads import STEP_CHOICES, TraceRequest, make_trace
 from engine.config import SchedulerConfig
+from engine.engine import EngineCore, Executed
 from engine.messages import NewRequest, StepPlan, StepResult
-from engine.policies import make_policy
-from engine.scheduler import StepSchedulerCore
 
 SYSTEMS_DIR = Path(__file__).parent / "systems"
 SYSTEMS = ("naive_ring", "naive_batching_ring", "cb_brick_fifo", "cb_brick_srptf", "same_shape_step_sp",
@@ -71,15 +71,22 @@ def scheduler_config(system: System, profile: CostProfile) -> SchedulerConfig:
     return SchedulerConfig(**{**system.scheduler, "planner": planner, "max_pool_size": 10**6})
 
 
-def make_core(system: System, profile: CostProfile, clock) -> StepSchedulerCore:
-    config = scheduler_config(system, profile)
-    return StepSchedulerCore(make_policy(config.policy, config.starvation_timeout_s), config.budget,
-                             config.max_pool_size, clock=clock, world_size=profile.world_size,
-                             cost_model=config.planner.cost_model(profile.world_size), admission=config.admission,
-                             batch_size=config.batch_size, batching=config.batching)
+def make_engine(system: System, profile: CostProfile, clock) -> EngineCore:
+    return EngineCore.from_config(scheduler_config(system, profile), world_size=profile.world_size, clock=clock)
 
 
-def probe(core: StepSchedulerCore, trace: list[TraceRequest], profile: CostProfile) -> None:
+class VirtualClockExecutor:
+    """The engine's executor on a cost profile's machine: every scheduled request steps, in the profile's price of
+    the plan at full speed (the simulation stretches it where the step shares cores with decodes)."""
+
+    def __init__(self, profile: CostProfile) -> None:
+        self.profile = profile
+
+    def run(self, plan: StepPlan) -> Executed:
+        return Executed(StepResult.all_stepped(plan), (self.profile.step_seconds(plan),))
+
+
+def probe(engine: EngineCore, trace: list[TraceRequest], profile: CostProfile) -> None:
     """The Serve shell's start-up probe on the profile's machine: the smallest and largest request of each model
     in the trace, one step alone and together, priced by the profile; the fit becomes the cost model's prior."""
     by_model: dict[str, list[TraceRequest]] = {}
@@ -89,9 +96,9 @@ def probe(core: StepSchedulerCore, trace: list[TraceRequest], profile: CostProfi
     for requests in by_model.values():
         sized = sorted(requests, key=lambda r: sum(profile.row_tokens(r)))
         ends.extend({id(r): r for r in (sized[0], sized[-1])}.values())
-    for plan in core.probe_plans([new_request(r, profile) for r in ends]):
-        core.observe_step(plan, profile.step_seconds(plan))
-    core.step_cost.seed()
+    executor = VirtualClockExecutor(profile)
+    engine.seed_cost_model((plan, executor.run(plan).seconds)
+                           for plan in engine.scheduler.probe_plans([new_request(r, profile) for r in ends]))
 
 
 def new_request(request: TraceRequest, profile: CostProfile) -> NewRequest:
@@ -114,6 +121,7 @@ def mean_latency(trace: list[TraceRequest], system: System, profile: CostProfile
 @dataclass
 class _Step:
     plan: StepPlan
+    executed: Executed  # at full speed; its time is replaced by the elapsed one when the step ends
     work_left_s: float  # seconds of the step still to run at full speed
     ranks: int  # busy threads while it runs
     started_s: float
@@ -128,8 +136,9 @@ class _Simulation:
     def __init__(self, trace: list[TraceRequest], system: System, profile: CostProfile) -> None:
         self.now = 0.0
         self.profile = profile
-        self.core = make_core(system, profile, clock=lambda: self.now)
-        probe(self.core, trace, profile)
+        self.engine = make_engine(system, profile, clock=lambda: self.now)
+        self.executor = VirtualClockExecutor(profile)
+        probe(self.engine, trace, profile)
         self.system = system
         self.by_id = {r.id: r for r in trace}
         self.ready = {r.id: r.arrival_s + profile.encode_seconds(r) for r in trace}  # joins the pool once encoded
@@ -154,22 +163,24 @@ class _Simulation:
         while self.next_arrival < len(self.pending) and self.ready[self.pending[self.next_arrival].id] <= self.now:
             request = self.pending[self.next_arrival]
             now, self.now = self.now, self.ready[request.id]  # the request's admission time is its own
-            self.core.admit(new_request(request, self.profile))
+            self.engine.admit(new_request(request, self.profile))
             self.now = now
             self.next_arrival += 1
 
     def _start_step(self) -> None:
-        self.core.set_busy_ranks(len(self.decoding) * self.profile.decode_displaces_ranks)
-        plan = self.core.schedule()
+        scheduler = self.engine.scheduler
+        scheduler.set_busy_ranks(len(self.decoding) * self.profile.decode_displaces_ranks)
+        plan = self.engine.schedule()
         if plan is None:
-            if self.core.pool and self.next_arrival == len(self.pending) and not self.decoding:
-                raise RuntimeError(f"{len(self.core.pool)} requests pooled but none schedulable under "
+            if scheduler.pool and self.next_arrival == len(self.pending) and not self.decoding:
+                raise RuntimeError(f"{len(scheduler.pool)} requests pooled but none schedulable under "
                                    f"{self.system.name}")
             return
         for step in plan.scheduled:
             self.start.setdefault(step.request_id, self.now)
         ranks = {rank for brick in plan.rings.values() for a in brick.assignments for rank in a.ranks}
-        self.step = _Step(plan, self.profile.step_seconds(plan), len(ranks), self.now)
+        executed = self.executor.run(plan)
+        self.step = _Step(plan, executed, executed.seconds, len(ranks), self.now)
 
     def _rate(self) -> float:
         cores = self.profile.shared_cores
@@ -198,12 +209,11 @@ class _Simulation:
             self.step.work_left_s -= dt * rate
             if self.step.work_left_s <= 1e-12:
                 step, self.step = self.step, None
-                self.core.observe_step(step.plan, self.now - step.started_s)
-                self.core.postprocess(step.plan, StepResult.all_stepped(step.plan))
-                for meta in self.core.pop_done():
-                    decode_s = self.profile.decode_seconds(self.by_id[meta.request_id])
-                    heapq.heappush(self.decode_queue,
-                                   (self.core.policy.decode_priority(meta.arrival_time, decode_s), meta.request_id))
+                elapsed = Executed(step.executed.result, (self.now - step.started_s,))
+                for end in self.engine.complete(step.plan, elapsed):
+                    decode_s = self.profile.decode_seconds(self.by_id[end.meta.request_id])
+                    priority = self.engine.scheduler.policy.decode_priority(end.meta.arrival_time, decode_s)
+                    heapq.heappush(self.decode_queue, (priority, end.meta.request_id))
         servers = self.profile.decode_servers
         while self.decode_queue and (servers is None or len(self.decoding) < servers):
             _, request_id = heapq.heappop(self.decode_queue)
@@ -243,9 +253,9 @@ def capacity(model: str, profile: CostProfile, n: int = 200, steps: tuple[int, .
                                                                                           "fixed_degree": 1}})
     service = []
     for request in trace:
-        core = make_core(one_rank, profile, clock=lambda: 0.0)
-        core.admit(new_request(request, profile))
-        service.append(request.steps * profile.step_seconds(core.schedule()))
+        engine = make_engine(one_rank, profile, clock=lambda: 0.0)
+        engine.admit(new_request(request, profile))
+        service.append(request.steps * profile.step_seconds(engine.schedule()))
     decode = statistics.mean(profile.decode_seconds(r) for r in trace)
     if profile.shared_cores is not None:
         return profile.shared_cores / (statistics.mean(service) + decode)

@@ -26,7 +26,7 @@ import httpx
 import psutil
 
 from api.serve_configs import serve_application
-from attention.spmd import free_port
+from common.spmd import free_port
 
 MIX = [dict(model="cogvideox-tiny", resolution="240p", num_frames=9, num_inference_steps=8),
        dict(model="wan-tiny", resolution="240p", num_frames=9, num_inference_steps=8),

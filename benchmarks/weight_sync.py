@@ -51,7 +51,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from api.serve_configs import serve_application
-    from attention.spmd import free_port
+    from common.spmd import free_port
     from deployments.coder.tiny_model import write_tiny_coder
     from serve_graph.coder_app import build_coder_app
 

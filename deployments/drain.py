@@ -1,8 +1,9 @@
-"""How fast a scheduler's pool drains, measured, and what an overloaded ingress tells the client from it.
+"""What an overloaded ingress tells the client from how fast a scheduler's pool drains.
 
 Both step schedulers (video and diffusion LM) measure token-steps per second over the
-steps they run; their ingresses divide the pool's remaining work by that rate to give a
-429 a `Retry-After` and a queued job its estimated start, rather than a constant.
+steps they run (`engine.step_cost.DrainRate`); their ingresses divide the pool's
+remaining work by that rate to give a 429 a `Retry-After` and a queued job its
+estimated start, rather than a constant.
 """
 
 from __future__ import annotations
@@ -11,26 +12,7 @@ import math
 
 from deployments.errors import Overloaded
 
-SMOOTHING = 0.2
-"""Weight of the newest step in the measured token-steps per second (an exponential moving average)."""
 MAX_RETRY_AFTER_S = 3600
-
-
-class DrainRate:
-    """Token-steps per second over the steps run so far (None before the first)."""
-
-    def __init__(self) -> None:
-        self.token_steps_per_s: float | None = None
-
-    def observe(self, tokens: int, seconds: float) -> None:
-        if seconds <= 0:
-            return
-        rate, previous = tokens / seconds, self.token_steps_per_s
-        self.token_steps_per_s = rate if previous is None else SMOOTHING * rate + (1 - SMOOTHING) * previous
-
-    def load(self, remaining_token_steps: int) -> dict:
-        """What a scheduler's `load()` answers: the pool's remaining work and the rate it drains at."""
-        return {"remaining_token_steps": remaining_token_steps, "token_steps_per_second": self.token_steps_per_s}
 
 
 def drain_seconds(load: dict) -> float | None:

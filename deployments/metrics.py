@@ -7,7 +7,14 @@ Created inside replicas only (Ray metrics need a running Ray worker).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ray.serve import metrics
+
+if TYPE_CHECKING:
+    from engine.engine import Ended
+    from engine.messages import StepPlan
+    from engine.scheduler import StepSchedulerCore
 
 _SECONDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600]
 _GAPS = [0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1]
@@ -68,3 +75,21 @@ class ServeMetrics:
             "the first step), denoise, decode_queue, decode, mux.", boundaries=_SECONDS, tag_keys=("model", "stage"))
         self.jobs = metrics.Counter(
             "dit_jobs", description="Jobs by final status.", tag_keys=("model", "status"))
+
+    # ---- what both step schedulers record -----------------------------------------
+    def observe_step(self, plan: StepPlan, seconds: float) -> None:
+        if plan.scheduled:
+            self.batch_size.observe(len(plan.scheduled))
+            self.batch_tokens.observe(plan.num_tokens)
+            self.step_duration.observe(seconds)
+
+    def observe_ended(self, ended: list[Ended]) -> None:
+        for end in ended:
+            self.requests_finished.inc(tags={"model": end.meta.model, "status": end.status.value})
+            if end.meta.first_step_time is not None:
+                self.time_to_first_step.observe(end.meta.first_step_time - end.meta.arrival_time,
+                                                tags={"model": end.meta.model})
+
+    def set_pool_gauges(self, scheduler: StepSchedulerCore) -> None:
+        self.active_requests.set(len(scheduler.pool))
+        self.queue_length.set(scheduler.num_waiting)

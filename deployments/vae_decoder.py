@@ -26,9 +26,9 @@ from PIL import Image
 from ray import serve
 
 from deployments import init_replica
-from deployments.drain import SMOOTHING
 from deployments.media import encode_mp4, encode_png
 from engine.policies import make_policy
+from engine.step_cost import SMOOTHING
 from models import load_adapter
 from models.interface import Condition
 from models.spec import ModelSpec

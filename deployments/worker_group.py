@@ -9,7 +9,7 @@ keeps the same (replicated) request state and no tensor leaves the group per ste
 The group belongs to exactly one scheduler replica (no load balancer in front of
 stateful ranks): the ranks are created by the replica, in its placement group
 (bundle i holds rank i; the replica itself sits in bundle 0), and die with it.
-A rank that dies fails the step on every rank; `WorkerGroup.rebuild()` then kills
+A rank that dies fails the step on every rank; `WorkerGroup.recover()` then kills
 the survivors and forms a new group on new actors, and the scheduler restarts the
 lost requests from step 0 (same seeds, same results).
 """
@@ -32,7 +32,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from api.config import WorkerGroupConfig
 from deployments import init_replica
-from engine.messages import StepPlan, StepResult
+from engine.engine import Executed
+from engine.messages import StepPlan, VideoStepResult
 from engine.runner import ModelRunner
 from models import load_adapter
 from models.spec import ModelSpec
@@ -74,7 +75,11 @@ class RankWorker:
         self.runner = ModelRunner(adapters, self.rank, c.ranks)
         return os.getpid()
 
-    def execute(self, plan: StepPlan) -> StepResult:
+    def held(self) -> int:
+        """Requests whose latents and samplers this rank holds."""
+        return len(self.runner.requests) if self.runner is not None else 0
+
+    def execute(self, plan: StepPlan) -> VideoStepResult:
         assert self.runner is not None, "join() first"
         result = self.runner.execute(plan)
         # Every rank holds the same final latents: one copy travels.
@@ -82,7 +87,11 @@ class RankWorker:
 
 
 class WorkerGroup:
-    """The replica's handle on its ranks: start, run a plan on all of them, rebuild after a fault."""
+    """The replica's handle on its ranks and the engine's executor (`engine.engine.Executor`): start, run a plan on
+    all of them, rebuild after a fault."""
+
+    pipeline_depth = 2
+    """The running plan and the next one, already planned: the ranks start it as soon as they end the last."""
 
     def __init__(self, models: list[dict], config: WorkerGroupConfig) -> None:
         self.models, self.config = models, config
@@ -103,19 +112,24 @@ class WorkerGroup:
         self.pids = await asyncio.gather(*(r.join.remote(master) for r in self.ranks))
         logger.info("worker group %d up: %d ranks, pids %s", self.generation, c.ranks, self.pids)
 
-    async def execute(self, plan: StepPlan) -> tuple[StepResult, list[float]]:
-        """Run one plan on every rank: (rank 0's result with the group's ring bytes, per-rank busy seconds).
-        Raises if any rank failed: the caller rebuilds the group."""
+    async def execute(self, plan: StepPlan) -> Executed:
+        """Run one plan on every rank: rank 0's result with the group's ring bytes, and each rank's busy seconds.
+        Raises if any rank failed: the engine then calls `recover`."""
         ref = ray.put(plan)  # serialised once for all ranks
-        results: list[StepResult] = await asyncio.gather(*(r.execute.remote(ref) for r in self.ranks))
+        results: list[VideoStepResult] = await asyncio.gather(*(r.execute.remote(ref) for r in self.ranks))
         merged = replace(results[0], ring_bytes=sum(r.ring_bytes for r in results))
-        return merged, [r.forward_seconds for r in results]
+        return Executed(merged, tuple(r.forward_seconds for r in results))
 
-    async def rebuild(self) -> float:
-        """Kill every rank (survivors sit in a broken group) and form a new group; returns seconds taken."""
+    async def held(self) -> list[int]:
+        """Requests each rank holds (between steps: a rank runs one call at a time)."""
+        return list(await asyncio.gather(*(r.held.remote() for r in self.ranks)))
+
+    async def recover(self, reason: str) -> bool:
+        """Kill every rank (survivors sit in a broken group) and form a new group: every request's state is gone."""
         start = time.perf_counter()
         for rank in self.ranks:
             ray.kill(rank, no_restart=True)
         self.generation += 1
         await self.start()
-        return time.perf_counter() - start
+        logger.warning("worker group rebuilt in %.1f s after: %s", time.perf_counter() - start, reason)
+        return True

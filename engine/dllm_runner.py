@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.messages import NewDllmRequest, StepPlan, StepResult
+from engine.messages import DllmStepResult, NewDllmRequest, StepPlan
 from engine.runner_steps import admit_new, scheduled_states
 from models.dllm.decoding import DllmSequence
 from models.dllm.model import DiffusionLM
@@ -39,7 +39,7 @@ class _Held:
     request_id: str
     model: str
     sequence: DllmSequence
-    reported: int = 0  # response tokens already sent in `StepResult.prefixes`
+    reported: int = 0  # response tokens already sent in `DllmStepResult.prefixes`
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class DllmRunner:
         self.held: dict[str, _Held] = {}
         self._last_step_end: float | None = None
 
-    def execute(self, plan: StepPlan) -> StepResult:
+    def execute(self, plan: StepPlan) -> DllmStepResult:
         start = time.perf_counter()
         idle = 0.0 if self._last_step_end is None else start - self._last_step_end
         for request_id in plan.free:
@@ -71,7 +71,7 @@ class DllmRunner:
         for held in scheduled_states(plan, errors, self.held, lambda h: h.sequence.step_index):
             batch[held.model].append(held)
         stepped: list[str] = []
-        finished: dict[str, torch.Tensor] = {}
+        finished: dict[str, tuple[int, ...]] = {}
         prefixes: dict[str, tuple[int, ...]] = {}
         forwards = 0
         for model, requests in batch.items():
@@ -85,13 +85,14 @@ class DllmRunner:
                     prefixes[held.request_id] = tuple(response)
                     held.reported = len(response)
                 if held.sequence.final:  # its text can no longer change: finished, whatever steps were planned
-                    finished[held.request_id] = torch.tensor(response, dtype=torch.long)
+                    finished[held.request_id] = tuple(response)
                     del self.held[held.request_id]
         for request_id in errors:
             self.held.pop(request_id, None)
         self._last_step_end = time.perf_counter()
-        return StepResult(plan.step_id, tuple(stepped), errors, finished, forwards, len(batch),
-                          self._last_step_end - start, idle, prefixes=prefixes)
+        return DllmStepResult(step_id=plan.step_id, stepped=tuple(stepped), errors=errors, finished=finished,
+                              forwards=forwards, forward_seconds=self._last_step_end - start, idle_before_seconds=idle,
+                              prefixes=prefixes)
 
     def _admit(self, new: NewDllmRequest) -> None:
         if new.request_id in self.held:

@@ -6,9 +6,10 @@
   index each runs, ids to free, the Brick plans. Ids and small integers only (~150
   bytes per request), where the previous design shipped every latent and embedding
   per step.
-- `StepResult` answers with the ids stepped, per-request errors, and the final
-  latents of requests that finished in this step (each request's latents cross
-  processes exactly once, on their way to the VAE).
+- `StepResult` answers with the ids stepped, per-request errors, and the outputs
+  of requests that finished in this step; each runner answers with its own kind
+  (`VideoStepResult`: final latents, which cross processes exactly once, on their
+  way to the VAE; `DllmStepResult`: response tokens and the prefixes that grew).
 """
 
 from __future__ import annotations
@@ -128,21 +129,38 @@ class StepPlan:
         return [s.request_id for s in self.scheduled]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StepResult:
+    """What any runner answers for a plan, and all the scheduler core reads of it: the ids stepped, per-request
+    errors, and the outputs of requests that ended in this step. Each runner answers with its own subclass."""
+
     step_id: int
     stepped: tuple[str, ...]
     errors: Mapping[str, str] = field(default_factory=dict)
-    finished: Mapping[str, torch.Tensor] = field(default_factory=dict)  # final latents (1, *shape) or response ids
-    forwards: int = 0  # transformer forwards run (1 per model present; more only when isolating a fault)
-    shapes: int = 0  # distinct latent shapes packed in this step
+    finished: Mapping[str, object] = field(default_factory=dict)  # request id -> its final output
+    forwards: int = 0  # forwards run (1 per model present; more only when isolating a fault)
     forward_seconds: float = 0.0
     idle_before_seconds: float = 0.0  # runner idle time between the previous step's end and this one's start
-    ring_bytes: int = 0  # KV bytes this rank sent to its ring neighbours
-    prefixes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # dLLM: response tokens fixed so far,
-    # for requests whose unmasked prefix grew in this step (what a stream may send)
 
     @classmethod
     def all_stepped(cls, plan: StepPlan) -> "StepResult":
         """Every scheduled request ran: what the scheduler sees of a step when no model runs (simulator, tests)."""
-        return cls(plan.step_id, tuple(plan.request_ids))
+        return cls(step_id=plan.step_id, stepped=tuple(plan.request_ids))
+
+
+@dataclass(frozen=True, kw_only=True)
+class VideoStepResult(StepResult):
+    """`ModelRunner`'s answer: `finished` holds final latents (1, *shape), which cross processes once, to the VAE."""
+
+    finished: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    shapes: int = 0  # distinct latent shapes packed in this step
+    ring_bytes: int = 0  # KV bytes this rank sent to its ring neighbours
+
+
+@dataclass(frozen=True, kw_only=True)
+class DllmStepResult(StepResult):
+    """`DllmRunner`'s answer: `finished` holds response token ids (before the first stop token)."""
+
+    finished: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    prefixes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # response tokens fixed so far, for
+    # requests whose unmasked prefix grew in this step (what a stream may send)

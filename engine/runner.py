@@ -10,7 +10,7 @@ this step and in which order; `execute` then
     one packed transformer forward per model (all shapes, text lengths, timesteps),
     classifier-free guidance, then each request's own sampler.step() on the device,
 
-and answers with a `StepResult`: ids stepped, per-request errors, and the final
+and answers with a `VideoStepResult`: ids stepped, per-request errors, and the final
 latents of the requests that finished (their only trip off the device). If a
 model's packed forward raises, its requests are retried one by one so only the
 request at fault fails.
@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from attention.context import AttentionContext, LocalAttention, ShardedAttention
-from engine.messages import NewRequest, StepPlan, StepResult
+from engine.messages import NewRequest, StepPlan, VideoStepResult
 from engine.runner_steps import admit_new, scheduled_states
 from models.base import DiffusionAdapter
 from models.interface import EncodedPrompt
@@ -69,7 +69,7 @@ class ModelRunner:
         self.requests: dict[str, RunnerRequest] = {}
         self._last_step_end: float | None = None
 
-    def execute(self, plan: StepPlan) -> StepResult:
+    def execute(self, plan: StepPlan) -> VideoStepResult:
         start = time.perf_counter()
         idle = 0.0 if self._last_step_end is None else start - self._last_step_end
         for request_id in plan.free:
@@ -90,8 +90,9 @@ class ModelRunner:
             self.requests.pop(request_id, None)
         shapes = {(r.request.model, r.request.latent_shape) for group in batch.values() for r in group}
         self._last_step_end = time.perf_counter()
-        return StepResult(plan.step_id, tuple(stepped), errors, finished, forwards, len(shapes),
-                          self._last_step_end - start, idle, ring_bytes)
+        return VideoStepResult(step_id=plan.step_id, stepped=tuple(stepped), errors=errors, finished=finished,
+                               forwards=forwards, shapes=len(shapes), forward_seconds=self._last_step_end - start,
+                               idle_before_seconds=idle, ring_bytes=ring_bytes)
 
     # ---- admission --------------------------------------------------------
     def _admit(self, new: NewRequest) -> None:

@@ -1,9 +1,8 @@
 """Step-level continuous batching: the pool, the step budget, and plans that run ahead of results.
 
 `StepSchedulerCore` is plain Python with no Ray and no tensors: it keeps one
-`RequestMeta` per pooled request and turns the pool into `StepPlan`s. The Serve
-shell (`deployments.step_scheduler`) and the benchmark simulator drive it the same
-way, one step reading like a sentence:
+`RequestMeta` per pooled request and turns the pool into `StepPlan`s. Every driver
+runs it through `engine.engine.EngineCore`, one step reading like a sentence:
 
     plan = core.schedule()            # policy + budget over the pool
     result = runner.execute(plan)     # one packed forward per model, samplers on the device
@@ -27,12 +26,15 @@ from typing import Callable
 from attention.plan import BrickPlan, RingAssignment, even_bounds
 from attention.planner import BrickCostModel, plan_brick
 from engine.admission import CostRule, Pick, StepAdmission, make_admission
-from engine.config import AdmissionMode, BatchingMode, BudgetConfig
+from engine.config import AdmissionMode, BatchingMode, BudgetConfig, SchedulerConfig
 from engine.messages import NewDllmRequest, NewRequest, ScheduledStep, StepPlan, StepResult
-from engine.policies import FIFOPolicy, SchedulingPolicy
+from engine.policies import FIFOPolicy, SchedulingPolicy, make_policy
 from engine.request import RequestMeta, RequestStatus
 from engine.run_queue import RunQueue
 from engine.step_cost import StepCostModel, busiest_rank_work, plan_work
+
+WORK_MEMO_SIZE = 4096
+"""Candidate steps whose busiest-rank work the core remembers (cleared when full)."""
 
 
 class PoolFullError(RuntimeError):
@@ -65,7 +67,17 @@ class StepSchedulerCore:
         self._unsent: dict[str, NewRequest | NewDllmRequest] = {}  # admitted, not yet handed to the runner
         self._to_free: list[str] = []
         self._done: list[RequestMeta] = []
+        self._work_memo: dict[tuple, dict[str, float]] = {}
         self._step_id = 0
+
+    @classmethod
+    def from_config(cls, config: SchedulerConfig, world_size: int = 1, one_rank_models: frozenset[str] = frozenset(),
+                    clock: Callable[[], float] = time.time) -> "StepSchedulerCore":
+        """The core a validated `scheduler` section describes, for a group of `world_size` ranks."""
+        return cls(make_policy(config.policy, config.starvation_timeout_s), config.budget, config.max_pool_size,
+                   clock=clock, world_size=world_size, cost_model=config.planner.cost_model(world_size),
+                   one_rank_models=one_rank_models, admission=config.admission, batch_size=config.batch_size,
+                   batching=config.batching)
 
     # ---- admission / control ------------------------------------------
     def admit(self, request: NewRequest | NewDllmRequest) -> RequestMeta:
@@ -168,8 +180,19 @@ class StepSchedulerCore:
 
     def expected_step_seconds(self, requests: list[RequestMeta]) -> float | None:
         """The cost model's price of one step of `requests`, placed as the Brick planner would place them."""
-        rows = [(r.model, r.rows, r.expert_at(r.steps_scheduled)) for r in requests]
-        return self.step_cost.predict(busiest_rank_work(self._rings(requests, {}), rows, self.cost_model))
+        return self.step_cost.predict(self._step_work(requests))
+
+    def _step_work(self, requests: list[RequestMeta]) -> dict[str, float]:
+        """Each forward's busiest-rank work in a step of `requests`, memoised by their sizes: the cost rule prices
+        the same candidate steps at every step (a request's rows keep their tokens), and the placement is pure."""
+        key = (self.usable_ranks, tuple((r.model, r.row_tokens, r.expert_at(r.steps_scheduled)) for r in requests))
+        work = self._work_memo.get(key)
+        if work is None:
+            if len(self._work_memo) >= WORK_MEMO_SIZE:
+                self._work_memo.clear()
+            rows = [(model, len(tokens), expert) for model, tokens, expert in key[1]]
+            work = self._work_memo[key] = busiest_rank_work(self._rings(requests, {}), rows, self.cost_model)
+        return work
 
     def probe_plans(self, probes: list[NewRequest]) -> list[StepPlan]:
         """Plans that time one step of each probe request alone and, per model, of all its probes together: the
@@ -243,14 +266,8 @@ class StepSchedulerCore:
 
     def fail_plan(self, plan: StepPlan, reason: str) -> None:
         """The whole step was lost (e.g. the worker died): fail its requests, keep the rest pooled."""
-        self.postprocess(plan, StepResult(plan.step_id, (), errors={s.request_id: reason for s in plan.scheduled}))
-
-    def step(self, execute: Callable[[StepPlan], StepResult]) -> StepPlan | None:
-        """Synchronous step for tests and the simulator."""
-        plan = self.schedule()
-        if plan is not None:
-            self.postprocess(plan, execute(plan))
-        return plan
+        self.postprocess(plan, StepResult(step_id=plan.step_id, stepped=(),
+                                          errors={s.request_id: reason for s in plan.scheduled}))
 
     # ---- helpers --------------------------------------------------------
     def _fail(self, meta: RequestMeta, reason: str) -> None:

@@ -107,22 +107,18 @@ class StepCostModel:
         if not models:
             return
         column = {m: i for i, m in enumerate(models)}
-        rows, targets = [], []
-        for work, seconds in self._observations:
-            row = np.zeros(2 * len(models))
-            for model, load in work.items():
-                row[2 * column[model]], row[2 * column[model] + 1] = 1.0, load
-            rows.append(row)
-            targets.append(seconds)
+        x = np.zeros((len(self._observations), 2 * len(models)))
+        for model, i in column.items():  # column-wise: one pass over the window per model
+            loads = np.fromiter((work.get(model, -1.0) for work, _ in self._observations), float, len(x))
+            x[:, 2 * i], x[:, 2 * i + 1] = loads >= 0, np.maximum(loads, 0.0)
+        y = np.fromiter((seconds for _, seconds in self._observations), float, len(self._observations))
         # Columns are scaled to unit size so that the ridge weighs fixed seconds and per-work seconds alike.
-        x = np.array(rows).reshape(len(rows), 2 * len(models))
-        y = np.array(targets)
-        largest = np.abs(x).max(axis=0) if len(rows) else np.zeros(2 * len(models))
+        largest = np.abs(x).max(axis=0) if len(x) else np.zeros(2 * len(models))
         scale = np.where(largest > 0, largest, 1.0)
         prior = np.zeros(2 * len(models))
         for model, (fixed, per_work) in self._prior.items():
             prior[2 * column[model]], prior[2 * column[model] + 1] = fixed, per_work
-        ridge = RIDGE * max(len(rows), 1)
+        ridge = RIDGE * max(len(x), 1)
         xs = x / scale
         lhs = xs.T @ xs + ridge * np.eye(xs.shape[1])
         rhs = xs.T @ y + ridge * prior * scale
@@ -130,3 +126,24 @@ class StepCostModel:
         seen = {m for work, _ in self._observations for m in work} | set(self._prior)
         self._fit = {m: (max(0.0, float(theta[2 * column[m]])), max(0.0, float(theta[2 * column[m] + 1])))
                      for m in models if m in seen}
+
+
+SMOOTHING = 0.2
+"""Weight of the newest step in the measured token-steps per second (an exponential moving average)."""
+
+
+class DrainRate:
+    """Token-steps per second over the steps run so far (None before the first)."""
+
+    def __init__(self) -> None:
+        self.token_steps_per_s: float | None = None
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        rate, previous = tokens / seconds, self.token_steps_per_s
+        self.token_steps_per_s = rate if previous is None else SMOOTHING * rate + (1 - SMOOTHING) * previous
+
+    def load(self, remaining_token_steps: int) -> dict:
+        """What a scheduler's `load()` answers: the pool's remaining work and the rate it drains at."""
+        return {"remaining_token_steps": remaining_token_steps, "token_steps_per_second": self.token_steps_per_s}

@@ -36,8 +36,8 @@ import httpx
 import yaml
 
 from api.serve_configs import serve_application
-from attention.spmd import free_port
 from common.paths import PROJECT_ROOT
+from common.spmd import free_port
 from k8s.dashboards import DASHBOARDS
 
 LOCAL_SCRAPE_CONFIG = PROJECT_ROOT / "k8s/prometheus/prometheus-local.yaml"

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from engine.config import BudgetConfig
-from engine.messages import NewRequest, StepResult
+from engine.engine import EngineCore, LocalExecutor
+from engine.messages import NewRequest, VideoStepResult
 from engine.policies import make_policy
 from engine.request import GenerationSpec, RequestMeta
 from engine.runner import ModelRunner
@@ -37,28 +38,33 @@ def gen_spec(model: str, steps: int = 4, height: int = 32, width: int = 48, fram
 
 
 class Engine:
-    """Scheduler core + model runner of tiny real models, stepped synchronously (no Ray)."""
+    """The engine (`EngineCore`) over a model runner of tiny real models, stepped inline (no Ray). Steps fill the
+    budget (batching "fill"): these tests pack requests on purpose, whatever this machine's measured step cost says."""
 
     def __init__(self, specs: list[ModelSpec], policy: str = "fifo", max_batch_size: int = 8) -> None:
         self.adapters = {s.name: load_adapter(s, parts=()) for s in specs}
-        self.core = StepSchedulerCore(make_policy(policy), BudgetConfig(max_batch_size=max_batch_size))
+        self.engine = EngineCore(StepSchedulerCore(make_policy(policy), BudgetConfig(max_batch_size=max_batch_size),
+                                                   batching="fill"))
+        self.core = self.engine.scheduler
         self.runner = ModelRunner({s.name: load_adapter(s, parts=("transformer",)) for s in specs})
+        self.executor = LocalExecutor(self.runner)
         self.latents: dict[str, torch.Tensor] = {}
         self.done: dict[str, RequestMeta] = {}
-        self.results: list[StepResult] = []
+        self.results: list[VideoStepResult] = []
 
     def admit(self, request_id: str, spec: GenerationSpec, prompt: EncodedPrompt) -> RequestMeta:
-        return self.core.admit(NewRequest.from_spec(request_id, spec, prompt, self.adapters[spec.model]))
+        return self.engine.admit(NewRequest.from_spec(request_id, spec, prompt, self.adapters[spec.model]))
 
     def step(self) -> None:
-        plan = self.core.schedule()
-        if plan is None:
+        stepped = self.engine.run_local(self.executor)
+        if stepped is None:
             return
-        result = self.runner.execute(plan)
-        self.core.postprocess(plan, result)
-        self.latents.update(result.finished)
-        self.results.append(result)
-        self.done.update((m.request_id, m) for m in self.core.pop_done())
+        _, executed, ended = stepped
+        self.results.append(executed.result)
+        for end in ended:
+            self.done[end.meta.request_id] = end.meta
+            if end.output is not None:
+                self.latents[end.meta.request_id] = end.output
 
     def run(self) -> None:
         while self.core.pool:

@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from attention.spmd import free_port
+from common.spmd import free_port
 
 
 def postgres_bin() -> str | None:

@@ -96,7 +96,7 @@ def assert_two_ranks_equal_one_rank(specs: list, asks: list, min_shard_tokens: i
     """`asks` ([(id, GenerationSpec)]) on one rank and on two gloo ranks: a ring of 2 ran and sent K/V, no request
     failed, and every rank's final latents equal one rank's (sharded sums in another order: 1e-4). The two ranks'
     results, for further checks."""
-    from attention.spmd import run_spmd
+    from common.spmd import run_spmd
 
     payload = (specs, asks, min_shard_tokens, set())
     (alone,) = run_spmd(1, engine_group_case, payload)

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from attention.plan import BrickPlan, RingAssignment, even_bounds, single_ring_plan
 from attention.planner import BrickCostModel, plan_brick
-from attention.spmd import run_spmd
 from attention.varlen import merge_partials, varlen_attention
+from common.spmd import run_spmd
 from tests.spmd_cases import brick_cases, scatter_back
 
 HEADS, DIM = 2, 16

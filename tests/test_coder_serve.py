@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,7 +13,6 @@ import ray
 from ray import serve
 
 from api.serve_configs import serve_application
-from attention.spmd import free_port
 from deployments.coder.tiny_model import write_tiny_coder
 from serve_graph.coder_app import build_coder_app
 
@@ -36,18 +34,17 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def served(checkpoints):
+def cluster_env() -> dict[str, str]:
+    return {serve_application("coder")["args"]["admin_token_env"]: ADMIN_TOKEN}
+
+
+@pytest.fixture(scope="module")
+def served(serve_cluster, checkpoints):
     args = serve_application("coder")["args"]
     args.update(model_source=str(checkpoints["seed0"]), max_model_len=MAX_MODEL_LEN)
-    os.environ[args["admin_token_env"]] = ADMIN_TOKEN  # replicas inherit the driver's environment
-    port = free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_coder_app(args), name="coder", route_prefix="/coder")
-    base = f"http://127.0.0.1:{port}/coder"
+    base = f"{serve_cluster.url}/coder"
     yield {"base": base, "model": args["model_id"], "client": openai.OpenAI(base_url=f"{base}/v1", api_key="unused")}
-    serve.shutdown()
-    ray.shutdown()
 
 
 @pytest.fixture()

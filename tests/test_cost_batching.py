@@ -190,3 +190,15 @@ def test_busy_ranks_leave_the_planner_the_others():
     free_plan = core.schedule()
     assert large.request_id in free_plan.request_ids
     assert {r for a in free_plan.rings["cog"].assignments for r in a.ranks} == {0, 1}
+
+
+def test_ordering_bound_preempts_a_long_job_for_a_short_one():
+    from benchmarks.end_to_end import single_server_means
+
+    # FCFS: the short job waits the long one out (10 s + 10 s); SRPT: it preempts at t=1 (1 s + 11 s).
+    assert single_server_means([(0.0, 10.0), (1.0, 1.0)]) == pytest.approx((10.0, 6.0))
+    # An idle server between arrivals: both orders are the service times.
+    assert single_server_means([(5.0, 1.0), (0.0, 2.0)]) == pytest.approx((1.5, 1.5))
+    # Same sizes: nothing to reorder.
+    fcfs, srpt = single_server_means([(0.0, 3.0), (0.5, 3.0), (1.0, 3.0)])
+    assert fcfs == pytest.approx(srpt) == pytest.approx((3.0 + 5.5 + 8.0) / 3)

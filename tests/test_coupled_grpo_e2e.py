@@ -8,11 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
 from ray import serve
 
 from api.serve_configs import serve_application
-from attention.spmd import free_port
 from models.dllm.checkpoint import checkpoint_tensors
 from models.dllm.tiny import write_tiny_dllm
 from serve_graph.dllm_app import build_dllm_app
@@ -25,14 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(serve_cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("coupled-grpo")
     policy = write_tiny_dllm(tmp / "policy", seed=0, init_std=0.02)
     app = serve_application("dllm")
     args = app["args"]
     args["models"][0]["source"] = str(policy)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     serve.run(build_dllm_app(args), name="dllm", route_prefix=app["route_prefix"])
     cfg = load_config(ROOT / "configs/train/tiny-dllm-served.yaml",
                       model={"path": str(policy), "dtype": "float32", "family": "dllm"},
@@ -40,8 +36,6 @@ def trained(tmp_path_factory):
     result = run(cfg)
     served = serve.get_app_handle("dllm").replica_weights.remote(cfg.rollout.served_model).result()
     yield {"cfg": cfg, "result": result, "served": served, "policy": policy}
-    serve.shutdown()
-    ray.shutdown()
 
 
 def _metrics(cfg) -> list[dict]:

@@ -8,6 +8,7 @@ import torch
 
 from engine.config import BudgetConfig
 from engine.dllm_runner import DllmModel, DllmRunner
+from engine.engine import EngineCore, LocalExecutor
 from engine.messages import NewDllmRequest
 from engine.policies import make_policy
 from engine.request import RequestStatus
@@ -26,8 +27,18 @@ def tiny():
     return DllmModel(network, network.config.mask_token_id, stop_token_ids(network.config, tokenizer)), tokenizer
 
 
-def _core(max_batch_size: int = 8) -> StepSchedulerCore:
-    return StepSchedulerCore(make_policy("srptf"), BudgetConfig(max_batch_size=max_batch_size))
+def _engine(max_batch_size: int = 8) -> EngineCore:
+    """Steps fill the budget (batching "fill"): these tests pack requests whatever the measured step cost says."""
+    return EngineCore(StepSchedulerCore(make_policy("srptf"), BudgetConfig(max_batch_size=max_batch_size),
+                                        batching="fill"))
+
+
+def _run(engine: EngineCore, runner: DllmRunner) -> dict[str, object]:
+    """Step until the pool is empty; each request's end (status and response ids) by id."""
+    executor, ended = LocalExecutor(runner), {}
+    while engine.scheduler.pool:
+        ended.update((end.meta.request_id, end) for end in engine.run_local(executor)[2])
+    return ended
 
 
 def _request(tokenizer, i: int, text: str, **params) -> NewDllmRequest:
@@ -36,34 +47,34 @@ def _request(tokenizer, i: int, text: str, **params) -> NewDllmRequest:
 
 def test_requests_join_and_leave_at_every_step_and_equal_the_reference(tiny):
     model, tokenizer = tiny
-    core, runner = _core(max_batch_size=3), DllmRunner({MODEL: model})
+    engine, executor = _engine(max_batch_size=3), LocalExecutor(DllmRunner({MODEL: model}))
     requests = [_request(tokenizer, 0, "def f(x):", max_tokens=16, steps=8, alg="entropy"),
                 _request(tokenizer, 1, "import sys", max_tokens=6, steps=3, alg="maskgit_plus", temperature=0.7),
                 _request(tokenizer, 2, "class A:\n    pass", max_tokens=10, steps=10, alg="origin", temperature=1.0),
                 _request(tokenizer, 3, "for i in range(", max_tokens=12, steps=4, alg="topk_margin", alg_temp=0.3,
                          temperature=0.5, top_p=0.9)]
     arrivals = {0: requests[:2], 2: requests[2:3], 3: requests[3:]}  # step index -> requests admitted before it
-    assert core.admit(requests[0]) and core.pool["r0"].remaining_cost == 8 * (len(requests[0].prompt_ids) + 16)
-    core.admit(requests[1])
+    assert engine.admit(requests[0]).remaining_cost == 8 * (len(requests[0].prompt_ids) + 16)
+    engine.admit(requests[1])
     finished, packs, prefixes = {}, [], {}
     step = 0
-    while core.pool or step < 4:
+    while engine.scheduler.pool or step < 4:
         for new in arrivals.get(step, []) if step else []:
-            core.admit(new)
-        plan = core.schedule()
-        if plan is None:
+            engine.admit(new)
+        stepped = engine.run_local(executor)
+        if stepped is None:
             break
+        plan, executed, ended = stepped
         packs.append(len(plan.scheduled))
-        result = runner.execute(plan)
-        assert not result.errors
-        finished.update(result.finished)
+        result = executed.result
+        assert not result.errors and all(end.status is RequestStatus.FINISHED for end in ended)
+        finished.update((end.meta.request_id, end.output) for end in ended)
         for request_id, prefix in result.prefixes.items():
             assert prefix[:len(prefixes.get(request_id, ()))] == prefixes.get(request_id, ())  # only ever grows
             prefixes[request_id] = prefix
-        core.postprocess(plan, result)
         step += 1
     assert max(packs) == 3 and sorted(finished) == ["r0", "r1", "r2", "r3"]
-    assert not runner.held  # every finished request's state left the worker
+    assert not executor.runner.held  # every finished request's state left the worker
     for new in requests:
         expected = reference_decode(model.network, list(new.prompt_ids), new.params, model.mask_id, model.stop_ids)
         response = []
@@ -71,43 +82,40 @@ def test_requests_join_and_leave_at_every_step_and_equal_the_reference(tiny):
             if token in model.stop_ids:
                 break
             response.append(token)
-        assert finished[new.request_id].tolist() == response
+        assert finished[new.request_id] == tuple(response)
         assert prefixes.get(new.request_id, ()) == tuple(response)
 
 
 def test_cancel_frees_the_worker_state_and_others_continue(tiny):
     model, tokenizer = tiny
-    core, runner = _core(), DllmRunner({MODEL: model})
-    core.admit(_request(tokenizer, 0, "x = 1", max_tokens=8, steps=8))
-    core.admit(_request(tokenizer, 1, "y = 2", max_tokens=8, steps=4))
-    core.step(runner.execute)
+    engine, runner = _engine(), DllmRunner({MODEL: model})
+    engine.admit(_request(tokenizer, 0, "x = 1", max_tokens=8, steps=8))
+    engine.admit(_request(tokenizer, 1, "y = 2", max_tokens=8, steps=4))
+    engine.run_local(LocalExecutor(runner))
     assert set(runner.held) == {"r0", "r1"}
-    assert core.cancel("r0")
-    core.step(runner.execute)  # the next plan frees r0 on the worker
+    [cancelled] = engine.cancel("r0")
+    assert cancelled.status is RequestStatus.CANCELLED and cancelled.output is None
+    engine.run_local(LocalExecutor(runner))  # the next plan frees r0 on the worker
     assert set(runner.held) == {"r1"}
-    while core.pool:
-        core.step(runner.execute)
-    done = {m.request_id: m.status for m in core.pop_done()}
-    assert done == {"r0": RequestStatus.CANCELLED, "r1": RequestStatus.FINISHED}
+    assert {i: end.status for i, end in _run(engine, runner).items()} == {"r1": RequestStatus.FINISHED}
+    assert not engine.scheduler.pool and not runner.held
 
 
 def test_a_request_over_the_context_fails_alone(tiny):
     model, tokenizer = tiny
-    core, runner = _core(), DllmRunner({MODEL: model})
-    core.admit(_request(tokenizer, 0, "ok", max_tokens=8, steps=2))
-    core.admit(_request(tokenizer, 1, "too long", max_tokens=63, steps=2))
-    while core.pool:
-        core.step(runner.execute)
-    done = {m.request_id: m for m in core.pop_done()}
+    engine = _engine()
+    engine.admit(_request(tokenizer, 0, "ok", max_tokens=8, steps=2))
+    engine.admit(_request(tokenizer, 1, "too long", max_tokens=63, steps=2))
+    done = _run(engine, DllmRunner({MODEL: model}))
     assert done["r0"].status == RequestStatus.FINISHED
     assert done["r1"].status == RequestStatus.FAILED and "exceed the model's context of 64" in done["r1"].error
 
 
 def test_a_forward_fault_is_isolated_to_its_request(tiny, monkeypatch):
     model, tokenizer = tiny
-    core, runner = _core(), DllmRunner({MODEL: model})
-    core.admit(_request(tokenizer, 0, "a", max_tokens=4, steps=2))
-    core.admit(_request(tokenizer, 1, "b", max_tokens=5, steps=2))
+    engine = _engine()
+    engine.admit(_request(tokenizer, 0, "a", max_tokens=4, steps=2))
+    engine.admit(_request(tokenizer, 1, "b", max_tokens=5, steps=2))
     forward = model.network.forward_packed
 
     def poisoned(input_ids, lengths, logit_rows=None):
@@ -118,8 +126,9 @@ def test_a_forward_fault_is_isolated_to_its_request(tiny, monkeypatch):
         return logits
 
     monkeypatch.setattr(model.network, "forward_packed", poisoned)
-    plan = core.schedule()
-    result = runner.execute(plan)
+    _, executed, ended = engine.run_local(LocalExecutor(DllmRunner({MODEL: model})))
+    result = executed.result
+    assert [(end.meta.request_id, end.status) for end in ended] == [("r1", RequestStatus.FAILED)]
     assert result.stepped == ("r0",) and "non-finite logits" in result.errors["r1"] and result.forwards == 3
 
 
@@ -129,32 +138,28 @@ def test_a_response_ended_by_eos_finishes_before_its_last_step(tiny):
     with torch.no_grad():  # a model that favours EOS everywhere, so answers end early
         network.lm_head.weight[network.config.eos_token_id] *= 4
     eos_model = DllmModel(network, model.mask_id, model.stop_ids)
-    core = _core()
     requests = [_request(tokenizer, i, "def g():", max_tokens=16, steps=16, alg="origin", temperature=1.0)
                 for i in range(4)]
-    finished = _decode_all(DllmRunner({MODEL: eos_model}), requests, core)
-    done = {m.request_id: m for m in core.pop_done()}
-    assert all(m.status == RequestStatus.FINISHED for m in done.values())
-    assert any(m.steps_done < m.total_steps for m in done.values())
+    engine = _engine()
+    for new in requests:
+        engine.admit(new)
+    done = _run(engine, DllmRunner({MODEL: eos_model}))
+    assert all(end.status is RequestStatus.FINISHED for end in done.values())
+    assert any(end.meta.steps_done < end.meta.total_steps for end in done.values())
+    finished = {i: list(end.output) for i, end in done.items()}
     for new in requests:
         expected = reference_decode(network, list(new.prompt_ids), new.params, eos_model.mask_id, eos_model.stop_ids)
         assert finished[new.request_id] == _response(expected, eos_model.stop_ids)
 
 
-def _decode_all(runner: DllmRunner, requests: list[NewDllmRequest],
-                core: StepSchedulerCore | None = None) -> dict[str, list[int]]:
-    """Admit `requests` and step until the pool is empty; the response ids of each (no request may fail)."""
-    core = core or _core()
+def _decode_all(runner: DllmRunner, requests: list[NewDllmRequest]) -> dict[str, list[int]]:
+    """Admit `requests` and step until the pool is empty; the response ids of each (every one must finish)."""
+    engine = _engine()
     for new in requests:
-        core.admit(new)
-    finished = {}
-    while core.pool:
-        plan = core.schedule()
-        result = runner.execute(plan)
-        assert not result.errors
-        finished.update({i: t.tolist() for i, t in result.finished.items()})
-        core.postprocess(plan, result)
-    return finished
+        engine.admit(new)
+    ended = _run(engine, runner)
+    assert all(end.status is RequestStatus.FINISHED for end in ended.values())
+    return {i: list(end.output) for i, end in ended.items()}
 
 
 def _response(tokens: list[int], stop_ids: tuple[int, ...]) -> list[int]:

@@ -14,7 +14,6 @@ import ray
 from ray import serve
 
 from api.serve_configs import serve_application
-from attention.spmd import free_port
 from models.dllm.checkpoint import load_dllm, load_dllm_tokenizer
 from models.dllm.config import stop_token_ids
 from models.dllm.decoding import DecodeParams
@@ -34,7 +33,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def served(checkpoint):
+def served(serve_cluster, checkpoint):
     app = serve_application("dllm")
     args = app["args"]
     [model] = args["models"]
@@ -46,15 +45,10 @@ def served(checkpoint):
     # 2 saturated cores often few: a CI run packed 7 of 16, a local one 4), so it would not pack them reliably;
     # its rule has its own tests (tests/test_cost_batching.py).
     args["scheduler"]["batching"] = "fill"
-    port = free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_dllm_app(args), name="dllm", route_prefix=app["route_prefix"])
-    base = f"http://127.0.0.1:{port}{app['route_prefix']}"
+    base = f"{serve_cluster.url}{app['route_prefix']}"
     yield {"base": base, "client": openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0),
            "scheduler": serve.get_deployment_handle("DllmScheduler", app_name="dllm"), "defaults": model["decoding"]}
-    serve.shutdown()
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,8 @@ import pytest
 import yaml
 
 from api.serve_configs import LOCAL_CONFIG
-from attention.spmd import free_port
 from common.paths import PROJECT_ROOT
+from common.spmd import free_port
 from deployments.media import probe_mp4
 from tests.conftest import TEST_HEIGHTS
 from tests.postgres_server import postgres_server

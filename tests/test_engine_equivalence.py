@@ -91,7 +91,7 @@ def test_failing_requests_fail_alone():
     engine.admit("good", gen_spec(spec.name, steps=3), good)
     engine.admit("bad", gen_spec(spec.name, steps=3), bad)
     new = NewRequest.from_spec("odd", gen_spec(spec.name, steps=3), odd, engine.adapters[spec.name])
-    engine.core.admit(replace(new, latent_shape=(3, 5, 4, 6)))  # 5 channels: the patch embedding takes 4
+    engine.engine.admit(replace(new, latent_shape=(3, 5, 4, 6)))  # 5 channels: the patch embedding takes 4
     engine.run()
     assert engine.done["good"].status is RequestStatus.FINISHED and engine.done["good"].steps_done == 3
     refused, broken = engine.done["bad"], engine.done["odd"]

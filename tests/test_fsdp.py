@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from attention.spmd import run_spmd
+from common.spmd import run_spmd
 from deployments.coder.tiny_model import write_tiny_coder
 from training.config import TrainConfig
 from training.fsdp import full_weights, load_sharded, save_sharded, shard_policy

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
 
 from deployments.coder.tiny_model import write_tiny_coder
 from training.config import load_config
@@ -22,17 +21,14 @@ def _metrics(cfg) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(serve_cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("grpo")
     policy = write_tiny_coder(tmp / "policy", seed=0, init_std=0.02)
     # 10 steps: the pipeline, the schedule's switch at step 6 and a checkpoint. That GRPO+ raises the held-out
     # reward is asserted on the full served run (tests/test_grpo_served.py), which trains through the same learner.
     cfg = load_config(ROOT / "configs/train/tiny-cpu.yaml", model={"path": str(policy), "dtype": "float32"},
                       storage_path=str(tmp / "runs"), steps=10)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    result = run(cfg)
-    yield cfg, result
-    ray.shutdown()
+    yield cfg, run(cfg)
 
 
 def test_held_out_reward_is_logged_at_the_start_and_the_end(trained):

@@ -11,11 +11,9 @@ from pathlib import Path
 
 import openai
 import pytest
-import ray
 from ray import serve
 
 from api.serve_configs import serve_application
-from attention.spmd import free_port
 from deployments.coder.tiny_model import write_tiny_coder
 from serve_graph.coder_app import build_coder_app
 from training.config import load_config
@@ -57,17 +55,13 @@ class Users:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(serve_cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("grpo-served")
     policy = write_tiny_coder(tmp / "policy", seed=0, init_std=0.02)
     args = serve_application("coder")["args"]
     args.update(model_source=str(policy))  # users are first served the base policy
-    port = free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_coder_app(args), name="coder", route_prefix="/coder")
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/coder/v1", api_key="unused", max_retries=0,
-                           timeout=120)
+    client = openai.OpenAI(base_url=f"{serve_cluster.url}/coder/v1", api_key="unused", max_retries=0, timeout=120)
     before = _greedy(client)
     cfg = load_config(ROOT / "configs/train/tiny-served.yaml", model={"path": str(policy), "dtype": "float32"},
                       storage_path=str(tmp / "runs"))
@@ -77,8 +71,6 @@ def trained(tmp_path_factory):
     users.stop.set()
     users.thread.join(timeout=120)
     yield {"cfg": cfg, "result": result, "before": before, "after": _greedy(client), "calls": users.calls}
-    serve.shutdown()
-    ray.shutdown()
 
 
 def _metrics(cfg) -> list[dict]:

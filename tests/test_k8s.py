@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from pathlib import Path
@@ -52,25 +53,35 @@ def test_schema_check_catches_a_broken_manifest():
         jsonschema.validate(service, _schema("RayService"))
 
 
-def test_rayservice_serves_the_gpu_config_with_the_documented_topology():
+def test_rayservice_serves_the_gpu_config_on_pods_that_hold_its_apps():
+    """The RayService serves configs/gpu.yaml verbatim, on worker groups whose GPUs hold what each app asks for,
+    with the stores' URLs, probes and a metrics port on every pod."""
     service = yaml.safe_load((ROOT / "k8s" / "rayservice.yaml").read_text())
-    serve = ServeDeploySchema(**yaml.safe_load(service["spec"]["serveConfigV2"]))
     assert service["spec"]["serveConfigV2"] == (ROOT / "configs" / "gpu.yaml").read_text()
+    serve = ServeDeploySchema(**yaml.safe_load(service["spec"]["serveConfigV2"]))
     apps = {a.name: a for a in serve.applications}
     video = VideoAppConfig(**apps["video"].args)
-    assert video.store.jobs_url == "${DIT_JOBS_URL}" and video.ingress_replicas == 2
-    assert CoderAppConfig(**apps["coder"].args).tensor_parallel_size == 2
-    dllm = DllmAppConfig(**apps["dllm"].args)
-    assert dllm.step_scheduler.num_gpus == 1 and all(m.source.startswith("/models/") for m in dllm.models)
+    assert video.store.jobs_url.startswith("${") and video.ingress_replicas >= 2  # a shared store; any replica
     cluster = service["spec"]["rayClusterConfig"]
-    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # no replica on the head
     groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
-    dit = groups["dit-gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
-    assert dit["nvidia.com/gpu"] == "8" and groups["dit-gpu"]["rayStartParams"]["num-gpus"] == "8"
     assert all(g["minReplicas"] <= g["maxReplicas"] for g in groups.values())
+
+    def gpus(group: str) -> int:
+        limits = groups[group]["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert limits["nvidia.com/gpu"] == groups[group]["rayStartParams"]["num-gpus"]
+        return int(limits["nvidia.com/gpu"])
+
+    ranks = video.worker_group
+    assert gpus("dit-gpu") >= math.ceil(ranks.ranks * ranks.num_gpus_per_rank)  # one group fits one pod
+    assert ranks.num_gpus_per_rank > 0.5  # no two ranks share a GPU
+    assert max(gpus(g) for g in groups) >= CoderAppConfig(**apps["coder"].args).tensor_parallel_size
+    dllm = DllmAppConfig(**apps["dllm"].args)
+    assert gpus("dllm-gpu") >= dllm.step_scheduler.num_gpus
     dllm_pod = groups["dllm-gpu"]["template"]["spec"]
-    assert dllm_pod["containers"][0]["volumeMounts"][0]["mountPath"] == "/models"
-    assert dllm_pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "dit-serve-models"
+    [mount] = dllm_pod["containers"][0]["volumeMounts"]
+    assert all(m.source.startswith(mount["mountPath"] + "/") for m in dllm.models)  # checkpoints on the volume
+    assert dllm_pod["volumes"][0]["persistentVolumeClaim"]["claimName"]
     for container in [cluster["headGroupSpec"]["template"]["spec"]["containers"][0],
                       *(g["template"]["spec"]["containers"][0] for g in groups.values())]:
         assert container["livenessProbe"] and container["readinessProbe"]

@@ -15,7 +15,6 @@ import yaml
 from ray import serve
 
 from api.serve_configs import serve_application
-from attention.spmd import free_port
 from deployments.coder.tiny_model import write_tiny_coder
 from deployments.media import probe_mp4
 from k8s.dashboards import DASHBOARDS, dump
@@ -60,21 +59,18 @@ def _wait_status(client: httpx.Client, video_id: str, status: str, timeout: floa
 
 
 @pytest.fixture(scope="module")
-def scraped(tmp_path_factory) -> str:
-    metrics_port, port = free_port(), free_port()
+def scraped(serve_cluster, tmp_path_factory) -> str:
+    metrics_port = serve_cluster.metrics_port
     checkpoint = write_tiny_coder(tmp_path_factory.mktemp("coder") / "m")
     coder_args = {**serve_application("coder")["args"], "model_source": str(checkpoint),
                   "max_model_len": 512}
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _metrics_export_port=metrics_port)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     video_args = serve_application("video")["args"]
     video_args["store"]["data_dir"] = str(tmp_path_factory.mktemp("video-data"))
     video_args["scheduler"]["planner"]["min_shard_tokens"] = 1024  # a 360p row shards (the CPU default shards none)
     serve.run(build_video_app(video_args), name="video", route_prefix="/")
     serve.run(build_coder_app(coder_args), name="coder", route_prefix="/coder")
     scheduler = serve.get_deployment_handle("StepScheduler", app_name="video")
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+    with httpx.Client(base_url=serve_cluster.url, timeout=60) as client:
         job = client.post("/v1/videos", json={"model": "wan-tiny", "prompt": "a cat", "resolution": "240p",
                                               "num_frames": 5, "num_inference_steps": 3}).json()
         # 2,640 tokens per row: sharded over both ranks (KV traffic); one rank is killed while it runs.
@@ -98,13 +94,11 @@ def scraped(tmp_path_factory) -> str:
         if not missing:
             break
         if any(name.startswith("ray_vllm_") for name in missing):  # vLLM sets its gauges only while serving
-            httpx.post(f"http://127.0.0.1:{port}/coder/v1/completions", timeout=60,
+            httpx.post(f"{serve_cluster.url}/coder/v1/completions", timeout=60,
                        json={"model": "tiny-coder", "prompt": "def g():", "max_tokens": 8})
         time.sleep(2)
     ray.kill(training)
     yield text, mp4
-    serve.shutdown()
-    ray.shutdown()
 
 
 def test_every_dashboard_metric_is_exported(scraped):

@@ -10,7 +10,7 @@ import torch
 
 from attention.plan import BrickPlan, RingAssignment, even_bounds
 from attention.planner import BrickCostModel, plan_brick
-from attention.spmd import run_spmd
+from common.spmd import run_spmd
 from deployments.text_encoder import EncodeRequest, TextEncoderCore
 from models import load_adapter
 from models.packed import forward_packed

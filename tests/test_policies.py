@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engine.config import BudgetConfig
-from engine.messages import StepResult
+from engine.messages import StepPlan, StepResult
 from engine.policies import make_policy
 from engine.request import RequestStatus
 from engine.scheduler import PoolFullError, StepSchedulerCore
@@ -27,6 +27,14 @@ def make_core(policy="srptf", max_batch_size=8, max_batch_tokens=10**9, starvati
                              max_pool_size=pool, clock=FakeClock())
 
 
+def step(core: StepSchedulerCore, execute) -> StepPlan | None:
+    """One step of the scheduler alone: plan, `execute(plan)` in place of a runner, account."""
+    plan = core.schedule()
+    if plan is not None:
+        core.postprocess(plan, execute(plan))
+    return plan
+
+
 class Recorder:
     """Every scheduled request steps; records each plan's request ids."""
 
@@ -46,7 +54,7 @@ def test_srptf_orders_by_remaining_steps_times_tokens():
     assert long.remaining_cost == 20 * 900 and short.remaining_cost == 4 * 100
     run = Recorder()
     while core.pool:
-        core.step(run)
+        step(core, run)
     order = [ids[0] for ids in run.steps]
     # Short runs all 4 steps first, then mid, then long: completion order follows L = (T - t) * S.
     assert order[:4] == [short.request_id] * 4
@@ -60,7 +68,7 @@ def test_fifo_orders_by_arrival():
     core.admit(new_request(steps=2))
     run = Recorder()
     for _ in range(5):
-        core.step(run)
+        step(core, run)
     assert [ids[0] for ids in run.steps] == [first.request_id] * 5
 
 
@@ -69,11 +77,11 @@ def test_budget_respected_and_requests_join_and_leave_every_step():
     run = Recorder()
     a = core.admit(new_request(steps=2))
     b = core.admit(new_request(steps=4))
-    core.step(run)
+    step(core, run)
     c = core.admit(new_request(steps=1))  # joins at the next step
     d = core.admit(new_request(steps=3))
-    core.step(run)
-    core.step(run)
+    step(core, run)
+    step(core, run)
     assert run.steps[0] == [a.request_id, b.request_id]
     assert sorted(run.steps[1]) == sorted([a.request_id, b.request_id, c.request_id])  # size cap 3: d waits
     assert a.status is RequestStatus.FINISHED and c.status is RequestStatus.FINISHED  # left after their last step
@@ -117,7 +125,7 @@ def test_failure_in_flight_and_cancel_free_runner_state():
     a, b, c = (core.admit(new_request(steps=5)) for _ in range(3))
     first = core.schedule()
     second = core.schedule()  # planned while `first` runs
-    core.postprocess(first, StepResult(first.step_id, (a.request_id, c.request_id), errors={b.request_id: "boom"}))
+    core.postprocess(first, StepResult(step_id=first.step_id, stepped=(a.request_id, c.request_id), errors={b.request_id: "boom"}))
     core.postprocess(second, StepResult.all_stepped(second))  # b's pipelined step is ignored: it already failed
     assert b.status is RequestStatus.FAILED and b.error == "boom" and b.steps_done == 0
     assert a.steps_done == 2
@@ -134,7 +142,7 @@ def test_a_step_the_worker_did_not_report_fails_its_request():
     core = make_core()
     a = core.admit(new_request(steps=3))
     plan = core.schedule()
-    core.postprocess(plan, StepResult(plan.step_id, ()))
+    core.postprocess(plan, StepResult(step_id=plan.step_id, stepped=()))
     assert a.status is RequestStatus.FAILED and "not run by the worker" in a.error
 
 
@@ -146,7 +154,7 @@ def test_srptf_starves_long_request_without_timeout_and_not_with_it():
         long = core.admit(new_request(steps=50))
         for _ in range(40):  # a new short request arrives every step
             core.admit(new_request(steps=1))
-            core.step(run)
+            step(core, run)
         assert (long.steps_done > 0) is expect_long_ran
 
 
@@ -296,5 +304,5 @@ def test_remaining_token_steps_is_the_unscheduled_work_of_the_pool():
     core.admit(new_request(steps=4, seq_len=100, cfg=True))  # 4 x 200 tokens
     core.admit(new_request(steps=3, seq_len=50, cfg=False))  # 3 x 50
     assert core.remaining_token_steps() == 4 * 200 + 3 * 50
-    core.step(StepResult.all_stepped)  # SRPTF runs the smaller one first: one of its steps is done
+    step(core, StepResult.all_stepped)  # SRPTF runs the smaller one first: one of its steps is done
     assert core.remaining_token_steps() == 4 * 200 + 2 * 50

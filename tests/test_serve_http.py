@@ -12,14 +12,12 @@ import time
 import httpx
 import numpy as np
 import pytest
-import ray
 import schemathesis
 from hypothesis import HealthCheck, settings
 from PIL import Image
 from ray import serve
 
 from api.serve_configs import serve_application
-from attention.spmd import free_port
 from deployments.media import decode_mp4, probe_mp4
 from deployments.video_ingress import app as video_api
 from models.shapes.data import all_attributes
@@ -33,10 +31,14 @@ KEYS_ENV, ALICE, BOB = "DIT_TEST_API_KEYS", "alice-token-1", "bob-token-2"
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
+def cluster_env() -> dict[str, str]:
+    return {KEYS_ENV: f"alice:{ALICE},bob:{BOB}"}
+
+
+@pytest.fixture(scope="module")
+def client(serve_cluster, tmp_path_factory):
     args = serve_application("video")["args"]
     args["store"]["data_dir"] = str(tmp_path_factory.mktemp("video-data"))
-    os.environ[KEYS_ENV] = f"alice:{ALICE},bob:{BOB}"  # the replicas inherit the driver's environment
     args["auth"] = {"keys_env": KEYS_ENV}
     for model in args["models"]:  # scaled-down sizes keep 720p, 60-step requests quick; mochi stops at 480p
         if model["source"] == "tiny" and model["family"] != "sd3":
@@ -47,15 +49,9 @@ def client(tmp_path_factory):
     # Two requests per step so that SRPTF's choice is visible over HTTP.
     args["scheduler"]["budget"]["max_batch_size"] = 2
     args["scheduler"]["max_pool_size"] = 8  # small, so that overload is cheap to reach
-    port = free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_video_app(args), name="video", route_prefix="/")
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60,
-                      headers={"Authorization": f"Bearer {ALICE}"}) as c:
+    with httpx.Client(base_url=serve_cluster.url, timeout=60, headers={"Authorization": f"Bearer {ALICE}"}) as c:
         yield c
-    serve.shutdown()
-    ray.shutdown()
 
 
 def test_models_and_health(client):
@@ -236,6 +232,12 @@ def test_cancel_removes_request_and_engine_keeps_serving(client):
     assert client.delete("/v1/videos/video_missing").status_code == 404
     other = submit(client, model="cogvideox-tiny", prompt="next", num_inference_steps=2)
     assert wait(client, other["id"])["status"] == "completed"
+    # Nothing of either is left: not in the pool, not on a rank (the cancelled one was freed with `other`'s steps).
+    scheduler = serve.get_deployment_handle("StepScheduler", app_name="video")
+    deadline = time.time() + 60
+    while (stats := scheduler.stats.remote().result())["pooled"] and time.time() < deadline:
+        time.sleep(0.5)  # an earlier test's job may still be finishing
+    assert stats["pooled"] == 0 and stats["held_on_ranks"] == [0, 0]
 
 
 def test_same_seed_same_bytes_alone_or_batched(client):

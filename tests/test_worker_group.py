@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from attention.spmd import run_spmd
+from common.spmd import run_spmd
 from tests.conftest import tiny_spec
 from tests.factories import gen_spec
 from tests.spmd_cases import engine_group_case

@@ -22,7 +22,6 @@ the weights served before.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import Counter
@@ -37,23 +36,18 @@ from ray import serve
 
 from api.dllm_config import DllmModelConfig
 from deployments import init_replica
-from deployments.drain import DrainRate
 from deployments.metrics import ServeMetrics
 from deployments.weight_swaps import ReloadResult, WeightsInfo
 from engine.config import SchedulerConfig
 from engine.dllm_runner import DllmModel, DllmRunner
+from engine.engine import Ended, EngineCore, Executed, StepListener
 from engine.messages import NewDllmRequest, StepPlan
-from engine.policies import make_policy
-from engine.request import RequestMeta, RequestStatus
-from engine.scheduler import StepSchedulerCore
+from engine.request import RequestStatus
 from models.dllm.checkpoint import checkpoint_tensors, load_dllm, load_dllm_tokenizer, map_names
 from models.dllm.config import stop_token_ids
 from models.dllm.model import DiffusionLM
 
 logger = logging.getLogger(__name__)
-
-GAUGE_REFRESH_S = 5.0
-
 
 @dataclass(frozen=True)
 class DllmAdmitted:
@@ -98,22 +92,19 @@ def load_models(models: list[DllmModelConfig], device: str) -> dict[str, DllmMod
 
 
 @serve.deployment(max_ongoing_requests=100_000)
-class DllmScheduler:
+class DllmScheduler(StepListener):
     """`max_ongoing_requests` is effectively unbounded because every pooled request is an ongoing call; admission
     is bounded by `max_pool_size` instead (engine's PoolFullError -> HTTP 429 at the ingress)."""
 
     def __init__(self, models: list[dict], scheduler: dict, resources: dict) -> None:
         res = init_replica(resources)
-        config = SchedulerConfig(**scheduler)
         self.runner = DllmRunner(load_models([DllmModelConfig(**m) for m in models], res.device))
-        self.core = StepSchedulerCore(make_policy(config.policy, config.starvation_timeout_s), config.budget,
-                                      config.max_pool_size, batching=config.batching)
+        self.engine = EngineCore.from_config(SchedulerConfig(**scheduler))
+        self.core = self.engine.scheduler
         self.metrics = ServeMetrics()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dllm-step")  # the device's one stream
+        self._device = DeviceThread(self.runner)
         self._waiters: dict[str, _Waiter] = {}
-        self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
-        self.drain_rate = DrainRate()
         self._largest_step = 0  # most requests packed in one step, since start
         self._ended: Counter[str] = Counter()  # requests that left the pool, by status, since start
         self._weights = {m["name"]: WeightsInfo(str(DllmModelConfig(**m).resolved_source()), 0, None, None)
@@ -124,9 +115,8 @@ class DllmScheduler:
         """Admit (PoolFullError when full), acknowledge, stream prefixes, then the result. Cancelling the stream
         cancels the request."""
         self._ensure_loop()
-        self.core.admit(new)
+        self.engine.admit(new)
         waiter = self._waiters[new.request_id] = _Waiter()
-        self._wakeup.set()
         try:
             yield DllmAdmitted()
             sent: tuple[int, ...] = ()
@@ -139,8 +129,7 @@ class DllmScheduler:
             yield waiter.result
         finally:
             if waiter.result is None:  # the caller went away: free the slot and, next step, the device state
-                self.core.cancel(new.request_id)
-                self._resolve_done({})
+                self.on_ended(self.engine.cancel(new.request_id))
             self._waiters.pop(new.request_id, None)
 
     async def stats(self) -> dict:
@@ -151,7 +140,7 @@ class DllmScheduler:
     async def load(self) -> dict:
         """The pool's remaining work (steps x tokens, an upper bound: a request may unmask its last token early)
         and the measured rate it drains at: a 429's Retry-After (None before the first step)."""
-        return self.drain_rate.load(self.core.remaining_token_steps())
+        return self.engine.drain_rate.load(self.core.remaining_token_steps())
 
     # ---- weights ---------------------------------------------------------------
     async def weights_info(self, model: str) -> dict:
@@ -167,7 +156,8 @@ class DllmScheduler:
         [ref] = weights
         mapped = map_names(await ref, network)
         loop = asyncio.get_running_loop()
-        load_started, loaded = await loop.run_in_executor(self._executor, self._load, model, network, mapped, ref)
+        load_started, loaded = await loop.run_in_executor(self._device.thread, self._load, model, network, mapped,
+                                                          ref)
         done = time.perf_counter()
         self._weights[model] = WeightsInfo("memory", self._weights[model].version + 1, trainer_version, done - started)
         return asdict(ReloadResult("memory", self._weights[model].version, trainer_version, load_started - started,
@@ -195,66 +185,52 @@ class DllmScheduler:
         self._sources[model] = source
         return started, time.perf_counter()
 
-    # ---- the loop -------------------------------------------------------------
+    # ---- the loop: the engine's, this shell listens -------------------------------
     def _ensure_loop(self) -> None:
         if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._step_loop())
+            self._loop_task = asyncio.get_running_loop().create_task(self.engine.run(self._device, self))
 
-    async def _step_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            self._update_gauges()
-            plan = self.core.schedule()
-            if plan is None:
-                self._wakeup.clear()
-                # Wake at least every GAUGE_REFRESH_S: Ray drops gauges that are not set for a while.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), GAUGE_REFRESH_S)
-                continue
-            try:
-                result = await loop.run_in_executor(self._executor, self.runner.execute, plan)
-            except Exception as exc:  # a bug outside the runner's per-request isolation: fail this step's requests
-                logger.exception("diffusion-LM step %d failed", plan.step_id)
-                self.core.fail_plan(plan, f"step failed: {exc!r}")
-                self._resolve_done({})
-                continue
-            self.core.postprocess(plan, result)
-            self._observe(plan, result.forward_seconds)
-            for request_id, prefix in result.prefixes.items():
-                if (waiter := self._waiters.get(request_id)) is not None:
-                    waiter.prefix = prefix
-                    waiter.changed.set()
-            self._resolve_done({i: tuple(t.tolist()) for i, t in result.finished.items()})
-
-    def _observe(self, plan: StepPlan, seconds: float) -> None:
-        if plan.scheduled:
-            self._largest_step = max(self._largest_step, len(plan.scheduled))
-            self.metrics.batch_size.observe(len(plan.scheduled))
-            self.metrics.batch_tokens.observe(plan.num_tokens)
-            self.metrics.step_duration.observe(seconds)
-            self.core.observe_step(plan, seconds)
-            self.drain_rate.observe(plan.num_tokens, seconds)
-
-    def _resolve_done(self, responses: dict[str, tuple[int, ...]]) -> None:
-        for meta in self.core.pop_done():
-            self._ended[meta.status.value] += 1
-            self.metrics.requests_finished.inc(tags={"model": meta.model, "status": meta.status.value})
-            if meta.first_step_time is not None:
-                self.metrics.time_to_first_step.observe(meta.first_step_time - meta.arrival_time,
-                                                        tags={"model": meta.model})
-            if (waiter := self._waiters.get(meta.request_id)) is not None:
-                waiter.result = _result_of(meta, responses.get(meta.request_id))
+    def on_step(self, plan: StepPlan, executed: Executed, pipelined: bool) -> None:
+        self._largest_step = max(self._largest_step, len(plan.scheduled))
+        self.metrics.observe_step(plan, executed.seconds)
+        for request_id, prefix in executed.result.prefixes.items():
+            if (waiter := self._waiters.get(request_id)) is not None:
+                waiter.prefix = prefix
                 waiter.changed.set()
-        self._update_gauges()
 
-    def _update_gauges(self) -> None:
-        self.metrics.active_requests.set(len(self.core.pool))
-        self.metrics.queue_length.set(self.core.num_waiting)
+    def on_ended(self, ended: list[Ended]) -> None:
+        self.metrics.observe_ended(ended)
+        for end in ended:
+            self._ended[end.status.value] += 1
+            if (waiter := self._waiters.get(end.meta.request_id)) is not None:
+                waiter.result = _result_of(end)
+                waiter.changed.set()
+        self.metrics.set_pool_gauges(self.core)
+
+    def on_idle(self) -> None:
+        self.metrics.set_pool_gauges(self.core)
 
 
-def _result_of(meta: RequestMeta, response: tuple[int, ...] | None) -> DllmResult:
-    status, error = meta.status, meta.error
-    if status is RequestStatus.FINISHED and response is None:  # never expected: say so rather than hang
-        status, error = RequestStatus.FAILED, "the runner reported the last step without the response"
+class DeviceThread:
+    """The engine's executor on this replica's one device: each step runs on a worker thread (the device's one
+    stream), so the replica keeps admitting, streaming and cancelling meanwhile. A step that raises outside the
+    runner's per-request isolation fails that step's requests; the others keep their state."""
+
+    pipeline_depth = 1
+
+    def __init__(self, runner: DllmRunner) -> None:
+        self.runner = runner
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dllm-step")
+
+    async def execute(self, plan: StepPlan) -> Executed:
+        result = await asyncio.get_running_loop().run_in_executor(self.thread, self.runner.execute, plan)
+        return Executed(result, (result.forward_seconds,))
+
+    async def recover(self, reason: str) -> bool:
+        return False
+
+
+def _result_of(end: Ended) -> DllmResult:
+    meta = end.meta
     queued = None if meta.first_step_time is None else meta.first_step_time - meta.arrival_time
-    return DllmResult(status, response if status is RequestStatus.FINISHED else (), error, meta.steps_done, queued)
+    return DllmResult(end.status, end.output or (), end.error, meta.steps_done, queued)
