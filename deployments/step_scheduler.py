@@ -238,9 +238,6 @@ class StepScheduler(StepListener):
         self.metrics.group_restarts.inc()
         logger.warning("%d requests restart from step 0 (%s)", lost, reason)
 
-    def on_idle(self) -> None:
-        self.metrics.set_pool_gauges(self.core)
-
 
 def _result_of(end: Ended) -> GenerationResult:
     meta = end.meta

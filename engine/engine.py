@@ -76,9 +76,8 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
-    """A runner in this process, called inline: the engine tests and `cpu_profile`'s step timings."""
-
-    pipeline_depth = 1
+    """A runner in this process, called inline by `EngineCore.run_local`: the engine tests, `cpu_profile`'s step
+    timings and `scheduler_overhead`'s baseline step."""
 
     def __init__(self, runner) -> None:
         self.runner = runner
@@ -86,12 +85,6 @@ class LocalExecutor:
     def run(self, plan: StepPlan) -> Executed:
         result = self.runner.execute(plan)
         return Executed(result, (result.forward_seconds,))
-
-    async def execute(self, plan: StepPlan) -> Executed:
-        return self.run(plan)
-
-    async def recover(self, reason: str) -> bool:
-        return False
 
 
 class StepListener:
@@ -105,13 +98,11 @@ class StepListener:
         """`plan` ran and was accounted (`pipelined`: it was sent while another plan ran)."""
 
     def on_ended(self, ended: list[Ended]) -> None:
-        """These requests left the pool (finished, failed or cancelled)."""
+        """These requests left the pool (finished, failed or cancelled). `run()` also calls it, with whatever ended,
+        each time before it waits (at least every `IDLE_WAKE_S`): where a shell refreshes its pool gauges."""
 
     def on_recovered(self, lost: int, reason: str) -> None:
         """The executor rebuilt its runners: `lost` requests restart from step 0."""
-
-    def on_idle(self) -> None:
-        """The loop is about to wait (at least every `IDLE_WAKE_S`)."""
 
 
 @dataclass
@@ -218,7 +209,6 @@ class EngineCore:
                 listener.on_sent(plan)
                 in_flight.append(_InFlight(plan, bool(in_flight), asyncio.ensure_future(executor.execute(plan))))
             listener.on_ended(self.pop_ended())
-            listener.on_idle()
             self._wakeup.clear()
             wakeup = asyncio.ensure_future(self._wakeup.wait())
             await asyncio.wait({wakeup} | ({in_flight[0].call} if in_flight else set()), timeout=IDLE_WAKE_S,

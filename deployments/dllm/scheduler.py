@@ -49,6 +49,7 @@ from models.dllm.model import DiffusionLM
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class DllmAdmitted:
     """The first item `generate()` streams: the request is in the pool (a full pool raises PoolFullError instead),
@@ -205,9 +206,6 @@ class DllmScheduler(StepListener):
             if (waiter := self._waiters.get(end.meta.request_id)) is not None:
                 waiter.result = _result_of(end)
                 waiter.changed.set()
-        self.metrics.set_pool_gauges(self.core)
-
-    def on_idle(self) -> None:
         self.metrics.set_pool_gauges(self.core)
 
 
