@@ -130,11 +130,11 @@ def measure_outside() -> dict:
         out["decode"][spec.family] = {}
         for res in RESOLUTIONS:
             latents = torch_randn(adapter.latent_shape(*pixel_size(spec.family, res), FRAMES[spec.family]))
-            decoder.decode(DecodeRequest(spec.name, latents, "mp4"))  # warm-up
+            decoder.decode(DecodeRequest(spec.name, latents.numel(), "mp4"), latents)  # warm-up
             times = []
             for _ in range(3):
                 start = time.perf_counter()
-                decoder.decode(DecodeRequest(spec.name, latents, "mp4"))
+                decoder.decode(DecodeRequest(spec.name, latents.numel(), "mp4"), latents)
                 times.append(time.perf_counter() - start)
             out["decode"][spec.family][res] = statistics.median(times)
     return out

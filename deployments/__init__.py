@@ -10,9 +10,8 @@ import torch
 from api.config import DeploymentResources
 
 
-def init_replica(resources: dict) -> DeploymentResources:
-    """Validate a shell's resources and apply its torch thread count (once per replica process)."""
-    res = DeploymentResources(**resources)
-    if res.torch_threads:
-        torch.set_num_threads(res.torch_threads)
-    return res
+def init_replica(resources: DeploymentResources) -> DeploymentResources:
+    """Apply a shell's torch thread count (once per replica process)."""
+    if resources.torch_threads:
+        torch.set_num_threads(resources.torch_threads)
+    return resources

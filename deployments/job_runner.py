@@ -1,8 +1,9 @@
 """JobRunner: drives video jobs from the job store, so that no process holds a job only in its memory.
 
 The ingress replicas write a job to the store and nudge the runner (`submit`); the
-runner runs it through the graph (`MediaPipeline`), writes its progress and status to
-the store and its mp4 to the blob store. Any ingress replica answers any job from the
+runner runs it through the graph (`MediaPipeline`: the runner passes references along,
+the decoder writes the mp4 to the blob store) and writes its progress and status to the
+store. Any ingress replica answers any job from the
 store. One runner per application: when it starts (first deploy, or Serve replacing a
 dead one, or the whole app restarted on the same data directory) it re-admits every
 unfinished job from its stored spec (same seed, same bytes), counting a restart, and a
@@ -36,9 +37,9 @@ RESTART_DELAY_S = 2.0  # after a scheduler replica died: Serve replaces it meanw
 
 @serve.deployment(max_ongoing_requests=10_000)
 class JobRunner:
-    async def __init__(self, store: dict, text_encoder: DeploymentHandle, scheduler: DeploymentHandle,
+    async def __init__(self, store: StoreConfig, text_encoder: DeploymentHandle, scheduler: DeploymentHandle,
                        vae: DeploymentHandle) -> None:
-        self.config = StoreConfig(**store)
+        self.config = store
         self.jobs = open_job_store(self.config.resolved_jobs_url())
         self.blobs = BlobStore(self.config.resolved_blobs_url())
         self.pipeline = MediaPipeline(text_encoder, scheduler, vae)
@@ -86,17 +87,12 @@ class JobRunner:
     async def _run(self, record: JobRecord, delay_s: float) -> None:
         spec, tags = record.spec, {"model": record.spec.model, "resolution": record.resolution}
         await asyncio.sleep(delay_s)
-        image = None
-        if spec.input_image is not None:  # image-to-video: the bytes the ingress stored beside the job
-            try:
-                image = await asyncio.to_thread(self.blobs.get, self.blobs.path(input_image_name(record.id)))
-            except FileNotFoundError:
-                self._finish(record, "failed", error="the job's input image is missing from the blob store")
-                return
+        # image-to-video: the bytes the ingress stored beside the job, read by the VAE decoder
+        image_blob = None if spec.input_image is None else self.blobs.path(input_image_name(record.id))
         while True:
             try:
-                mp4, stages = await self.pipeline.generate(record.id, spec, "mp4", self._progress_writer(record.id),
-                                                           image)
+                decoded, stages = await self.pipeline.generate(record.id, spec, "mp4", self._progress_writer(record.id),
+                                                               image_blob, blob_name=f"{record.id}.mp4")
             except (GenerationCancelled, asyncio.CancelledError):
                 return  # the ingress already stored the cancellation
             except Overloaded:  # admitted by an ingress whose count was behind: wait for room, stay queued
@@ -114,8 +110,7 @@ class JobRunner:
                 self._finish(record, "failed", error=str(exc))
                 return
             break
-        path = await asyncio.to_thread(self.blobs.put, f"{record.id}.mp4", mp4)
-        self._finish(record, "completed", blob=path, step=spec.num_inference_steps, stages=stages.as_dict())
+        self._finish(record, "completed", blob=decoded.blob, step=spec.num_inference_steps, stages=stages.as_dict())
         self.metrics.job_completion_time.observe(time.time() - record.created_at, tags=tags)
         self.metrics.request_latency.observe(stages.queue_s + stages.denoise_s, tags=tags)
         for stage, seconds in stages.as_dict().items():

@@ -1,9 +1,13 @@
 """One generation through the video graph: encode the prompt (and the input image) -> the step scheduler's pool
--> VAE decode.
+-> VAE decode (-> the blob store).
 
 Shared by the job runner (videos, driven from the job store) and the ingress's
-synchronous image route. The scheduler streams the request's progress and then its
-result; cancelling the caller cancels the stream, which drops the request from the pool.
+synchronous image route. The caller only passes references along: the encoder's
+embeddings go to the scheduler as a Serve response (the scheduler's replica receives
+them from the encoder), the final latents come back as an object reference the VAE
+decoder's replica resolves, and a video's mp4 is written to the blob store by the
+decoder. The scheduler streams the request's progress and then its result; cancelling
+the caller cancels the stream, which drops the request from the pool.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from ray.exceptions import RayActorError
+from ray.exceptions import ObjectLostError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.errors import Overloaded
@@ -36,12 +40,12 @@ class GenerationCancelled(Exception):
 class StageTimes:
     """Where one job's seconds went, stage by stage (what `GET /v1/videos/{id}` reports as `stages`)."""
 
-    encode_s: float  # prompt -> embeddings (TextEncoder, batched)
+    encode_s: float  # the job's start -> its admission to the pool: prompt (and image) encoding and the hand-off
     queue_s: float  # in the step scheduler's pool before its first step
     denoise_s: float  # first step to last step
     decode_queue_s: float  # waiting for the VAE decoder, in the policy's order
     decode_s: float  # VAE decode
-    mux_s: float  # frames -> mp4 / png
+    mux_s: float  # frames -> mp4 / png (stored in the blob store for a video)
 
     def as_dict(self) -> dict[str, float]:
         return {k: round(v, 4) for k, v in asdict(self).items()}
@@ -53,20 +57,16 @@ class MediaPipeline:
 
     async def generate(self, request_id: str, spec: GenerationSpec, media: str,
                        on_progress: Callable[[ProgressEvent], None] | None = None,
-                       image: bytes | None = None) -> tuple[bytes, StageTimes]:
-        """The media bytes (mp4 or png) of one request and the seconds each stage took; `image` is the input image
-        of an image-to-video request, whose latents join the prompt's rows (they go to the workers once with it)."""
+                       image_blob: str | None = None, blob_name: str | None = None) -> tuple[Decoded, StageTimes]:
+        """The decoder's answer (the media bytes, or the blob path when `blob_name` is given) and the seconds each stage
+        took; `image_blob` is the stored input image of an image-to-video request, whose latents join the prompt's
+        rows."""
         encode_start = time.time()
-        prompt_call = self.text_encoder.encode.remote(EncodeRequest(spec.model, spec.prompt, spec.negative_prompt))
-        if image is None:
-            prompt = await prompt_call
-        else:
-            prompt, image_latents = await asyncio.gather(prompt_call, self.vae.encode_image.remote(
-                ImageEncodeRequest(spec.model, image, spec.height, spec.width, spec.num_frames, spec.seed)))
-            prompt = prompt.with_condition(image_latents)
-        encode_s = time.time() - encode_start
+        prompt = self.text_encoder.encode.remote(EncodeRequest(spec.model, spec.prompt, spec.negative_prompt))
+        condition = None if image_blob is None else self.vae.encode_image.remote(
+            ImageEncodeRequest(spec.model, image_blob, spec.height, spec.width, spec.num_frames, spec.seed))
         result: GenerationResult | None = None
-        stream = self.scheduler.options(stream=True).generate.remote(request_id, spec, prompt)
+        stream = self.scheduler.options(stream=True).generate.remote(request_id, spec, prompt, condition)
         try:
             async for item in stream:
                 if isinstance(item, ProgressEvent):
@@ -85,12 +85,15 @@ class MediaPipeline:
             raise RuntimeError("the step scheduler ended the request's stream without a result")
         if result.status is RequestStatus.CANCELLED:
             raise GenerationCancelled()
-        if result.status is not RequestStatus.FINISHED:
+        if result.status is not RequestStatus.FINISHED or result.latents is None:
             raise RuntimeError(result.error or f"generation ended as {result.status.value}")
-        decoded: Decoded = await self.vae.decode.remote(
-            DecodeRequest(spec.model, result.latents, media, spec.fps, result.arrival_time))
+        request = DecodeRequest(spec.model, result.latent_elements, media, spec.fps, result.arrival_time, blob_name)
+        try:
+            decoded: Decoded = await self.vae.decode.remote(request, result.latents)
+        except ObjectLostError as exc:  # the scheduler replica that held the final latents died since
+            raise SchedulerLost(f"the final latents were lost with their scheduler replica: {exc}") from exc
         first_step = result.first_step_time if result.first_step_time is not None else result.arrival_time
-        return decoded.media, StageTimes(
-            encode_s=encode_s, queue_s=first_step - result.arrival_time,
+        return decoded, StageTimes(
+            encode_s=max(0.0, result.arrival_time - encode_start), queue_s=first_step - result.arrival_time,
             denoise_s=(result.finish_time or first_step) - first_step, decode_queue_s=decoded.queue_s,
             decode_s=decoded.decode_s, mux_s=decoded.mux_s)

@@ -34,7 +34,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-import torch
+import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -49,7 +49,7 @@ from engine.messages import NewRequest, StepPlan
 from engine.request import GenerationSpec, RequestStatus
 from engine.step_cost import forward_key
 from models import load_adapter
-from models.interface import EncodedPrompt
+from models.interface import Condition, EncodedPrompt
 from models.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -74,7 +74,8 @@ class GenerationResult:
 
     request_id: str
     status: RequestStatus
-    latents: torch.Tensor | None  # final latents (1, *latent_shape) when finished
+    latents: ray.ObjectRef | None  # final latents (1, *latent_shape) when finished, held by this replica
+    latent_elements: int  # their element count (the decode's size, which orders the decode queue)
     error: str | None
     arrival_time: float
     first_step_time: float | None
@@ -94,23 +95,20 @@ class StepScheduler(StepListener):
     """`max_ongoing_requests` is effectively unbounded because every pooled request is an ongoing
     call; admission is bounded by `max_pool_size` instead (engine's PoolFullError)."""
 
-    async def __init__(self, models: list[dict], scheduler: dict, worker_group: dict,
+    async def __init__(self, models: list[ModelSpec], scheduler: SchedulerConfig, worker_group: WorkerGroupConfig,
                        text_encoder: DeploymentHandle, vae: DeploymentHandle, decode_displaces_ranks: int = 0) -> None:
-        config = SchedulerConfig(**scheduler)
-        group = WorkerGroupConfig(**worker_group)
-        specs = [ModelSpec(**m) for m in models]
-        self.adapters = {s.name: load_adapter(s, parts=()) for s in specs}
+        self.adapters = {s.name: load_adapter(s, parts=()) for s in models}
         self.engine = EngineCore.from_config(
-            config, world_size=group.ranks,
+            scheduler, world_size=worker_group.ranks,
             one_rank_models=frozenset(n for n, a in self.adapters.items() if not a.shardable))
         self.core = self.engine.scheduler
-        self.group = WorkerGroup(models, group)
+        self.group = WorkerGroup(models, worker_group)
         self.metrics = ServeMetrics()
         self._waiters: dict[str, _Waiter] = {}
         self._ring_sizes: Counter[int] = Counter()  # forward rows per ring size, since start
         self._loop_task: asyncio.Task | None = None
         await self.group.start()  # the replica is ready when its group is (models loaded on every rank)
-        await self._probe(specs, text_encoder)
+        await self._probe(models, text_encoder)
         self._ensure_loop()
         self._decoder_watch = (asyncio.get_running_loop().create_task(self._watch_decoder(vae, decode_displaces_ranks))
                                if decode_displaces_ranks else None)
@@ -150,13 +148,17 @@ class StepScheduler(StepListener):
         logger.info("step-cost probe: %d steps in %.1f s; %s", 2 * len(plans), time.perf_counter() - start,
                     {key: self.core.step_cost.coefficients(key) for key in self._forward_keys()})
 
-    async def generate(self, request_id: str, spec: GenerationSpec,
-                       prompt: EncodedPrompt) -> AsyncIterator[ProgressEvent | GenerationResult]:
+    async def generate(self, request_id: str, spec: GenerationSpec, prompt: EncodedPrompt,
+                       condition: Condition | None = None) -> AsyncIterator[ProgressEvent | GenerationResult]:
         """Admit a request (PoolFullError when full); stream its progress, then its result.
 
-        Cancelling the stream (the caller went away or cancelled the job) cancels the request.
+        `prompt` (and an image-to-video request's `condition`, its image latents) arrive from the encoders as
+        Serve responses the caller passed on. Cancelling the stream (the caller went away or cancelled the job)
+        cancels the request.
         """
         self._ensure_loop()
+        if condition is not None:
+            prompt = prompt.with_condition(condition)
         meta = self.engine.admit(NewRequest.from_spec(request_id, spec, prompt, self.adapters[spec.model]))
         waiter = self._waiters[request_id] = _Waiter()
         self.metrics.set_pool_gauges(self.core)
@@ -240,7 +242,10 @@ class StepScheduler(StepListener):
 
 
 def _result_of(end: Ended) -> GenerationResult:
-    meta = end.meta
-    return GenerationResult(request_id=meta.request_id, status=end.status, latents=end.output, error=end.error,
+    """The request's result; its final latents go into this replica's object store, for the VAE decoder to read."""
+    meta, latents = end.meta, end.output
+    return GenerationResult(request_id=meta.request_id, status=end.status,
+                            latents=None if latents is None else ray.put(latents),
+                            latent_elements=0 if latents is None else latents.numel(), error=end.error,
                             arrival_time=meta.arrival_time, first_step_time=meta.first_step_time,
                             finish_time=meta.finish_time, restarts=meta.restarts)

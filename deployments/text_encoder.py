@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from ray import serve
 
+from api.config import DeploymentResources
 from deployments import init_replica
 from models import load_adapter
 from models.interface import EncodedPrompt
@@ -41,9 +42,9 @@ class TextEncoderCore:
 
 @serve.deployment(max_ongoing_requests=256)
 class TextEncoder:
-    def __init__(self, models: list[dict], resources: dict) -> None:
+    def __init__(self, models: list[ModelSpec], resources: DeploymentResources) -> None:
         res = init_replica(resources)
-        self.core = TextEncoderCore([ModelSpec(**m) for m in models], device=res.device)
+        self.core = TextEncoderCore(models, device=res.device)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def encode(self, requests: list[EncodeRequest]) -> list[EncodedPrompt]:

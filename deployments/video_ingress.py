@@ -75,20 +75,19 @@ def _card(served: ServedModel) -> ModelCard:
 @serve.deployment(max_ongoing_requests=1000)
 @serve.ingress(app)
 class VideoIngress:
-    def __init__(self, models: list[dict], limits: dict, store: dict, auth: dict, max_pool_size: int,
+    def __init__(self, models: list[ModelSpec], limits: LimitsConfig, store: StoreConfig, auth: AuthConfig,
+                 max_pool_size: int,
                  text_encoder: DeploymentHandle, scheduler: DeploymentHandle, vae: DeploymentHandle,
                  runner: DeploymentHandle) -> None:
-        specs = [ModelSpec(**m) for m in models]
-        self.limits = LimitsConfig(**limits)
-        self.served = {s.name: ServedModel.of(load_adapter(s, parts=())) for s in specs}
+        self.limits = limits
+        self.served = {s.name: ServedModel.of(load_adapter(s, parts=())) for s in models}
         self.validator = RequestValidator(self.served, self.limits.max_prompt_chars)
         self.max_active = max_pool_size
-        store_config = StoreConfig(**store)
-        self.jobs = open_job_store(store_config.resolved_jobs_url())
-        self.blobs = BlobStore(store_config.resolved_blobs_url())
+        self.jobs = open_job_store(store.resolved_jobs_url())
+        self.blobs = BlobStore(store.resolved_blobs_url())
         self.pipeline = MediaPipeline(text_encoder, scheduler, vae)
         self.scheduler, self.runner, self.vae = scheduler, runner, vae
-        self.keys = ApiKeys(AuthConfig(**auth))
+        self.keys = ApiKeys(auth)
         self._active_images = 0
 
     # ---- routes ----------------------------------------------------------
@@ -195,8 +194,8 @@ class VideoIngress:
             self._active_images -= body.n
         return ImageGenerationResponse(
             created=int(time.time()), model=resolved.model,
-            data=[ImageData(b64_json=base64.b64encode(png).decode(), seed=resolved.seed + i)
-                  for i, (png, _) in enumerate(results)])
+            data=[ImageData(b64_json=base64.b64encode(decoded.media).decode(), seed=resolved.seed + i)
+                  for i, (decoded, _) in enumerate(results)])
 
     # ---- helpers -------------------------------------------------------------
     def _job(self, video_id: str, owner: str, param: str = "video_id") -> JobRecord:

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from api.config import WorkerGroupConfig
+from api.config import DeploymentResources, WorkerGroupConfig
 from deployments import init_replica
 from engine.engine import Executed
 from engine.messages import StepPlan, VideoStepResult
@@ -44,15 +44,15 @@ logger = logging.getLogger(__name__)
 class RankWorker:
     """One rank: a model runner in a process group with the other ranks of its group."""
 
-    def __init__(self, models: list[dict], config: dict, rank: int) -> None:
-        self.config = WorkerGroupConfig(**config)
-        init_replica({"torch_threads": self.config.torch_threads, "device": self.config.device})
+    def __init__(self, models: list[ModelSpec], config: WorkerGroupConfig, rank: int) -> None:
+        self.config = config
+        init_replica(DeploymentResources(torch_threads=config.torch_threads, device=config.device))
         if self.config.device == "cpu" and torch.get_num_threads() > max(1, self.config.num_cpus_per_rank):
             logger.warning("rank %d runs %d torch threads on %.2f CPUs: on shared cores OpenMP threads wait on "
                            "each other and steps slow down several times; lower worker_group.torch_threads",
                            rank, torch.get_num_threads(), self.config.num_cpus_per_rank)
         self.rank = rank
-        self.specs = [ModelSpec(**m) for m in models]
+        self.specs = models
         self.runner: ModelRunner | None = None
 
     def address(self) -> tuple[str, int]:
@@ -93,7 +93,7 @@ class WorkerGroup:
     pipeline_depth = 2
     """The running plan and the next one, already planned: the ranks start it as soon as they end the last."""
 
-    def __init__(self, models: list[dict], config: WorkerGroupConfig) -> None:
+    def __init__(self, models: list[ModelSpec], config: WorkerGroupConfig) -> None:
         self.models, self.config = models, config
         self.generation = 0  # rebuilds so far
         self.ranks: list[ray.actor.ActorHandle] = []
@@ -107,7 +107,7 @@ class WorkerGroup:
             num_cpus=c.num_cpus_per_rank, num_gpus=c.num_gpus_per_rank, max_concurrency=1,
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement, placement_group_bundle_index=rank)
             if placement is not None else None,
-        ).remote(self.models, c.model_dump(), rank) for rank in range(c.ranks)]
+        ).remote(self.models, c, rank) for rank in range(c.ranks)]
         master = await self.ranks[0].address.remote()
         self.pids = await asyncio.gather(*(r.join.remote(master) for r in self.ranks))
         logger.info("worker group %d up: %d ranks, pids %s", self.generation, c.ranks, self.pids)

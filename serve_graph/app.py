@@ -28,25 +28,25 @@ def build_video_app(args: dict[str, Any]) -> Application:
     """VideoIngress replicas -> JobRunner -> TextEncoder, StepScheduler (+ its worker group), VaeDecoder; jobs and
     results in the job and blob stores (see docs/architecture.md's graph)."""
     config = VideoAppConfig(**args)
-    models = [m.model_dump() for m in config.models]
+    models = config.models  # the validated configs are what every replica receives
 
     def bind(deployment: Any, res: DeploymentResources, *init_args: Any) -> Application:
         return deployment.options(**_actor_options(res)).bind(*init_args)
 
     group = config.worker_group
-    text_encoder = bind(TextEncoder, config.text_encoder, models, config.text_encoder.model_dump())
-    vae = bind(VaeDecoder, config.vae_decoder, models, config.vae_decoder.model_dump(), config.scheduler.policy,
-               config.decode_concurrency)
+    # Paths resolved here, in `serve run`'s working directory, once for every replica.
+    store = config.store.model_copy(update={"jobs_url": config.store.resolved_jobs_url(),
+                                            "blobs_url": config.store.resolved_blobs_url()})
+    text_encoder = bind(TextEncoder, config.text_encoder, models, config.text_encoder)
+    vae = bind(VaeDecoder, config.vae_decoder, models, config.vae_decoder, store.blobs_url,
+               config.scheduler.policy, config.decode_concurrency)
     scheduler = StepScheduler.options(
         ray_actor_options={"num_cpus": config.step_scheduler.num_cpus},
         placement_group_bundles=group.bundles(config.step_scheduler.num_cpus),
         placement_group_strategy="STRICT_PACK" if group.backend == "nccl" else "PACK",
         autoscaling_config=config.step_scheduler_replicas.autoscaling_config(),
-    ).bind(models, config.scheduler.model_dump(), group.model_dump(), text_encoder, vae, config.decode_displaces_ranks)
-    # Paths resolved here, in `serve run`'s working directory, once for every replica.
-    store = config.store.model_copy(update={"jobs_url": config.store.resolved_jobs_url(),
-                                            "blobs_url": config.store.resolved_blobs_url()}).model_dump()
+    ).bind(models, config.scheduler, group, text_encoder, vae, config.decode_displaces_ranks)
     runner = bind(JobRunner, config.job_runner, store, text_encoder, scheduler, vae)
     return VideoIngress.options(num_replicas=config.ingress_replicas, **_actor_options(config.ingress)).bind(
-        models, config.limits.model_dump(), store, config.auth.model_dump(), config.scheduler.max_pool_size,
+        models, config.limits, store, config.auth, config.scheduler.max_pool_size,
         text_encoder, scheduler, vae, runner)

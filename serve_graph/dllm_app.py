@@ -18,11 +18,10 @@ def build_dllm_app(args: dict[str, Any]) -> Application:
     config = DllmAppConfig(**args)
     for model in config.models:
         model.resolved_source()  # a missing checkpoint fails the deploy here, with the command that writes it
-    models = [m.model_dump() for m in config.models]
     res = config.step_scheduler
     scheduler = DllmScheduler.options(
         ray_actor_options={"num_cpus": res.num_cpus, "num_gpus": res.num_gpus},
-    ).bind(models, config.scheduler.model_dump(), res.model_dump())
+    ).bind(config.models, config.scheduler, res)
     return DllmIngress.options(
         ray_actor_options={"num_cpus": config.ingress.num_cpus, "num_gpus": 0},
-    ).bind(models, config.max_prompt_tokens, scheduler)
+    ).bind(config.models, config.max_prompt_tokens, scheduler)

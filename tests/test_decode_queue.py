@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from deployments.vae_decoder import DecodeQueue, DecodeRequest
+from deployments.vae_decoder import Decoded, DecodeQueue, DecodeRequest
 
 
 class RecordingDecoder:
@@ -20,25 +20,25 @@ class RecordingDecoder:
         self.order: list[str] = []
         self.gate = threading.Event()
 
-    def decode(self, request: DecodeRequest) -> tuple[bytes, float, float]:
+    def decode(self, request: DecodeRequest, latents: torch.Tensor) -> Decoded:
         if not self.order:
             self.gate.wait(5)
         self.order.append(request.model)
-        seconds = 1e-3 * request.latents.numel()
+        seconds = 1e-3 * latents.numel()
         time.sleep(seconds)
-        return request.model.encode(), seconds, 0.0
+        return Decoded(request.model.encode(), None, 0.0, seconds, 0.0)
 
 
-def request(name: str, elements: int, arrival: float) -> DecodeRequest:
-    return DecodeRequest(name, torch.zeros(1, elements), "mp4", arrival_time=arrival)
+def request(name: str, elements: int, arrival: float) -> tuple[DecodeRequest, torch.Tensor]:
+    return DecodeRequest(name, elements, "mp4", arrival_time=arrival), torch.zeros(1, elements)
 
 
 async def _decode_all(policy: str, concurrency: int = 1) -> tuple[list[str], DecodeQueue]:
     decoder = RecordingDecoder()
     queue = DecodeQueue(decoder, policy, concurrency)
-    first = asyncio.ensure_future(queue.decode(request("first", 1, 0.0)))
+    first = asyncio.ensure_future(queue.decode(*request("first", 1, 0.0)))
     await asyncio.sleep(0.05)  # the first is decoding (held at the gate); the rest queue behind it
-    rest = [asyncio.ensure_future(queue.decode(request(n, e, a)))
+    rest = [asyncio.ensure_future(queue.decode(*request(n, e, a)))
             for n, e, a in (("long-early", 40, 1.0), ("short-late", 5, 3.0), ("mid", 20, 2.0))]
     await asyncio.sleep(0.05)
     assert len(queue) == 3
@@ -65,10 +65,10 @@ def test_backlog_counts_queued_elements_at_the_measured_rate():
         decoder.gate.set()
         queue = DecodeQueue(decoder, "fifo", concurrency=2)
         before = queue.backlog_seconds()  # nothing measured yet
-        await queue.decode(request("warm", 10, 0.0))  # 1 ms per element measured
+        await queue.decode(*request("warm", 10, 0.0))  # 1 ms per element measured
         decoder.gate.clear()
         decoder.order.clear()  # the next decode waits at the gate
-        pending = [asyncio.ensure_future(queue.decode(request(f"r{i}", 100, i))) for i in range(3)]
+        pending = [asyncio.ensure_future(queue.decode(*request(f"r{i}", 100, i))) for i in range(3)]
         await asyncio.sleep(0.05)
         during = queue.backlog_seconds()
         decoder.gate.set()

@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from deployments.store.blobs import BlobStore
 from deployments.text_encoder import EncodeRequest, TextEncoderCore
 from deployments.vae_decoder import DecodeQueue, DecodeRequest, VaeDecoderCore
 from engine.messages import NewRequest
@@ -121,11 +122,25 @@ def test_concurrent_decodes_equal_alone():
     vae = VaeDecoderCore([spec], copies=2)
     shape = load_adapter(spec, parts=()).latent_shape(32, 48, 9)
     latents = [torch.randn(1, *shape, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    alone = [vae.decode(DecodeRequest(spec.name, x, "mp4", 8))[0] for x in latents]
+    alone = [vae.decode(DecodeRequest(spec.name, x.numel(), "mp4", 8), x).media for x in latents]
 
     async def together() -> list[bytes]:
         queue = DecodeQueue(vae, "srptf", concurrency=2)
-        return [d.media for d in await asyncio.gather(*(queue.decode(DecodeRequest(spec.name, x, "mp4", 8))
+        return [d.media for d in await asyncio.gather(*(queue.decode(DecodeRequest(spec.name, x.numel(), "mp4", 8), x)
                                                          for x in latents))]
 
     assert asyncio.run(together()) == alone and len(set(alone)) == 3
+
+
+def test_a_named_decode_is_stored_in_the_blob_store(tmp_path):
+    """A video's mp4 goes from the decoder to the blob store (the job runner records only its path): the bytes a
+    decode answers inline, at the path it answers."""
+    spec = tiny_spec("wan")
+    vae = VaeDecoderCore([spec], blobs=BlobStore(str(tmp_path)))
+    shape = load_adapter(spec, parts=()).latent_shape(32, 48, 9)
+    x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
+    inline = vae.decode(DecodeRequest(spec.name, x.numel(), "mp4", 8), x)
+    stored = vae.decode(DecodeRequest(spec.name, x.numel(), "mp4", 8, blob_name="job.mp4"), x)
+    assert inline.blob is None and inline.media[4:8] == b"ftyp"
+    assert stored.media is None and stored.blob == str(tmp_path / "job.mp4")
+    assert (tmp_path / "job.mp4").read_bytes() == inline.media

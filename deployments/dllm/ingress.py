@@ -150,8 +150,9 @@ class _Reply:
 @serve.deployment(max_ongoing_requests=1000)
 @serve.ingress(app)
 class DllmIngress:
-    def __init__(self, models: list[dict], max_prompt_tokens: Optional[int], scheduler: DeploymentHandle) -> None:
-        self.models = {m.name: ServedDllm.load(m) for m in (DllmModelConfig(**spec) for spec in models)}
+    def __init__(self, models: list[DllmModelConfig], max_prompt_tokens: Optional[int],
+                 scheduler: DeploymentHandle) -> None:
+        self.models = {m.name: ServedDllm.load(m) for m in models}
         self.max_prompt_tokens = max_prompt_tokens
         self.scheduler = scheduler
 

@@ -34,6 +34,7 @@ import ray
 import torch
 from ray import serve
 
+from api.config import DeploymentResources
 from api.dllm_config import DllmModelConfig
 from deployments import init_replica
 from deployments.metrics import ServeMetrics
@@ -97,10 +98,11 @@ class DllmScheduler(StepListener):
     """`max_ongoing_requests` is effectively unbounded because every pooled request is an ongoing call; admission
     is bounded by `max_pool_size` instead (engine's PoolFullError -> HTTP 429 at the ingress)."""
 
-    def __init__(self, models: list[dict], scheduler: dict, resources: dict) -> None:
+    def __init__(self, models: list[DllmModelConfig], scheduler: SchedulerConfig,
+                 resources: DeploymentResources) -> None:
         res = init_replica(resources)
-        self.runner = DllmRunner(load_models([DllmModelConfig(**m) for m in models], res.device))
-        self.engine = EngineCore.from_config(SchedulerConfig(**scheduler))
+        self.runner = DllmRunner(load_models(models, res.device))
+        self.engine = EngineCore.from_config(scheduler)
         self.core = self.engine.scheduler
         self.metrics = ServeMetrics()
         self._device = DeviceThread(self.runner)
@@ -108,8 +110,7 @@ class DllmScheduler(StepListener):
         self._loop_task: asyncio.Task | None = None
         self._largest_step = 0  # most requests packed in one step, since start
         self._ended: Counter[str] = Counter()  # requests that left the pool, by status, since start
-        self._weights = {m["name"]: WeightsInfo(str(DllmModelConfig(**m).resolved_source()), 0, None, None)
-                         for m in models}
+        self._weights = {m.name: WeightsInfo(str(m.resolved_source()), 0, None, None) for m in models}
         self._sources: dict[str, str | ray.ObjectRef] = {name: w.source for name, w in self._weights.items()}  # to reload
 
     async def generate(self, new: NewDllmRequest) -> AsyncIterator[DllmAdmitted | DllmPrefix | DllmResult]:
