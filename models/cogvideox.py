@@ -40,8 +40,10 @@ class CogVideoXAdapter(DiffusionAdapter):
 
     Image-to-video checkpoints (CogVideoX-5b-I2V: the transformer takes twice the VAE's latent channels) are
     `CogVideoXImageToVideoPipeline`'s loop: the input image's latents (first frame; zeros after it) are
-    concatenated to the noisy latents on the channel axis of every row at every step. CogVideoX 1.5 I2V (its `ofs`
-    embedding and first-frame padding) is refused at load.
+    concatenated to the noisy latents on the channel axis of every row at every step. CogVideoX1.5-5B-I2V adds
+    its `ofs` embedding (the pipeline's constant offset, in the packed forward) and pads the latent frames to
+    whole temporal patches as the text-to-video 1.5 does (the padding frame leads; the image latents stay on the
+    first frame).
     """
 
     family = "cogvideox"
@@ -50,15 +52,18 @@ class CogVideoXAdapter(DiffusionAdapter):
     transformer_cls = CogVideoXTransformer3DModel
     vae_cls = AutoencoderKLCogVideoX
     text_components = ("tokenizer", "text_encoder")
-    tiny_variants = ("default", "cogvideox1.5", "i2v")
+    tiny_variants = ("default", "cogvideox1.5", "i2v", "cogvideox1.5-i2v")
 
     @classmethod
     def tiny_configs(cls, spec: ModelSpec) -> dict[str, Any]:
         # CogVideoX1.5-5B's transformer config: temporal patches of 2, no patch bias, and a sample size that bounds
         # its RoPE grid ("slice" RoPE covers at most sample_height/patch x sample_width/patch tokens: 64 x 64 here).
         v15 = dict(patch_size_t=2, patch_bias=False, sample_height=128, sample_width=128) \
-            if spec.tiny_variant == "cogvideox1.5" else {}
-        in_channels = 8 if spec.tiny_variant == "i2v" else 4  # I2V: noisy latents + image latents (4 channels each)
+            if spec.tiny_variant.startswith("cogvideox1.5") else {}
+        if spec.tiny_variant == "cogvideox1.5-i2v":
+            v15["ofs_embed_dim"] = 32  # CogVideoX1.5-5B-I2V: as wide as the time embedding it is added to
+        # I2V: noisy latents + image latents (4 channels each)
+        in_channels = 8 if spec.tiny_variant in ("i2v", "cogvideox1.5-i2v") else 4
         return {
             "transformer": dict(
                 num_attention_heads=2, attention_head_dim=16, in_channels=in_channels, out_channels=4,
@@ -90,9 +95,6 @@ class CogVideoXAdapter(DiffusionAdapter):
         t = self.transformer_config
         if (t.get("patch_size_t") or 1) not in (1, 2):
             raise ValueError(f"{self.spec.source}: patch_size_t {t['patch_size_t']}; CogVideoX 1.5 patches 2 frames")
-        if self.image_to_video and (t.get("patch_size_t") or t.get("ofs_embed_dim")):
-            raise ValueError(f"{self.spec.source}: CogVideoX 1.5 image-to-video (ofs embedding) is not served; "
-                             "CogVideoX-5b-I2V is")
         temporal = self.vae_config["temporal_compression_ratio"]
         return Geometry(
             spatial_factor=2 ** (len(self.vae_config["block_out_channels"]) - 1),

@@ -40,11 +40,18 @@ def _joint_rope(request: PackedRequest, video_tokens: int, head_dim: int) -> tup
     return cos, sin
 
 
+I2V_OFS = 2.0
+"""The offset `CogVideoXImageToVideoPipeline` feeds CogVideoX 1.5 I2V's `ofs` embedding (one value, every step)."""
+
+
+def _ofs_embedding(model: CogVideoXTransformer3DModel, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    ofs = model.ofs_proj(torch.full((1,), I2V_OFS, device=device)).to(dtype)
+    return model.ofs_embedding(ofs)[0]
+
+
 def forward_rows(model: CogVideoXTransformer3DModel, requests: list[PackedRequest], ctx: AttentionContext,
                  ) -> tuple[torch.Tensor, list[Segment]]:
     """Output rows of the joint tokens this process holds (text rows are discarded by `unpatchify`)."""
-    if model.ofs_embedding is not None:
-        raise ValueError("the packed CogVideoX forward takes text-to-video models (no ofs embedding: CogVideoX 1.5 I2V)")
     counts = token_counts(model, requests)
     segments = ctx.segments(counts)
     head_dim = model.config.attention_head_dim
@@ -54,6 +61,8 @@ def forward_rows(model: CogVideoXTransformer3DModel, requests: list[PackedReques
         embeds[i] = model.embedding_dropout(model.patch_embed(r.text.unsqueeze(0), r.latents.unsqueeze(0)))[0]
         t_emb = model.time_proj(r.timestep.reshape(1)).to(dtype=embeds[i].dtype)
         temb[i] = model.time_embedding(t_emb, None)[0]
+        if model.ofs_embedding is not None:  # CogVideoX1.5-5B-I2V: the pipeline's constant offset, every row
+            temb[i] = temb[i] + _ofs_embedding(model, t_emb.dtype, t_emb.device)
         is_text[i] = torch.arange(counts[i], device=embeds[i].device) < len(r.text)
         cos[i], sin[i] = _joint_rope(r, counts[i] - len(r.text), head_dim)
     x = gather_rows(embeds, segments)

@@ -19,6 +19,7 @@ from tests.factories import Engine, assert_joined_late_equals_alone, gen_spec, n
 from tests.spmd_cases import assert_two_ranks_equal_one_rank
 
 I2V = tiny_spec("cogvideox", name="cogvideox-i2v-tiny", tiny_variant="i2v")
+I2V15 = tiny_spec("cogvideox", name="cogvideox15-i2v-tiny", tiny_variant="cogvideox1.5-i2v")
 WAN_I2V = tiny_spec("wan", name="wan2.2-i2v-tiny", tiny_variant="wan2.2-i2v-a14b")
 
 
@@ -39,14 +40,17 @@ def test_an_image_to_video_checkpoint_halves_the_transformer_channels_for_its_no
     assert adapter.image_placeholder((3, 4, 4, 6))["image_latents"].shape == (1, 1, 4, 4, 6)
 
 
-def test_engine_matches_the_image_to_video_pipeline():
-    (prompt,) = _prompts("a cat on the moon")
-    image, spec = noise_picture(0), gen_spec(I2V.name, steps=5, frames=9, seed=3, guidance=6.0)
-    engine = Engine([I2V])
-    engine.admit("x", spec, conditioned(prompt, image, spec.height, spec.width, spec.seed))
+@pytest.mark.parametrize("model", [I2V, I2V15], ids=["cogvideox-5b-i2v", "cogvideox1.5-i2v"])
+def test_engine_matches_the_image_to_video_pipeline(model):
+    """CogVideoX1.5-5B-I2V's layout adds the `ofs` embedding and a leading padding frame (3 latent frames -> 4)."""
+    (prompt,) = _prompts("a cat on the moon", spec=model)
+    image, spec = noise_picture(0), gen_spec(model.name, steps=5, frames=9, seed=3, guidance=6.0)
+    engine = Engine([model])
+    engine.admit("x", spec, conditioned(prompt, image, spec.height, spec.width, spec.seed, spec=model))
     engine.run()
     assert engine.done["x"].status is RequestStatus.FINISHED
-    adapter = load_adapter(I2V, parts=("text", "transformer", "vae"))
+    adapter = load_adapter(model, parts=("text", "transformer", "vae"))
+    assert adapter.image_to_video and (adapter.pipeline.transformer.ofs_embedding is not None) == (model is I2V15)
     pipeline = CogVideoXImageToVideoPipeline(**adapter.pipeline.components)
     # The pipeline draws the image's posterior sample and then the noise from one generator; the engine draws them
     # in two processes from the same seed, so the reference gets the engine's noise and the seed for the image.
@@ -55,14 +59,15 @@ def test_engine_matches_the_image_to_video_pipeline():
                          num_frames=9, num_inference_steps=5, guidance_scale=6.0, latents=noise,
                          generator=torch.Generator().manual_seed(3), output_type="latent",
                          max_sequence_length=16).frames
+    assert reference.shape[1] == (4 if model is I2V15 else 3)
     torch.testing.assert_close(engine.latents["x"], reference, rtol=0, atol=1e-5)
-    other = Engine([I2V])
-    other.admit("y", spec, conditioned(prompt, noise_picture(1), spec.height, spec.width, spec.seed))
+    other = Engine([model])
+    other.admit("y", spec, conditioned(prompt, noise_picture(1), spec.height, spec.width, spec.seed, spec=model))
     other.run()
     assert (other.latents["y"] - engine.latents["x"]).abs().max() > 1e-3  # the image conditions the video
 
 
-@pytest.mark.parametrize("spec", [I2V, WAN_I2V], ids=["cogvideox", "wan2.2"])
+@pytest.mark.parametrize("spec", [I2V, I2V15, WAN_I2V], ids=["cogvideox", "cogvideox1.5", "wan2.2"])
 def test_packed_with_other_shapes_and_images_equals_alone(spec):
     target_prompt, other_prompt = _prompts("a cat on the moon", "red car at night", spec=spec)
     target = gen_spec(spec.name, steps=4, height=32, width=48, frames=9, seed=7)
