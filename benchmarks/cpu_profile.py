@@ -92,8 +92,11 @@ def measure_steps(rank: int, world_size: int, payload: int) -> list[float]:
     for n, entry in enumerate(_grid()):
         ring = {r for _, _, r in entry}.pop() if len({r for _, _, r in entry}) == 1 else 0
         planner = PLANNER if ring == 0 else PlannerConfig(mode="fixed", fixed_degree=ring)
+        # The whole grid entry in every step (batching "fill"): each rank runs its own core, and the cost rule would
+        # learn from that rank's own timings, so the ranks would plan different steps and their collectives hang.
         engine = EngineCore(StepSchedulerCore(make_policy("fifo"), BudgetConfig(max_batch_size=16),
-                                              world_size=world_size, cost_model=planner.cost_model(world_size)))
+                                              world_size=world_size, cost_model=planner.cost_model(world_size),
+                                              batching="fill"))
         for i, (family, res, _) in enumerate(entry):
             height, width = pixel_size(family, res)
             spec = GenerationSpec(model=specs[family].name, prompt="a calibration scene", negative_prompt="",
