@@ -3,13 +3,12 @@
 The ingress replicas write a job to the store and nudge the runner (`submit`); the
 runner runs it through the graph (`MediaPipeline`: the runner passes references along,
 the decoder writes the mp4 to the blob store) and writes its progress and status to the
-store. Any ingress replica answers any job from the
-store. One runner per application: when it starts (first deploy, or Serve replacing a
-dead one, or the whole app restarted on the same data directory) it re-admits every
-unfinished job from its stored spec (same seed, same bytes), counting a restart, and a
-job restarted more than `max_job_restarts` times fails with that reason. A periodic
-sweep adopts queued jobs nobody drives (a lost nudge) and deletes jobs and files past
-their retention.
+store. Any ingress replica answers any job from the store. One runner per application:
+when it starts (first deploy, or Serve replacing a dead one, or the whole app restarted
+on the same data directory) it re-admits every unfinished job from its stored spec (same
+seed, same bytes), counting a restart, and a job restarted more than `max_job_restarts`
+times fails with that reason. A periodic sweep adopts queued jobs nobody drives (a lost
+nudge) and deletes jobs and files past their retention.
 """
 
 from __future__ import annotations
