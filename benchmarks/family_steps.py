@@ -1,7 +1,7 @@
 """Step time per model layout on this CPU: four requests of different sizes packed in one step vs each alone.
 
 For every tiny layout the CPU default serves (Wan 2.1, Wan 2.2 A14B with its two experts,
-Wan 2.2 TI2V-5B, CogVideoX 1.0 / 1.5, LTX-Video, Mochi, and the image-to-video entries of
+Wan 2.2 TI2V-5B, CogVideoX 1.0 / 1.5, LTX-Video, Mochi, HunyuanVideo 1.5, and the image-to-video entries of
 LTX-Video and TI2V-5B, whose first frame's tokens are modulated apart): four requests at 240p-class
 sizes (16:9, the frame counts and timesteps differ; CFG on, so eight forward rows),
 timed as one packed `forward_packed` (a two-expert model: one forward per expert, two
@@ -32,6 +32,7 @@ LAYOUTS = {  # name: (family, tiny_variant, image_input)
     "ltx": ("ltx", "default", False),
     "ltx-i2v": ("ltx", "default", True),
     "mochi": ("mochi", "default", False),
+    "hunyuanvideo15": ("hunyuanvideo15", "default", False),
 }
 SIZES = [(128, 224, 9), (160, 288, 9), (192, 352, 17), (240, 416, 9)]
 """(height, width, frames) of the four requests; each rounded down to the layout's pixel and frame multiples."""

@@ -17,6 +17,7 @@ _REGISTRY: dict[str, str] = {
     "wan": "models.wan:WanAdapter",
     "sd3": "models.sd3:SD3Adapter",
     "ltx": "models.ltx:LTXAdapter",
+    "hunyuanvideo15": "models.hunyuanvideo15:HunyuanVideo15Adapter",
 }
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from types import ModuleType
-from typing import Any, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 import numpy as np
 import torch
@@ -53,6 +53,9 @@ class DiffusionAdapter(ABC):
     """Layouts the tiny source can build (`ModelSpec.tiny_variant`)."""
     min_steps: ClassVar[int] = 1
     """Fewest denoising steps the family's schedule can make (the API refuses fewer with a 400)."""
+    constructor_reads_vae: ClassVar[bool] = False
+    """Whether the pipeline's constructor reads its VAE even where this process loads none (HunyuanVideo 1.5: the
+    latent channels): such a process builds the VAE weightless, on the meta device, for the constructor only."""
 
     def __init__(self, spec: ModelSpec, parts: Iterable[Part] = ("text", "transformer", "vae")) -> None:
         self.spec = spec
@@ -104,7 +107,8 @@ class DiffusionAdapter(ABC):
                 if part in self.parts:
                     torch.manual_seed(spec.weights_seed * 1000 + offset)
                     components.update(self.build_tiny_components(configs, part))
-        pipeline = self.pipeline_cls(**components)
+        stand_in = self._vae_stand_in(lambda: configs["vae"])
+        pipeline = self._without_stand_in(self.pipeline_cls(**{**components, **stand_in}), stand_in)
         return pipeline.to(dtype=self.dtype) if self.dtype != torch.float32 else pipeline
 
     def _load_pretrained(self, spec: ModelSpec) -> DiffusionPipeline:
@@ -112,7 +116,22 @@ class DiffusionAdapter(ABC):
         if "text" in self.parts:
             wanted |= set(self.text_components)
         skipped = {name: None for name in self._skipped_when_loading(wanted)}
-        return self.pipeline_cls.from_pretrained(spec.source, dtype=self.dtype, **skipped)
+        stand_in = self._vae_stand_in(lambda: self.vae_cls.load_config(spec.source, subfolder="vae"))
+        pipeline = self.pipeline_cls.from_pretrained(spec.source, dtype=self.dtype, **{**skipped, **stand_in})
+        return self._without_stand_in(pipeline, stand_in)
+
+    def _vae_stand_in(self, vae_config: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """A weightless VAE for a constructor that reads it (`constructor_reads_vae`) where no VAE is loaded."""
+        if not self.constructor_reads_vae or "vae" in self.parts:
+            return {}
+        with torch.device("meta"):
+            return {"vae": self.vae_cls.from_config(vae_config())}
+
+    @staticmethod
+    def _without_stand_in(pipeline: DiffusionPipeline, stand_in: dict[str, Any]) -> DiffusionPipeline:
+        if stand_in:
+            pipeline.register_modules(**dict.fromkeys(stand_in))
+        return pipeline
 
     def _skipped_when_loading(self, wanted: set[str]) -> set[str]:
         """Components `from_pretrained` is told not to load (passed as None)."""

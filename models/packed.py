@@ -32,6 +32,7 @@ class PackedRequest:
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # CogVideoX 5b-style RoPE (cos, sin) of video tokens
     pooled: torch.Tensor | None = None  # SD3's pooled text projection (pooled_dim,)
     image: torch.Tensor | None = None  # Wan 2.1 I2V's CLIP image tokens (image_tokens, image_dim)
+    glyph: torch.Tensor | None = None  # HunyuanVideo 1.5's ByT5 tokens of the prompt's quoted text (tokens, byt5_dim)
     clean_tokens: int = 0  # leading video tokens at timestep 0: the image first frame (LTX, TI2V-5B image input)
 
 

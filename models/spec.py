@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 
 from common.frozen import FrozenModel
 
-ModelFamily = Literal["cogvideox", "mochi", "wan", "sd3", "ltx"]
+ModelFamily = Literal["cogvideox", "mochi", "wan", "sd3", "ltx", "hunyuanvideo15"]
 ResolutionName = Literal["64p", "240p", "360p", "480p", "720p"]
 """Names of a video's short side; "64p" is what the CPU default's trained shapes model renders."""
 AspectRatio = Literal["16:9", "9:16", "1:1", "4:3", "3:4", "3:2"]
