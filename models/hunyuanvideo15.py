@@ -1,5 +1,5 @@
-"""HunyuanVideo 1.5 (hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-*): text-to-video through diffusers'
-`HunyuanVideo15Pipeline` pieces."""
+"""HunyuanVideo 1.5 (hunyuanvideo-community/HunyuanVideo-1.5-*): text- and image-to-video through diffusers'
+`HunyuanVideo15Pipeline` / `HunyuanVideo15ImageToVideoPipeline` pieces."""
 
 from __future__ import annotations
 
@@ -10,11 +10,22 @@ import torch
 from diffusers import (
     AutoencoderKLHunyuanVideo15,
     FlowMatchEulerDiscreteScheduler,
+    HunyuanVideo15ImageToVideoPipeline,
     HunyuanVideo15Pipeline,
     HunyuanVideo15Transformer3DModel,
 )
 from diffusers.guiders import ClassifierFreeGuidance
-from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
+from PIL import Image
+from transformers import (
+    ByT5Tokenizer,
+    Qwen2_5_VLTextConfig,
+    Qwen2_5_VLTextModel,
+    SiglipImageProcessor,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+    T5Config,
+    T5EncoderModel,
+)
 
 from models import hunyuanvideo15_packed
 from models.base import DiffusionAdapter
@@ -29,13 +40,18 @@ TINY_CHAT_TEMPLATE = (
 )
 """Qwen's chat layout, for the locally trained tiny tokenizer (`_get_mllm_prompt_embeds` applies a chat template)."""
 BYT5_VOCAB = 384  # ByT5Tokenizer: 3 special tokens, 256 bytes, 125 extra ids
+SIGLIP_TOKENS = 729
+"""SigLIP's 27 x 27 patch tokens of the input image (the pipelines' `vision_num_semantic_tokens`)."""
 
 
 class HunyuanVideo15Adapter(DiffusionAdapter):
     """Latents are (C, F, H, W) per request.
 
     Each row's transformer input is `HunyuanVideo15Pipeline`'s: the noisy latents, then the condition latents and
-    a mask channel (zeros for text-to-video), on the channel axis. A prompt is two rows of tokens: its Qwen2.5-VL
+    a mask channel (zeros for text-to-video), on the channel axis. An image-to-video checkpoint (its transformer's
+    `task_type` "i2v") runs as `HunyuanVideo15ImageToVideoPipeline`: the input image's latents (the VAE's mode) are
+    the condition on the first latent frame, with mask 1 there, and its SigLIP embeddings (729 tokens; the image
+    encoder is loaded with the VAE, both encode the image once) join the condition tokens. A prompt is two rows of tokens: its Qwen2.5-VL
     hidden states (the chat template's system prefix cropped, as the pipeline does) and the ByT5 embeddings of the
     text it quotes (glyphs; none when it quotes nothing). Only their valid tokens are kept: the transformer masks
     the padding out of every attention, so the packed forward never carries it.
@@ -48,6 +64,22 @@ class HunyuanVideo15Adapter(DiffusionAdapter):
     vae_cls = AutoencoderKLHunyuanVideo15
     text_components = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
     constructor_reads_vae = True
+    IMAGE_COMPONENTS = ("image_encoder", "feature_extractor")
+    """The I2V checkpoint's SigLIP image encoder: it encodes the input image where the VAE does."""
+
+    def __init__(self, spec: ModelSpec, parts=("text", "transformer", "vae")) -> None:
+        self.image_conditioned = _image_conditioned(spec)
+        self.pipeline_cls = HunyuanVideo15ImageToVideoPipeline if self.image_conditioned else HunyuanVideo15Pipeline
+        super().__init__(spec, parts)
+
+    def optional_component_names(self) -> set[str]:
+        return super().optional_component_names() | (set(self.IMAGE_COMPONENTS) if self.image_conditioned else set())
+
+    def _skipped_when_loading(self, wanted: set[str]) -> set[str]:
+        """The SigLIP image encoder travels with the VAE."""
+        return super()._skipped_when_loading(wanted) - (set(self.IMAGE_COMPONENTS) if "vae" in wanted else set())
+
+    tiny_variants = ("default", "i2v")
 
     @classmethod
     def tiny_configs(cls, spec: ModelSpec) -> dict[str, Any]:
@@ -57,6 +89,8 @@ class HunyuanVideo15Adapter(DiffusionAdapter):
                 in_channels=2 * latent_channels + 1, out_channels=latent_channels, num_attention_heads=2,
                 attention_head_dim=16, num_layers=2, num_refiner_layers=1, mlp_ratio=2.0, patch_size=1,
                 patch_size_t=1, text_embed_dim=32, text_embed_2_dim=16, image_embed_dim=16, rope_axes_dim=(4, 6, 6),
+                # I2V sizes a request from its image's aspect in buckets around target_size: 40 makes 32 x 48 one.
+                target_size=40, task_type="i2v" if spec.tiny_variant == "i2v" else "t2v",
             ),
             "vae": dict(
                 latent_channels=latent_channels, block_out_channels=(8, 8, 8, 8, 8), layers_per_block=1,
@@ -82,7 +116,14 @@ class HunyuanVideo15Adapter(DiffusionAdapter):
                     "tokenizer_2": ByT5Tokenizer(), "text_encoder_2": T5EncoderModel(glyph_config).eval()}
         if part == "transformer":
             return {"transformer": HunyuanVideo15Transformer3DModel(**configs["transformer"]).eval()}
-        return {"vae": AutoencoderKLHunyuanVideo15(**configs["vae"]).eval()}
+        vae = {"vae": AutoencoderKLHunyuanVideo15(**configs["vae"]).eval()}
+        if configs["transformer"]["task_type"] != "i2v":
+            return vae
+        # SigLIP as wide as the transformer's image_embed_dim, 27 x 27 = 729 patch tokens as the real one gives.
+        siglip = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                    image_size=54, patch_size=2)
+        return {**vae, "image_encoder": SiglipVisionModel(siglip).eval(),
+                "feature_extractor": SiglipImageProcessor(size={"height": 54, "width": 54})}
 
     def _build_tiny(self, spec: ModelSpec, configs: dict[str, Any]):
         pipeline = super()._build_tiny(spec, configs)
@@ -116,6 +157,29 @@ class HunyuanVideo15Adapter(DiffusionAdapter):
                  "glyph_hidden_states": glyph[i][glyph_mask[i].bool()].unsqueeze(0).to(self.dtype).cpu()}
                 for i in range(len(prompts))]
 
+    @property
+    def image_to_video(self) -> bool:
+        return self.image_conditioned
+
+    @torch.no_grad()
+    def image_latents(self, image: Image.Image, height: int, width: int, num_frames: int, seed: int) -> Condition:
+        """As `HunyuanVideo15ImageToVideoPipeline`: the image resized and centre-cropped to the request's size, its
+        latents (the VAE's mode, scaled: deterministic, so `seed` is unused) and its SigLIP tokens."""
+        pipeline = self.pipeline
+        image = pipeline.video_processor.resize(image.convert("RGB"), height=height, width=width, resize_mode="crop")
+        latents = pipeline._get_image_latents(pipeline.vae, pipeline.video_processor, image, height, width,
+                                              self.device)
+        tokens = pipeline._get_image_embeds(pipeline.image_encoder, pipeline.feature_extractor, image, self.device)
+        return {"image_latents": latents.to(self.dtype).cpu(), "image_embeds": tokens.to(self.dtype).cpu()}
+
+    def image_placeholder(self, latent_shape: tuple[int, ...]) -> Condition:
+        if not self.image_conditioned:
+            return {}
+        channels, _, height, width = latent_shape
+        return {"image_latents": torch.zeros(1, channels, 1, height, width, dtype=self.dtype),
+                "image_embeds": torch.zeros(1, SIGLIP_TOKENS, self.transformer_config["image_embed_dim"],
+                                            dtype=self.dtype)}
+
     def latent_shape(self, height: int, width: int, num_frames: int) -> tuple[int, ...]:
         g = self.geometry
         return (self.transformer_config["out_channels"], g.latent_frames(num_frames), height // g.spatial_factor,
@@ -128,18 +192,30 @@ class HunyuanVideo15Adapter(DiffusionAdapter):
         _, frames, height, width = latent_shape
         p, p_t = self.transformer_config["patch_size"], self.transformer_config["patch_size_t"]
         video = (frames // p_t) * (height // p) * (width // p)
-        return video + cond["encoder_hidden_states"].shape[1] + cond["glyph_hidden_states"].shape[1]
+        image = cond["image_embeds"].shape[1] if "image_embeds" in cond else 0
+        return video + image + cond["encoder_hidden_states"].shape[1] + cond["glyph_hidden_states"].shape[1]
 
     def packed_request(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Condition) -> PackedRequest:
-        """The latents with zero condition latents and a zero mask channel: text-to-video's input."""
+        """The latents, the condition latents (the image's on the first frame, zeros after it; all zeros for
+        text-to-video) and the mask channel (1 on the image's frame)."""
         channels, frames, height, width = latents.shape
-        model_input = torch.cat([latents, latents.new_zeros(channels + 1, frames, height, width)])
-        return PackedRequest(model_input, timestep.to(latents.dtype), cond["encoder_hidden_states"][0],
-                             glyph=cond["glyph_hidden_states"][0])
+        condition = latents.new_zeros(channels + 1, frames, height, width)
+        if "image_latents" in cond:
+            condition[:channels, 0] = cond["image_latents"][0, :, 0].to(latents.dtype)
+            condition[channels, 0] = 1.0
+        image = cond["image_embeds"][0] if "image_embeds" in cond else None
+        return PackedRequest(torch.cat([latents, condition]), timestep.to(latents.dtype),
+                             cond["encoder_hidden_states"][0], image=image, glyph=cond["glyph_hidden_states"][0])
 
     def decode_to_pixels(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.pipeline.vae
         return vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+
+
+def _image_conditioned(spec: ModelSpec) -> bool:
+    if spec.source == "tiny":
+        return spec.tiny_variant == "i2v"
+    return HunyuanVideo15Transformer3DModel.load_config(spec.source, subfolder="transformer").get("task_type") == "i2v"
 
 
 def configure_tiny_text(pipeline: HunyuanVideo15Pipeline, max_sequence_length: int) -> None:
