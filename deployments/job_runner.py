@@ -18,6 +18,7 @@ import logging
 import time
 
 from ray import serve
+from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from api.config import StoreConfig
@@ -106,7 +107,7 @@ class JobRunner:
                 return
             except Exception as exc:
                 logger.warning("job %s failed: %s", record.id, exc)
-                self._finish(record, "failed", error=str(exc))
+                self._finish(record, "failed", error=failure_reason(exc))
                 return
             break
         self._finish(record, "completed", blob=decoded.blob, step=spec.num_inference_steps, stages=stages.as_dict())
@@ -148,3 +149,8 @@ class JobRunner:
             if record.spec.input_image is not None:
                 await asyncio.to_thread(self.blobs.delete, self.blobs.path(input_image_name(record.id)))
         self.jobs.delete([r.id for r in expired])
+
+
+def failure_reason(exc: Exception) -> str:
+    """What a failed job reports: a replica's exception as it raised it, without Ray's remote traceback."""
+    return str(exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc)

@@ -214,3 +214,18 @@ def test_a_killed_app_restarted_on_its_stores_completes_every_job(app):
         for job_id, content in zip(undisturbed, crashed):
             assert wait(client, job_id, timeout=240, poll_s=0.2)["restarts"] == 0
             assert client.get(f"/v1/videos/{job_id}/content").content == content
+
+
+def test_a_failed_job_reports_the_replica_exception_without_rays_traceback():
+    from ray.exceptions import RayTaskError
+
+    from deployments.job_runner import failure_reason
+    from deployments.vae_decoder import InputImageMissing
+
+    message = "the job's input image is missing from the blob store"
+    try:
+        raise InputImageMissing(message)
+    except InputImageMissing as exc:
+        remote = RayTaskError("encode_image", "Traceback (most recent call last): ...", exc).as_instanceof_cause()
+    assert str(remote) != message and failure_reason(remote) == message  # Ray prefixes the remote process
+    assert failure_reason(ValueError("num_frames: 4")) == "num_frames: 4"
