@@ -9,7 +9,7 @@ requests at high noise and two at low) against the four requests' forwards one a
 another (what a per-request server runs). Median of --repeats, one process, the
 machine's threads.
 
-    python -m benchmarks.family_steps [--repeats 5]
+    python -m benchmarks.family_steps [--repeats 5] [--layouts hunyuanvideo15 mochi]
 """
 
 from __future__ import annotations
@@ -65,10 +65,12 @@ def _rows(family: str, variant: str, image_input: bool,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
     args = parser.parse_args(argv)
     print(f"{'layout':<16} {'experts':>7} {'tokens':>7} {'packed ms':>10} {'alone ms':>9} {'alone/packed':>13}")
     with torch.no_grad():
-        for name, (family, variant, image_input) in LAYOUTS.items():
+        for name in args.layouts:
+            family, variant, image_input = LAYOUTS[name]
             adapter, latents, timesteps, conds = _rows(family, variant, image_input)
             tokens = sum(adapter.row_tokens(tuple(x.shape), c) for x, c in zip(latents, conds))
             packed = median_seconds(lambda: adapter.forward_packed(latents, timesteps, conds), args.repeats)
