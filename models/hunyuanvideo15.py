@@ -51,10 +51,12 @@ class HunyuanVideo15Adapter(DiffusionAdapter):
     a mask channel (zeros for text-to-video), on the channel axis. An image-to-video checkpoint (its transformer's
     `task_type` "i2v") runs as `HunyuanVideo15ImageToVideoPipeline`: the input image's latents (the VAE's mode) are
     the condition on the first latent frame, with mask 1 there, and its SigLIP embeddings (729 tokens; the image
-    encoder is loaded with the VAE, both encode the image once) join the condition tokens. A prompt is two rows of tokens: its Qwen2.5-VL
-    hidden states (the chat template's system prefix cropped, as the pipeline does) and the ByT5 embeddings of the
-    text it quotes (glyphs; none when it quotes nothing). Only their valid tokens are kept: the transformer masks
-    the padding out of every attention, so the packed forward never carries it.
+    encoder is loaded with the VAE, both encode the image once) join the condition tokens.
+
+    A prompt is two rows of tokens: its Qwen2.5-VL hidden states (the chat template's system prefix cropped, as the
+    pipeline does) and the ByT5 embeddings of the text it quotes (glyphs; none when it quotes nothing). Only their
+    valid tokens are kept: the transformer masks the padding out of every attention, so the packed forward never
+    carries it.
     """
 
     family = "hunyuanvideo15"
