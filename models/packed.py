@@ -5,7 +5,7 @@ classifier-free guidance a request gives two, its cond and uncond text over the
 same latents) and returns one prediction per entry, computed in one pass.
 
 Single-stream families (CogVideoX, Wan) keep all tokens of a request in one row
-tensor. Dual-stream (MMDiT) families (Mochi, SD3) keep video and text tokens in
+tensor. Dual-stream (MMDiT) families (Mochi, SD3, HunyuanVideo 1.5) keep video and text tokens in
 two tensors with different widths and weights, joined only inside attention: a
 `JointLayout` maps this process's rows of the joint sequence [video; text] of every
 request to positions in `cat([video_rows, text_rows])`, so the joint q/k/v is one
@@ -31,7 +31,7 @@ class PackedRequest:
     text: torch.Tensor  # (text_tokens, text_dim): only the tokens the model attends to
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # CogVideoX 5b-style RoPE (cos, sin) of video tokens
     pooled: torch.Tensor | None = None  # SD3's pooled text projection (pooled_dim,)
-    image: torch.Tensor | None = None  # Wan 2.1 I2V's CLIP image tokens (image_tokens, image_dim)
+    image: torch.Tensor | None = None  # image tokens: Wan 2.1 I2V's CLIP, HunyuanVideo 1.5 I2V's SigLIP
     glyph: torch.Tensor | None = None  # HunyuanVideo 1.5's ByT5 tokens of the prompt's quoted text (tokens, byt5_dim)
     clean_tokens: int = 0  # leading video tokens at timestep 0: the image first frame (LTX, TI2V-5B image input)
 
