@@ -61,7 +61,7 @@ def test_models_and_health(client):
         "shapes-t2v": ("t2v", "wan", 1), "cogvideox-tiny": ("t2v", "cogvideox", 1), "wan-tiny": ("t2v", "wan", 1),
         "wan2.2-a14b-tiny": ("t2v", "wan", 2), "ltx-tiny": ("t2v", "ltx", 1),
         "cogvideox1.5-tiny": ("t2v", "cogvideox", 1), "cogvideox-i2v-tiny": ("i2v", "cogvideox", 1),
-        "ltx-i2v-tiny": ("i2v", "ltx", 1),
+        "ltx-i2v-tiny": ("i2v", "ltx", 1), "hunyuanvideo15-tiny": ("t2v", "hunyuanvideo15", 1),
         "mochi-tiny": ("t2v", "mochi", 1), "sd3-tiny": ("t2i", "sd3", 1)}
     assert cards["ltx-tiny"]["size_multiple"] == 32 and cards["ltx-tiny"]["num_frames"] == [1, 9, 17]
     assert cards["mochi-tiny"]["resolutions"] == {"240p": 32, "360p": 48, "480p": 64}
