@@ -24,7 +24,8 @@ from models.packed import (
     PackedRequest,
     expand_pieces,
     gather_pieces,
-    joint_layout,
+    held_joint_layout,
+    modulated_output,
     video_rows_by_request,
 )
 
@@ -75,8 +76,7 @@ def forward_rows(model: HunyuanVideo15Transformer3DModel, requests: list[PackedR
     """Video output rows (before unpatchify) of the joint tokens this process holds."""
     n_video = video_token_counts(model, requests)
     counts = token_counts(model, requests)
-    layout = joint_layout(ctx.segments(counts), n_video, requests[0].latents.device)
-    held = sorted({s.request for s in layout.segments})
+    layout, held = held_joint_layout(ctx, counts, n_video, requests[0].latents.device)
     patches, conditions, temb, cos, sin = {}, {}, {}, {}, {}
     for i in held:
         r = requests[i]
@@ -89,11 +89,7 @@ def forward_rows(model: HunyuanVideo15Transformer3DModel, requests: list[PackedR
     rope = gather_pieces(cos, layout.video), gather_pieces(sin, layout.video)
     for block in model.transformer_blocks:
         x, c = _block(block, x, c, temb, rope, counts, layout, ctx)
-    norm_out = model.norm_out
-    scale, shift = expand_pieces({i: norm_out.linear(norm_out.silu(t).to(x.dtype)) for i, t in temb.items()},
-                                 layout.video).chunk(2, dim=1)
-    x = norm_out.norm(x) * (1 + scale) + shift
-    return model.proj_out(x), layout
+    return modulated_output(model, x, temb, layout), layout
 
 
 def _modulation(norm, temb: dict[int, torch.Tensor], pieces: list[tuple[int, slice]]) -> list[torch.Tensor]:

@@ -20,7 +20,8 @@ from models.packed import (
     PackedRequest,
     expand_pieces,
     gather_pieces,
-    joint_layout,
+    held_joint_layout,
+    modulated_output,
     video_rows_by_request,
 )
 
@@ -51,8 +52,7 @@ def forward_rows(model: MochiTransformer3DModel, requests: list[PackedRequest], 
     """Video output rows (before unpatchify) of the joint tokens this process holds."""
     n_video = video_token_counts(model, requests)
     counts = token_counts(model, requests)
-    layout = joint_layout(ctx.segments(counts), n_video, requests[0].latents.device)
-    held = sorted({s.request for s in layout.segments})
+    layout, held = held_joint_layout(ctx, counts, n_video, requests[0].latents.device)
     dtype = model.proj_out.weight.dtype
     patches, texts, temb, cos, sin = {}, {}, {}, {}, {}
     for i in held:
@@ -68,10 +68,7 @@ def forward_rows(model: MochiTransformer3DModel, requests: list[PackedRequest], 
     rope = gather_pieces(cos, layout.video), gather_pieces(sin, layout.video)
     for block in model.transformer_blocks:
         x, c = _block(block, x, c, temb, rope, counts, layout, ctx)
-    shift_scale = {i: model.norm_out.linear(model.norm_out.silu(t).to(x.dtype)) for i, t in temb.items()}
-    scale, shift = expand_pieces(shift_scale, layout.video).chunk(2, dim=1)
-    x = model.norm_out.norm(x) * (1 + scale) + shift
-    return model.proj_out(x), layout
+    return modulated_output(model, x, temb, layout), layout
 
 
 def _block(block, x, c, temb, rope, counts, layout, ctx):

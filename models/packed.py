@@ -85,6 +85,24 @@ def joint_layout(segments: list[Segment], video_tokens: list[int], device: torch
     return JointLayout(segments, video, text, index.to(device), inverse.to(device))
 
 
+def held_joint_layout(ctx: AttentionContext, counts: list[int], video_tokens: list[int], device: torch.device
+                      ) -> tuple[JointLayout, list[int]]:
+    """A dual-stream forward's prologue: the joint layout of the tokens this process holds and the requests they
+    belong to, in order (a Brick shard holds a slice of some requests and none of others)."""
+    layout = joint_layout(ctx.segments(counts), video_tokens, device)
+    return layout, sorted({s.request for s in layout.segments})
+
+
+def modulated_output(model: torch.nn.Module, x: torch.Tensor, temb: dict[int, torch.Tensor],
+                     layout: JointLayout) -> torch.Tensor:
+    """A dual-stream forward's epilogue: the final AdaLN (`norm_out`, scale and shift from each request's time
+    embedding, over its video rows) and `proj_out`."""
+    norm_out = model.norm_out
+    scale, shift = expand_pieces({i: norm_out.linear(norm_out.silu(t).to(x.dtype)) for i, t in temb.items()},
+                                 layout.video).chunk(2, dim=1)
+    return model.proj_out(norm_out.norm(x) * (1 + scale) + shift)
+
+
 def gather_pieces(per_request: dict[int, torch.Tensor], pieces: list[tuple[int, slice]]) -> torch.Tensor:
     """Rows of per-request token tensors for the pieces of one stream (a rank may hold none of a stream)."""
     if not pieces:

@@ -19,7 +19,8 @@ from models.packed import (
     PackedRequest,
     expand_pieces,
     gather_pieces,
-    joint_layout,
+    held_joint_layout,
+    modulated_output,
     video_rows_by_request,
 )
 
@@ -38,25 +39,22 @@ def forward_rows(model: SD3Transformer2DModel, requests: list[PackedRequest], ct
                  ) -> tuple[torch.Tensor, JointLayout]:
     """Image output rows (before unpatchify) of the joint tokens this process holds."""
     n_image = image_token_counts(model, requests)
-    layout = joint_layout(ctx.segments(token_counts(model, requests)), n_image, requests[0].latents.device)
+    counts = token_counts(model, requests)
+    layout, held = held_joint_layout(ctx, counts, n_image, requests[0].latents.device)
     whole = [tokens.stop - tokens.start for _, tokens in layout.video]
     if any(b.attn2 is not None for b in model.transformer_blocks) and whole != [n_image[r] for r, _ in layout.video]:
         raise NotImplementedError("SD3.5 dual-attention blocks need each request's image tokens whole on one rank "
                                   "(the adapter reports shardable=False, so the planner keeps them on 1-rank rings)")
     patches, texts, temb = {}, {}, {}
-    for i in sorted({s.request for s in layout.segments}):
+    for i in held:
         r = requests[i]
         patches[i] = model.pos_embed(r.latents.unsqueeze(0))[0]
         temb[i] = model.time_text_embed(r.timestep.reshape(1), r.pooled.unsqueeze(0))[0]
         texts[i] = model.context_embedder(r.text)
     x, c = gather_pieces(patches, layout.video), gather_pieces(texts, layout.text)
-    counts = token_counts(model, requests)
     for block in model.transformer_blocks:
         x, c = _block(block, x, c, temb, counts, whole, layout, ctx)
-    scale, shift = expand_pieces({i: model.norm_out.linear(model.norm_out.silu(t).to(x.dtype))
-                                  for i, t in temb.items()}, layout.video).chunk(2, dim=1)
-    x = model.norm_out.norm(x) * (1 + scale) + shift
-    return model.proj_out(x), layout
+    return modulated_output(model, x, temb, layout), layout
 
 
 def _block(block, x, c, temb, counts, held_images, layout, ctx):
