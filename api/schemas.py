@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.spec import AspectRatio, ResolutionName
+from models.step_cache import StepCache
 
 JobStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 
@@ -30,6 +31,10 @@ class _Request(BaseModel):
         default=None, ge=0.0, le=50.0,
         description="Two-expert models only (Wan 2.2 A14B): guidance of the low-noise expert; default: the model's.")
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    cache: StepCache | None = Field(
+        default=None, description="Step cache: {\"mode\": \"none\" | \"taylorseer\", \"interval\": 1-20, "
+        "\"warmup_steps\": 1-200}; taylorseer runs the transformer on the first warmup_steps steps (default 3) and then "
+        "one step in every interval (default 5), the others extrapolated from them. Default: the model's `cache`.")
 
 
 class VideoGenerationRequest(_Request):
@@ -78,6 +83,9 @@ class VideoJob(BaseModel):
         default=None, description="Completed jobs: seconds of each stage - encode_s (prompt, and the input image's "
         "VAE encode for image-to-video, concurrently), queue_s (in the pool before the first step), denoise_s, "
         "decode_queue_s (waiting for the VAE, in the policy's order), decode_s, mux_s (mp4 encoding).")
+    computed_steps: int | None = Field(
+        default=None, description="Completed jobs: denoising steps that ran the transformer; under a step cache "
+        "(`cache`) the others were predicted from the steps that did.")
     estimated_start_seconds: float | None = Field(
         default=None, description="Queued jobs: the pool's remaining work over its measured drain rate (an upper "
         "bound on the wait under SRPTF, which may start a short job sooner).")

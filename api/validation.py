@@ -14,6 +14,7 @@ from api.schemas import MAX_STEPS, ImageGenerationRequest, VideoGenerationReques
 from engine.request import GenerationSpec
 from models.interface import Geometry
 from models.spec import ModelSpec
+from models.step_cache import IMPLEMENTED_MODES, StepCache
 
 if TYPE_CHECKING:  # only the type: importing models.base loads diffusers
     from models.base import DiffusionAdapter
@@ -124,6 +125,7 @@ class RequestValidator:
         if negative is not None and len(negative) > self.max_prompt_chars:
             raise InvalidRequest("negative_prompt", f"negative_prompt longer than {self.max_prompt_chars} characters")
         return dict(
+            cache=self._cache(request.cache, served),
             model=spec.name,
             prompt=request.prompt,
             negative_prompt=negative if max(guidance, guidance_2 or 0.0) > 1.0 else None,
@@ -132,6 +134,16 @@ class RequestValidator:
             guidance_scale_2=guidance_2,
             seed=secrets.randbelow(2**31) if request.seed is None else request.seed,
         )
+
+    @staticmethod
+    def _cache(cache: StepCache | None, served: ServedModel) -> StepCache:
+        """The request's step cache, or its model's default; a mode the engine does not run yet is refused by name."""
+        if cache is None:
+            return served.spec.cache
+        if cache.mode not in IMPLEMENTED_MODES:
+            raise InvalidRequest("cache.mode", f"cache mode {cache.mode!r} is not supported for {served.spec.name}; "
+                                               f"supported: {', '.join(IMPLEMENTED_MODES)}")
+        return cache
 
     @staticmethod
     def _second_guidance(request: VideoGenerationRequest | ImageGenerationRequest, served: ServedModel,

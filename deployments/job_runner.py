@@ -91,7 +91,7 @@ class JobRunner:
         image_blob = None if spec.input_image is None else self.blobs.path(input_image_name(record.id))
         while True:
             try:
-                decoded, stages = await self.pipeline.generate(record.id, spec, "mp4", self._progress_writer(record.id),
+                generated = await self.pipeline.generate(record.id, spec, "mp4", self._progress_writer(record.id),
                                                                image_blob, blob_name=f"{record.id}.mp4")
             except (GenerationCancelled, asyncio.CancelledError):
                 return  # the ingress already stored the cancellation
@@ -110,7 +110,9 @@ class JobRunner:
                 self._finish(record, "failed", error=failure_reason(exc))
                 return
             break
-        self._finish(record, "completed", blob=decoded.blob, step=spec.num_inference_steps, stages=stages.as_dict())
+        decoded, stages = generated.decoded, generated.stages
+        self._finish(record, "completed", blob=decoded.blob, step=spec.num_inference_steps, stages=stages.as_dict(),
+                     computed_steps=generated.computed_steps)
         self.metrics.job_completion_time.observe(time.time() - record.created_at, tags=tags)
         self.metrics.request_latency.observe(stages.queue_s + stages.denoise_s, tags=tags)
         for stage, seconds in stages.as_dict().items():

@@ -51,16 +51,26 @@ class StageTimes:
         return {k: round(v, 4) for k, v in asdict(self).items()}
 
 
+@dataclass(frozen=True)
+class Generated:
+    """A finished generation: the decoder's answer, where its seconds went, and how many of its denoising steps ran
+    the transformer (fewer than its steps under a step cache)."""
+
+    decoded: Decoded
+    stages: StageTimes
+    computed_steps: int
+
+
 class MediaPipeline:
     def __init__(self, text_encoder: DeploymentHandle, scheduler: DeploymentHandle, vae: DeploymentHandle) -> None:
         self.text_encoder, self.scheduler, self.vae = text_encoder, scheduler, vae
 
     async def generate(self, request_id: str, spec: GenerationSpec, media: str,
                        on_progress: Callable[[ProgressEvent], None] | None = None,
-                       image_blob: str | None = None, blob_name: str | None = None) -> tuple[Decoded, StageTimes]:
-        """The decoder's answer (the media bytes, or the blob path when `blob_name` is given) and the seconds each stage
-        took; `image_blob` is the stored input image of an image-to-video request, whose latents join the prompt's
-        rows."""
+                       image_blob: str | None = None, blob_name: str | None = None) -> Generated:
+        """The decoder's answer (the media bytes, or the blob path when `blob_name` is given), the seconds each stage
+        took and the steps computed; `image_blob` is the stored input image of an image-to-video request, whose latents
+        join the prompt's rows."""
         encode_start = time.time()
         prompt = self.text_encoder.encode.remote(EncodeRequest(spec.model, spec.prompt, spec.negative_prompt))
         condition = None if image_blob is None else self.vae.encode_image.remote(
@@ -93,7 +103,7 @@ class MediaPipeline:
         except ObjectLostError as exc:  # the scheduler replica that held the final latents died since
             raise SchedulerLost(f"the final latents were lost with their scheduler replica: {exc}") from exc
         first_step = result.first_step_time if result.first_step_time is not None else result.arrival_time
-        return decoded, StageTimes(
+        return Generated(decoded, StageTimes(
             encode_s=max(0.0, result.arrival_time - encode_start), queue_s=first_step - result.arrival_time,
             denoise_s=(result.finish_time or first_step) - first_step, decode_queue_s=decoded.queue_s,
-            decode_s=decoded.decode_s, mux_s=decoded.mux_s)
+            decode_s=decoded.decode_s, mux_s=decoded.mux_s), result.computed_steps)

@@ -81,6 +81,7 @@ class GenerationResult:
     first_step_time: float | None
     finish_time: float | None
     restarts: int = 0
+    computed_steps: int = 0  # steps that ran the transformer (the others came from the request's step cache)
 
 
 @dataclass
@@ -248,4 +249,5 @@ def _result_of(end: Ended) -> GenerationResult:
                             latents=None if latents is None else ray.put(latents),
                             latent_elements=0 if latents is None else latents.numel(), error=end.error,
                             arrival_time=meta.arrival_time, first_step_time=meta.first_step_time,
-                            finish_time=meta.finish_time, restarts=meta.restarts)
+                            finish_time=meta.finish_time, restarts=meta.restarts,
+                            computed_steps=meta.computed_steps)

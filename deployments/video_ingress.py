@@ -194,8 +194,8 @@ class VideoIngress:
             self._active_images -= body.n
         return ImageGenerationResponse(
             created=int(time.time()), model=resolved.model,
-            data=[ImageData(b64_json=base64.b64encode(decoded.media).decode(), seed=resolved.seed + i)
-                  for i, (decoded, _) in enumerate(results)])
+            data=[ImageData(b64_json=base64.b64encode(result.decoded.media).decode(), seed=resolved.seed + i)
+                  for i, result in enumerate(results)])
 
     # ---- helpers -------------------------------------------------------------
     def _job(self, video_id: str, owner: str, param: str = "video_id") -> JobRecord:

@@ -61,7 +61,8 @@ class CostRule:
     Compared against the step without it, followed by the rest in policy order (what preemptive SRPT would do):
     adding request c at queue position p costs the extra step time Δ to each of the `pooled` requests (every one
     still waits for this step), and saves c's own step later, `alone(c)` seconds that each of the `pooled - p`
-    requests from c's position on would have waited for. So c joins iff  Δ · pooled < alone(c) · (pooled - p).
+    requests from c's position on would have waited for. So c joins iff  Δ · pooled <= alone(c) · (pooled - p)
+    (equal only where both are zero: a step the candidate's step cache stands in for adds no forward).
     Linear cost through zero (a saturated device): Δ = alone(c), never worth it, one request per step in policy
     order. Flat cost (idle ranks, launch-bound GPU): Δ ≈ 0, everything batches. Each accepted request lowers the
     expected total, so the chosen step is never worse than the first request alone.
@@ -78,7 +79,7 @@ class CostRule:
         alone = self.step_seconds([candidate])
         if with_it is None or alone is None:
             return True, None
-        if (with_it - current_s) * pooled < alone * (pooled - position):
+        if (with_it - current_s) * pooled <= alone * (pooled - position):  # a cached step (0 = 0) rides along
             return True, with_it
         return False, current_s
 

@@ -23,6 +23,7 @@ from attention.plan import BrickPlan
 from engine.request import GenerationSpec
 from models.dllm.decoding import DecodeParams
 from models.interface import EncodedPrompt
+from models.step_cache import StepCache
 
 if TYPE_CHECKING:  # only the type: importing models.base loads diffusers
     from models.base import DiffusionAdapter
@@ -43,6 +44,7 @@ class NewRequest:
     guidance_scale_2: float | None = None  # the low-noise expert's guidance (two-expert models only)
     expert_switch_step: int | None = None  # two-expert models: the first step run by the second expert
     fps: int | None = None  # the video's frame rate, for models conditioned on it (LTX); None: the model's default
+    cache: StepCache = StepCache()  # the request's step cache: which steps run the transformer
 
     @classmethod
     def from_spec(cls, request_id: str, spec: GenerationSpec, prompt: EncodedPrompt | None,
@@ -55,7 +57,7 @@ class NewRequest:
                    row_tokens=tuple(adapter.row_tokens(shape, cond) if cond is not None else seq_len for cond in rows),
                    seed=spec.seed,
                    num_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale, prompt=prompt,
-                   cfg=spec.uses_cfg, guidance_scale_2=spec.guidance_scale_2, fps=spec.fps,
+                   cfg=spec.uses_cfg, guidance_scale_2=spec.guidance_scale_2, fps=spec.fps, cache=spec.cache,
                    expert_switch_step=adapter.expert_switch_step(spec.num_inference_steps, shape))
 
     def guidance_at(self, expert: int) -> float:
@@ -86,6 +88,7 @@ class NewDllmRequest:
     params: DecodeParams
     rows = 1
     expert_switch_step = None  # one network
+    cache = StepCache()  # every step computes
 
     @property
     def seq_len(self) -> int:
@@ -107,6 +110,11 @@ class ScheduledStep:
     model: str
     rows: int  # forward rows (2 with CFG): with `model`, where this request's rows sit in the Brick plans
     expert: int  # which expert's forward runs this step (0; Wan 2.2 A14B: 1 below the boundary timestep)
+
+    @property
+    def computed(self) -> bool:
+        """False for a step the request's step cache stands in for: it has no rows in the forward."""
+        return self.rows > 0
 
 
 @dataclass(frozen=True)

@@ -45,8 +45,7 @@ class FIFOPolicy(SchedulingPolicy):
 class SRPTFPolicy(SchedulingPolicy):
     """Shortest remaining processing time first: L = remaining steps x sequence length.
 
-    `priority` spells out `RequestMeta.remaining_cost` inline: it is the hottest line of
-    the scheduler (one call per pooled request per step).
+    A request with a step cache counts only its steps that will compute (`remaining_cost`).
 
     Without a starvation timeout a long request can wait forever while shorter ones
     keep arriving; set `starvation_timeout_s` to bound its wait.
@@ -55,7 +54,7 @@ class SRPTFPolicy(SchedulingPolicy):
     name = "srptf"
 
     def priority(self, request: RequestMeta) -> tuple:
-        return ((request.total_steps - request.steps_scheduled) * request.seq_len, request.arrival_time)
+        return (request.remaining_cost, request.arrival_time)
 
     def decode_priority(self, arrival_time: float, decode_cost: float) -> tuple:
         return (decode_cost, arrival_time)  # the remaining work of a finished request is its decode

@@ -10,7 +10,10 @@ latents, the sampler and the prompt embeddings live with the model runner
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from models.step_cache import StepCache
 
 
 class RequestStatus(enum.Enum):
@@ -43,10 +46,21 @@ class GenerationSpec:
     """The low-noise expert's guidance of a two-expert model (Wan 2.2 A14B); None for one-expert models."""
     input_image: str | None = None
     """Image-to-video: the digest of the input image's bytes (stored beside the job); None for text-only models."""
+    cache: StepCache = StepCache()
+    """The request's step cache (the request's own, else its model's default)."""
 
     @property
     def uses_cfg(self) -> bool:
         return self.negative_prompt is not None
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON values, as the job store keeps the spec."""
+        return {**asdict(self), "cache": self.cache.model_dump(exclude_none=True)}
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> "GenerationSpec":
+        """The spec `to_json` wrote (a job stored before step caches existed has none: mode none)."""
+        return cls(**{**values, "cache": StepCache(**values.get("cache", {}))})
 
 
 @dataclass(eq=False)
@@ -76,6 +90,13 @@ class RequestMeta:
     error: str | None = None
     restarts: int = 0  # times restarted from step 0 because the worker group lost its state
     expert_switch_step: int | None = None  # two-expert models: steps from this one on run the second expert
+    cache: StepCache = StepCache()
+    computed_steps: int = 0  # steps done that ran the transformer (the others came from the step cache)
+    _computed_from: tuple[int, ...] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.cache.enabled:
+            self._computed_from = self.cache.computed_steps_from(self.total_steps, self.expert_switch_step)
 
     def expert_at(self, step: int) -> int:
         """Which expert's forward runs step `step` (0 for one-expert models)."""
@@ -86,12 +107,28 @@ class RequestMeta:
         """Steps not scheduled yet."""
         return self.total_steps - self.steps_scheduled
 
+    def computes_at(self, step: int) -> bool:
+        """Whether step `step` runs the transformer (else its step cache stands in)."""
+        return self.cache.computes(step, self.expert_switch_step)
+
+    @property
+    def next_rows(self) -> int:
+        """Forward rows of the next step to schedule: `rows`, or 0 for a step its cache stands in for."""
+        return self.rows if self._computed_from is None or self.computes_at(self.steps_scheduled) else 0
+
     @property
     def step_tokens(self) -> int:
-        """Tokens this request adds to one step's forward."""
-        return self.seq_len * self.rows
+        """Tokens this request adds to the forward of the next step to schedule (0 on a cached step)."""
+        return self.seq_len * self.next_rows
+
+    @property
+    def remaining_computed_steps(self) -> int:
+        """Steps not scheduled yet that will run the transformer."""
+        if self._computed_from is None:
+            return self.remaining_steps
+        return self._computed_from[min(self.steps_scheduled, self.total_steps)]
 
     @property
     def remaining_cost(self) -> int:
-        """SRPTF's L = (T_total - t) * S."""
-        return self.remaining_steps * self.seq_len
+        """SRPTF's L = (T_total - t) * S, over the steps that compute."""
+        return self.remaining_computed_steps * self.seq_len

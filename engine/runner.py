@@ -7,8 +7,10 @@ this step and in which order; `execute` then
 
     frees cancelled requests and admits new ones (seeded noise, a fresh sampler),
     prepare_inputs()   groups the scheduled requests by model, packed order kept,
-    one packed transformer forward per model (all shapes, text lengths, timesteps),
-    classifier-free guidance, then each request's own sampler.step() on the device,
+    one packed transformer forward per model (all shapes, text lengths, timesteps) over
+    the requests whose step computes, classifier-free guidance; a step the request's
+    step cache stands in for (no rows in the plan) takes its prediction from that cache;
+    then each request's own sampler.step() on the device,
 
 and answers with a `VideoStepResult`: ids stepped, per-request errors, and the final
 latents of the requests that finished (their only trip off the device). If a
@@ -32,6 +34,7 @@ from engine.messages import NewRequest, StepPlan, VideoStepResult
 from engine.runner_steps import admit_new, scheduled_states
 from models.base import DiffusionAdapter
 from models.interface import EncodedPrompt
+from models.step_cache_state import TaylorSeerPrediction, new_cache_state
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +49,7 @@ class RunnerRequest:
     sampler: Any
     step: int = 0
     sampler_extra: dict[str, Any] = field(default_factory=dict)
+    cache: TaylorSeerPrediction | None = None  # the request's step-cache state (None: every step computes)
 
     @property
     def timestep(self) -> torch.Tensor:
@@ -76,19 +80,27 @@ class ModelRunner:
             self.requests.pop(request_id, None)
         errors = admit_new(plan, self._admit)
         batch = self.prepare_inputs(plan, errors)
+        cached_ids = {s.request_id for s in plan.scheduled if not s.computed}
         stepped: list[str] = []
         finished: dict[str, torch.Tensor] = {}
         forwards = ring_bytes = 0
+        shapes = set()
         for model, requests in batch.items():
-            ctx = self._context(plan, model, requests)
-            predictions, runs = self._predict(model, requests, errors, ctx)
-            forwards += runs
-            ring_bytes += ctx.stats.bytes_sent if isinstance(ctx, ShardedAttention) else 0
+            computed = [r for r in requests if r.request.request_id not in cached_ids]
+            predictions = [(r, p) for r in requests if r.request.request_id in cached_ids
+                           if (p := self._cached_prediction(model, r, errors)) is not None]
+            if computed:
+                ctx = self._context(plan, model, computed)
+                forwarded, runs = self._predict(model, computed, errors, ctx)
+                self._update_caches(model, forwarded)
+                predictions += forwarded
+                forwards += runs
+                ring_bytes += ctx.stats.bytes_sent if isinstance(ctx, ShardedAttention) else 0
+                shapes.update((model, r.request.latent_shape) for r in computed)
             for request, prediction in predictions:
                 self._advance(model, request, prediction, errors, stepped, finished)
         for request_id in errors:
             self.requests.pop(request_id, None)
-        shapes = {(r.request.model, r.request.latent_shape) for group in batch.values() for r in group}
         self._last_step_end = time.perf_counter()
         return VideoStepResult(step_id=plan.step_id, stepped=tuple(stepped), errors=errors, finished=finished,
                                forwards=forwards, shapes=len(shapes), forward_seconds=self._last_step_end - start,
@@ -109,7 +121,8 @@ class ModelRunner:
             raise ValueError(f"the sampler made {len(sampler.timesteps)} timesteps for {new.num_steps} steps")
         noise = adapter.initial_latents(new.latent_shape, new.seed, sampler)
         latents = adapter.condition_latents(noise, prompt.rows_in_order[0]).to(adapter.device)
-        self.requests[new.request_id] = RunnerRequest(new, prompt.to(adapter.device), latents, sampler)
+        self.requests[new.request_id] = RunnerRequest(new, prompt.to(adapter.device), latents, sampler,
+                                                      cache=new_cache_state(new.cache))
 
     # ---- the step ---------------------------------------------------------
     def prepare_inputs(self, plan: StepPlan, errors: dict[str, str]) -> dict[str, list[RunnerRequest]]:
@@ -179,6 +192,23 @@ class ModelRunner:
                 preds.append(out[row].float())
             row += r.request.rows
         return preds
+
+    def _cached_prediction(self, model: str, request: RunnerRequest, errors: dict[str, str]) -> torch.Tensor | None:
+        """The prediction a request's step cache gives for a step that runs no forward (None: it failed)."""
+        if request.cache is None:
+            errors[request.request.request_id] = f"step {request.step} is planned cached but the request has no cache"
+            return None
+        try:
+            return request.cache.predict(request.step, self.adapters[model].expert_index(request.timestep))
+        except RuntimeError as exc:
+            errors[request.request.request_id] = str(exc)
+            return None
+
+    def _update_caches(self, model: str, predictions: list[tuple[RunnerRequest, torch.Tensor]]) -> None:
+        """Computed predictions of requests with a step cache feed it (what later cached steps extrapolate from)."""
+        for request, prediction in predictions:
+            if request.cache is not None:
+                request.cache.update(request.step, self.adapters[model].expert_index(request.timestep), prediction)
 
     def _advance(self, model: str, request: RunnerRequest, prediction: torch.Tensor, errors: dict[str, str],
                  stepped: list[str], finished: dict[str, torch.Tensor]) -> None:

@@ -88,7 +88,8 @@ class StepSchedulerCore:
             raise ValueError(f"request {request.request_id!r} is already in the pool")
         meta = RequestMeta(request_id=request.request_id, model=request.model, seq_len=request.seq_len,
                            rows=request.rows, row_tokens=request.row_tokens, total_steps=request.num_steps,
-                           arrival_time=self.clock(), expert_switch_step=request.expert_switch_step)
+                           arrival_time=self.clock(), expert_switch_step=request.expert_switch_step,
+                           cache=request.cache)
         self.pool[request.request_id] = meta
         self.queue.add(meta)
         self._unsent[request.request_id] = request
@@ -108,8 +109,8 @@ class StepSchedulerCore:
         return done
 
     def remaining_token_steps(self) -> int:
-        """The pool's work not yet scheduled: sum of remaining steps x tokens per step (CFG rows counted)."""
-        return sum(m.remaining_steps * m.step_tokens for m in self.pool.values())
+        """The pool's work not yet scheduled: sum of remaining computed steps x tokens per step (CFG rows counted)."""
+        return sum(m.remaining_computed_steps * m.seq_len * m.rows for m in self.pool.values())
 
     @property
     def num_waiting(self) -> int:
@@ -126,12 +127,14 @@ class StepSchedulerCore:
         if not picked and not self._to_free:
             return None
         new, scheduled = [], []
+        tokens = sum(r.step_tokens for r in picked)
+        rings = self._rings(picked, pick.ranks)
         for request in picked:
             if not request.sent:
                 new.append(self._unsent.pop(request.request_id))
                 request.sent = True
-            scheduled.append(ScheduledStep(request.request_id, request.steps_scheduled, request.model, request.rows,
-                                           request.expert_at(request.steps_scheduled)))
+            scheduled.append(ScheduledStep(request.request_id, request.steps_scheduled, request.model,
+                                           request.next_rows, request.expert_at(request.steps_scheduled)))
             self.queue.discard(request)  # its key changes: out, update, back in (unless its last step is planned)
             request.steps_scheduled += 1
             request.last_scheduled_time = now
@@ -139,15 +142,16 @@ class StepSchedulerCore:
                 self.queue.add(request)
         free, self._to_free = tuple(self._to_free), []
         self._step_id += 1
-        tokens = sum(r.step_tokens for r in picked)
-        return StepPlan(self._step_id, tuple(new), tuple(scheduled), free, tokens, self._rings(picked, pick.ranks))
+        return StepPlan(self._step_id, tuple(new), tuple(scheduled), free, tokens, rings)
 
     def _rings(self, picked: list[RequestMeta], pinned: dict[str, tuple[int, ...]]) -> dict[str, BrickPlan]:
         """The Brick plan of each model's forward: its rows (packed order, CFG rows each) over the group's ranks,
-        on the rings the admission pinned (run to completion) or as the planner places them."""
+        on the rings the admission pinned (run to completion) or as the planner places them. A request whose next
+        step its step cache stands in for has no rows."""
         by_model: dict[str, list[RequestMeta]] = {}
         for request in picked:
-            by_model.setdefault(request.model, []).append(request)
+            if request.next_rows:
+                by_model.setdefault(request.model, []).append(request)
         plans = {}
         for model, requests in by_model.items():
             tokens = [n for r in requests for n in r.row_tokens]
@@ -185,7 +189,8 @@ class StepSchedulerCore:
     def _step_work(self, requests: list[RequestMeta]) -> dict[str, float]:
         """Each forward's busiest-rank work in a step of `requests`, memoised by their sizes: the cost rule prices
         the same candidate steps at every step (a request's rows keep their tokens), and the placement is pure."""
-        key = (self.usable_ranks, tuple((r.model, r.row_tokens, r.expert_at(r.steps_scheduled)) for r in requests))
+        key = (self.usable_ranks, tuple((r.model, r.row_tokens if r.next_rows else (), r.expert_at(r.steps_scheduled))
+                                        for r in requests))
         work = self._work_memo.get(key)
         if work is None:
             if len(self._work_memo) >= WORK_MEMO_SIZE:
@@ -233,6 +238,7 @@ class StepSchedulerCore:
                 self._fail(meta, f"step {step.step_index} was not run by the worker")
                 continue
             meta.steps_done += 1
+            meta.computed_steps += step.computed
             if meta.first_step_time is None:
                 meta.first_step_time = now
                 meta.status = RequestStatus.RUNNING
@@ -259,7 +265,7 @@ class StepSchedulerCore:
             self.queue.discard(meta)
             self.admission.reset()
             meta.restarts += 1
-            meta.steps_done = meta.steps_scheduled = 0
+            meta.steps_done = meta.steps_scheduled = meta.computed_steps = 0
             meta.status, meta.first_step_time = RequestStatus.WAITING, None
             self.queue.add(meta)
             self._unsent[meta.request_id] = new

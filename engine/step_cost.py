@@ -42,11 +42,13 @@ def busiest_rank_work(rings: Mapping[str, BrickPlan], rows: Sequence[tuple[str, 
     """Per forward of a step, its busiest rank's work under the planner's cost model (token units).
 
     `rows` lists the step's requests in packed order as (model, forward rows, expert): each expert's rows
-    are its forward's share of the model's Brick plan.
+    are its forward's share of the model's Brick plan (0 rows: a cached step, in no forward).
     """
     members: dict[tuple[str, int], list[int]] = {}
     at: dict[str, int] = {}
     for model, count, expert in rows:
+        if count == 0:  # a step the request's cache stands in for: no forward rows
+            continue
         start = at.get(model, 0)
         members.setdefault((model, expert), []).extend(range(start, start + count))
         at[model] = start + count

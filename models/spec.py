@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from common.frozen import FrozenModel
+from models.step_cache import IMPLEMENTED_MODES, StepCache
 
 ModelFamily = Literal["cogvideox", "mochi", "wan", "sd3", "ltx", "hunyuanvideo15"]
 ResolutionName = Literal["64p", "240p", "360p", "480p", "720p"]
@@ -63,6 +64,14 @@ class ModelSpec(FrozenModel):
     max_sequence_length: int = Field(
         default=226, ge=1, description="Text tokens fed to the transformer (longer prompts are truncated)."
     )
+    cache: StepCache = Field(default=StepCache(), description="The step cache of requests that name none.")
+
+    @model_validator(mode="after")
+    def _check_cache(self) -> "ModelSpec":
+        if self.cache.mode not in IMPLEMENTED_MODES:
+            raise ValueError(f"cache mode {self.cache.mode!r} is not implemented; implemented: "
+                             f"{', '.join(IMPLEMENTED_MODES)}")
+        return self
 
     @model_validator(mode="after")
     def _check_frames(self) -> "ModelSpec":

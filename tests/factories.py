@@ -18,6 +18,7 @@ from engine.scheduler import StepSchedulerCore
 from models import load_adapter
 from models.interface import EncodedPrompt
 from models.spec import ModelSpec
+from models.step_cache import StepCache
 
 _ids = itertools.count()
 
@@ -31,10 +32,11 @@ def new_request(steps: int = 4, seq_len: int = 100, cfg: bool = True, model: str
 
 
 def gen_spec(model: str, steps: int = 4, height: int = 32, width: int = 48, frames: int = 9, seed: int = 0,
-             guidance: float = 6.0, prompt: str = "a cat", guidance_2: float | None = None) -> GenerationSpec:
+             guidance: float = 6.0, prompt: str = "a cat", guidance_2: float | None = None,
+             cache: StepCache = StepCache()) -> GenerationSpec:
     return GenerationSpec(model=model, prompt=prompt, negative_prompt="" if guidance > 1 else None, height=height,
                           width=width, num_frames=frames, num_inference_steps=steps, guidance_scale=guidance,
-                          seed=seed, fps=8, guidance_scale_2=guidance_2)
+                          seed=seed, fps=8, guidance_scale_2=guidance_2, cache=cache)
 
 
 class Engine:

@@ -252,6 +252,19 @@ def test_same_seed_same_bytes_alone_or_batched(client):
     assert content[0] == content[1] and content[0] != content[2]
 
 
+def test_a_step_cached_job_computes_fewer_steps(client):
+    """A TaylorSeer job beside an uncached one of the same seed: both complete with valid mp4s, the cached one
+    reports the steps its cache computed (warm-up, then one in every interval) and renders other bytes."""
+    ask = dict(model="cogvideox-tiny", prompt="a bird", resolution="240p", num_frames=9, seed=77,
+               num_inference_steps=10)
+    jobs = [submit(client, **ask), submit(client, **ask, cache={"mode": "taylorseer", "interval": 3})]
+    done = [wait(client, j["id"]) for j in jobs]
+    assert [d["status"] for d in done] == ["completed", "completed"]
+    assert done[0]["computed_steps"] == 10 and done[1]["computed_steps"] == 5  # steps 0, 1, 2, 4, 7
+    content = [client.get(f"/v1/videos/{j['id']}/content").content for j in jobs]
+    assert all(b[4:8] == b"ftyp" for b in content) and content[0] != content[1]
+
+
 def test_overload_answers_429_and_recovers(client):
     long_ask = dict(model="cogvideox-tiny", prompt="busy", resolution="720p", num_frames=17, num_inference_steps=200)
     jobs = [submit(client, **long_ask) for _ in range(8)]
@@ -303,6 +316,13 @@ def test_image_generation_returns_png(client):
         ("/v1/videos", {"prompt": "x", "model": "wan2.2-a14b-tiny", "guidance_scale_2": 51}, 400, "guidance_scale_2",
          "le=50"),
         ("/v1/videos", {"prompt": "x", "colour": "red"}, 400, "colour", "Extra inputs"),
+        ("/v1/videos", {"prompt": "x", "cache": {"mode": "teacache"}}, 400, "cache.mode",
+         "supported: none, taylorseer"),
+        ("/v1/videos", {"prompt": "x", "cache": {"mode": "fast"}}, 400, "cache.mode", "taylorseer"),
+        ("/v1/videos", {"prompt": "x", "cache": {"mode": "taylorseer", "interval": 0}}, 400, "cache.interval",
+         "ge=1"),
+        ("/v1/videos", {"prompt": "x", "cache": {"mode": "none", "interval": 3}}, 400, "cache",
+         "mode 'taylorseer' only"),
         ("/v1/images/generations", {"prompt": "x", "size": "100x64"}, 400, "size", "multiple of 16"),
         ("/v1/images/generations", {"prompt": "x", "size": "big"}, 400, "size", "pattern"),
     ],

@@ -17,7 +17,7 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -42,10 +42,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     blob TEXT,
     restarts INTEGER NOT NULL,
     stages TEXT,
+    computed_steps INTEGER,
     UNIQUE (owner, idempotency_key)
 )
 """
-_ADDED_COLUMNS = {"stages": "TEXT"}
+_ADDED_COLUMNS = {"stages": "TEXT", "computed_steps": "INTEGER"}
 """Columns added after the first release: stores created before get them on open."""
 _INDEXES = ("CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created_at, id)",
             "CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, completed_at)")
@@ -69,6 +70,7 @@ class JobRecord:
     blob: str | None = None
     restarts: int = 0
     stages: dict[str, float] | None = None  # completed jobs: seconds per stage (deployments.pipeline.StageTimes)
+    computed_steps: int | None = None  # completed jobs: denoising steps that ran the transformer
 
     @property
     def done(self) -> bool:
@@ -80,18 +82,19 @@ class JobRecord:
             id=self.id, status=self.status, progress=Progress(step=self.step, total_steps=r.num_inference_steps),
             model=r.model, prompt=r.prompt, resolution=self.resolution, width=r.width, height=r.height,
             num_frames=r.num_frames, fps=r.fps, seed=r.seed, created_at=self.created_at, started_at=self.started_at,
-            completed_at=self.completed_at, error=self.error, restarts=self.restarts, stages=self.stages)
+            completed_at=self.completed_at, error=self.error, restarts=self.restarts, stages=self.stages,
+            computed_steps=self.computed_steps)
 
     def to_row(self) -> dict[str, Any]:
         row = {f.name: getattr(self, f.name) for f in fields(self)}
-        row["spec"] = json.dumps(asdict(self.spec))
+        row["spec"] = json.dumps(self.spec.to_json())
         row["stages"] = _stages_column(self.stages)
         return row
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "JobRecord":
         stages = json.loads(row["stages"]) if row.get("stages") else None
-        return cls(**{**row, "spec": GenerationSpec(**json.loads(row["spec"])), "stages": stages})
+        return cls(**{**row, "spec": GenerationSpec.from_json(json.loads(row["spec"])), "stages": stages})
 
 
 def _stages_column(stages: dict[str, float] | None) -> str | None:

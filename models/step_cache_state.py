@@ -1,0 +1,48 @@
+"""The runner's per-request step-cache state: kept beside the request's latents and freed with them.
+
+For `taylorseer` it is diffusers' own `TaylorSeerState` (the Taylor factors of one output and
+their update / extrapolation math) over the request's guided prediction: guidance is linear
+in the CFG rows and so is the extrapolation, so one state per request stands for both rows
+(which therefore decide together). Every rank of a Brick group holds every request whole
+after the all-gather, so each rank's state is the same: replicated like the latents, no
+tensor crossing the group or reaching the scheduler.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.hooks.taylorseer_cache import TaylorSeerState
+
+from models.step_cache import StepCache
+
+
+class TaylorSeerPrediction:
+    """First-order Taylor factors of a request's guided prediction over its steps (diffusers' `max_order` 1)."""
+
+    def __init__(self) -> None:
+        self._state = TaylorSeerState(taylor_factors_dtype=torch.float32, max_order=1)
+        self.expert: int | None = None
+
+    def update(self, step: int, expert: int, prediction: torch.Tensor) -> None:
+        """A computed step's prediction; a new expert's outputs start the series again."""
+        if expert != self.expert:
+            self._state.reset()
+            self.expert = expert
+        self._state.current_step = step
+        self._state.update((prediction,))
+
+    def predict(self, step: int, expert: int) -> torch.Tensor:
+        """The extrapolated prediction of a cached step."""
+        if self._state.last_update_step is None or expert != self.expert:
+            raise RuntimeError(f"step {step} is cached but no computed step of expert {expert} precedes it")
+        self._state.current_step = step
+        return self._state.predict()[0]
+
+
+def new_cache_state(cache: StepCache) -> TaylorSeerPrediction | None:
+    """The state a request's cache mode keeps on the runner (None for mode none)."""
+    if cache.mode == "none":
+        return None
+    if cache.mode == "taylorseer":
+        return TaylorSeerPrediction()
+    raise ValueError(f"cache mode {cache.mode!r} is not implemented by the runner")

@@ -1,0 +1,128 @@
+"""Per-request step caches inside step batching: the schedule, the plans that carry only computed rows, and the
+engine's TaylorSeer against diffusers' own TaylorSeer hooks on the pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from diffusers import TaylorSeerCacheConfig
+from diffusers.hooks.hooks import CacheContext, StateManager
+from diffusers.hooks.taylorseer_cache import TaylorSeerCacheHook, TaylorSeerState
+from pydantic import ValidationError
+
+from deployments.text_encoder import EncodeRequest, TextEncoderCore
+from engine.config import BudgetConfig
+from engine.messages import StepResult
+from engine.policies import make_policy
+from engine.scheduler import StepSchedulerCore
+from models import load_adapter
+from models.step_cache import StepCache
+from tests.conftest import tiny_spec
+from tests.factories import Engine, assert_joined_late_equals_alone, gen_spec, new_request
+
+TAYLOR = StepCache(mode="taylorseer", interval=3, warmup_steps=2)
+
+
+@pytest.mark.parametrize("interval,warmup", [(5, 3), (3, 2), (2, 1), (1, 3)])
+def test_the_schedule_is_diffusers_taylorseer_rule(interval, warmup):
+    """Which steps compute is decided by the rule of diffusers' own hook, step for step."""
+    hook = TaylorSeerCacheHook(interval, warmup, torch.float32, StateManager(TaylorSeerState))
+    hook.state_manager.set_context(CacheContext(name="request"))
+    expected = [hook._measure_should_compute()[0] for _ in range(30)]
+    cache = StepCache(mode="taylorseer", interval=interval, warmup_steps=warmup)
+    assert [cache.computes(step) for step in range(30)] == expected
+    assert cache.computed_steps_from(30)[0] == sum(expected)
+    assert all(StepCache().computes(step) for step in range(30))
+
+
+def test_a_second_expert_computes_its_first_step():
+    cache = StepCache(mode="taylorseer", interval=5, warmup_steps=2)
+    assert not cache.computes(4) and cache.computes(4, expert_switch_step=4)
+
+
+def test_options_of_another_mode_are_refused():
+    with pytest.raises(ValidationError, match="taylorseer"):
+        StepCache(mode="none", interval=3)
+    with pytest.raises(ValidationError):
+        StepCache(mode="taylorseer", interval=0)
+
+
+def test_cached_steps_carry_no_rows_tokens_or_ring():
+    """A cached step holds no forward row, no token of the step's budget and no Brick assignment; the request's
+    counters and SRPTF's remaining cost count only the steps that compute."""
+    core = StepSchedulerCore(make_policy("srptf"), BudgetConfig(max_batch_size=4), batching="fill")
+    cached = new_request(steps=10, seq_len=100, request_id="cached")
+    core.admit(replace(cached, cache=TAYLOR))
+    core.admit(new_request(steps=10, seq_len=100, request_id="plain"))
+    meta = core.pool["cached"]
+    computes = [TAYLOR.computes(k) for k in range(10)]
+    assert meta.remaining_cost == sum(computes) * 100 < core.pool["plain"].remaining_cost
+    rows_seen = []
+    while core.pool:
+        plan = core.schedule()
+        steps = {s.request_id: s for s in plan.scheduled}
+        if "cached" in steps:
+            rows_seen.append(steps["cached"].rows)
+            plain_rows = 2 if "plain" in steps else 0
+            assert plan.num_tokens == 100 * (steps["cached"].rows + plain_rows)
+            assert len(plan.rings["cog"].assignments) == steps["cached"].rows + plain_rows
+        core.postprocess(plan, StepResult.all_stepped(plan))
+        ended = {m.request_id: m for m in core.pop_done()}
+        if "cached" in ended:
+            assert ended["cached"].computed_steps == sum(computes)
+    assert rows_seen == [2 if c else 0 for c in computes]
+
+
+@pytest.fixture(scope="module")
+def wan():
+    spec = tiny_spec("wan")
+    prompts = TextEncoderCore([spec]).encode_batch([EncodeRequest(spec.name, "a cat on the moon", ""),
+                                                    EncodeRequest(spec.name, "red car at night", "blur")])
+    return spec, prompts
+
+
+def test_taylorseer_equals_diffusers_lite_hooks_on_the_pipeline(wan):
+    """The engine's TaylorSeer (one state per request, cached steps out of the forward) gives the latents of
+    WanPipeline with diffusers' TaylorSeer lite hooks (blocks skipped, proj_out extrapolated) on each CFG branch."""
+    spec, prompts = wan
+    engine = Engine([spec])
+    engine.admit("x", gen_spec(spec.name, steps=9, seed=3, guidance=6.0, prompt="a cat on the moon", cache=TAYLOR),
+                 prompts[0])
+    engine.run()
+    forwards = sum(r.forwards for r in engine.results)
+    assert forwards == sum(TAYLOR.computes(k) for k in range(9)) == engine.done["x"].computed_steps < 9
+
+    pipeline = load_adapter(spec, parts=("text", "transformer", "vae")).pipeline
+    pipeline.transformer.enable_cache(TaylorSeerCacheConfig(cache_interval=3, disable_cache_before_step=2,
+                                                            taylor_factors_dtype=torch.float32, use_lite_mode=True))
+    reference = pipeline(prompt="a cat on the moon", negative_prompt="", height=32, width=48, num_frames=9,
+                         num_inference_steps=9, guidance_scale=6.0, generator=torch.Generator().manual_seed(3),
+                         output_type="latent", max_sequence_length=16).frames
+    pipeline.transformer.disable_cache()
+    uncached = pipeline(prompt="a cat on the moon", negative_prompt="", height=32, width=48, num_frames=9,
+                        num_inference_steps=9, guidance_scale=6.0, generator=torch.Generator().manual_seed(3),
+                        output_type="latent", max_sequence_length=16).frames
+    torch.testing.assert_close(engine.latents["x"], reference, rtol=0, atol=1e-5)
+    assert (engine.latents["x"] - uncached).abs().max() > 1e-3  # the cache did change the result
+
+
+def test_a_cached_request_packed_with_others_equals_alone(wan):
+    """Cache decisions are the request's own: batching with an uncached request of another shape changes nothing."""
+    spec, prompts = wan
+    assert_joined_late_equals_alone(
+        spec, (gen_spec(spec.name, steps=8, seed=5, cache=TAYLOR), prompts[0]),
+        (gen_spec(spec.name, steps=10, height=48, width=32, frames=5, seed=1), prompts[1]))
+
+
+def test_interval_one_computes_every_step_and_changes_no_byte(wan):
+    """The cache's bookkeeping alone (interval 1: every step computes) leaves the latents as mode none makes them."""
+    spec, prompts = wan
+    latents = []
+    for cache in (StepCache(), StepCache(mode="taylorseer", interval=1)):
+        engine = Engine([spec])
+        engine.admit("x", gen_spec(spec.name, steps=6, seed=2, cache=cache), prompts[0])
+        engine.run()
+        latents.append(engine.latents["x"])
+    assert torch.equal(latents[0], latents[1])
