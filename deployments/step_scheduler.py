@@ -89,6 +89,7 @@ class _Waiter:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     result: GenerationResult | None = None
+    cache_mode: str = "none"  # the request's step cache, for the cache-hit counter
 
 
 @serve.deployment(max_ongoing_requests=100_000)
@@ -161,7 +162,7 @@ class StepScheduler(StepListener):
         if condition is not None:
             prompt = prompt.with_condition(condition)
         meta = self.engine.admit(NewRequest.from_spec(request_id, spec, prompt, self.adapters[spec.model]))
-        waiter = self._waiters[request_id] = _Waiter()
+        waiter = self._waiters[request_id] = _Waiter(cache_mode=spec.cache.mode)
         self.metrics.set_pool_gauges(self.core)
         try:
             sent = -1
@@ -224,6 +225,9 @@ class StepScheduler(StepListener):
             for assignment in rings.assignments:
                 m.ring_size.observe(assignment.size)
                 self._ring_sizes[assignment.size] += 1
+        for step in plan.scheduled:
+            if not step.computed and (waiter := self._waiters.get(step.request_id)) is not None:
+                m.cache_hits.inc(tags={"model": step.model, "mode": waiter.cache_mode})
         for request_id in result.stepped:
             if (waiter := self._waiters.get(request_id)) is not None:
                 waiter.changed.set()
