@@ -26,8 +26,10 @@ MOTIONS: dict[str, tuple[int, int]] = {
 BACKGROUND = (24, 24, 32)
 HEIGHT, WIDTH, FRAMES = 64, 112, 9
 """The clip size the model is trained for: "64p" at 16:9 (112 = 64 x 16/9 rounded to the 8-pixel multiple)."""
-HALF_SIZE = 9
-"""Half the side of a shape's bounding box, in pixels at HEIGHT x WIDTH."""
+HALF_SIZE = 14
+"""Half the side of a shape's bounding box, in pixels at HEIGHT x WIDTH: 28 pixels, 3.5 of the transformer's
+8-pixel tokens, so that a square's corners are several tokens' worth of pixels (at 18 pixels, 19 of 20 generated
+squares came out round; docs/shapes_model.md)."""
 SPEED = 3.0
 """Pixels per frame of a moving shape: 24 pixels over a 9-frame clip."""
 

@@ -5,8 +5,8 @@ of the border) form blobs; the largest is the shape, cut at half its own contras
 a blurred edge (a VAE's) counts as much inside as outside. Its mean colour names the
 colour (nearest palette entry). Its shape: an apex-up triangle is much narrower in its top
 quarter than in its bottom one (`TRIANGLE_TAPER`); otherwise the share of its bounding box
-it fills tells a square (1) from a circle (pi/4), cut half-way. The straight line fitted to
-its centroids over the clip names the direction (or "still" when it moves less than
+it fills tells a square from a circle (`SQUARE_FILL`). The straight line fitted to its
+centroids over the clip names the direction (or "still" when it moves less than
 `STILL_FRACTION` of the training travel).
 """
 
@@ -24,8 +24,11 @@ FOREGROUND_DISTANCE = 64
 """A pixel is foreground when one channel differs from the background by more than this (0-255)."""
 STILL_FRACTION = 0.4
 """A track shorter than this share of the trained travel (SPEED x (frames - 1)) reads as standing still."""
-SQUARE_FILL = (1.0 + math.pi / 4) / 2
-"""Bounding-box fill above which a symmetric blob is a square (1.0) rather than a circle (pi/4)."""
+SQUARE_FILL = 0.855
+"""Bounding-box fill above which a symmetric blob is a square rather than a circle: half-way between the fills the
+VAE's own reconstructions of rendered clips read (circles 0.755-0.82, squares 0.89-0.96 over two clips of each
+caption, `docs/shapes_model.md`). Every served video passes through that VAE, which rounds a square's corners: the
+half-way point of the ideal fills (1 and pi/4, 0.893) read some of its reconstructions of true squares as circles."""
 TRIANGLE_TAPER = 0.6
 """Top-quarter over bottom-quarter mean width below which a blob is a triangle (a rendered one: ~0.2, a circle
 or square: ~1)."""
