@@ -32,9 +32,12 @@ class _Request(BaseModel):
         description="Two-expert models only (Wan 2.2 A14B): guidance of the low-noise expert; default: the model's.")
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     cache: StepCache | None = Field(
-        default=None, description="Step cache: {\"mode\": \"none\" | \"taylorseer\", \"interval\": 1-20, "
-        "\"warmup_steps\": 1-200}; taylorseer runs the transformer on the first warmup_steps steps (default 3) and then "
-        "one step in every interval (default 5), the others extrapolated from them. Default: the model's `cache`.")
+        default=None, description="Step cache: {\"mode\": \"none\" | \"taylorseer\" | \"magcache\", ...}. taylorseer "
+        "(\"interval\": 1-20, \"warmup_steps\": 1-200) runs the transformer on the first warmup_steps steps (default 3) "
+        "and then one step in every interval (default 5), the others extrapolated from them. magcache (Wan models; "
+        "\"threshold\": (0, 1], \"max_skip_steps\": 1-20, \"retention_ratio\": [0, 1], \"mag_ratios\") skips the "
+        "blocks while the model's calibrated magnitude ratios stay within threshold (defaults 0.06, 3, 0.2). "
+        "Default: the model's `cache`.")
 
 
 class VideoGenerationRequest(_Request):

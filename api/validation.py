@@ -14,7 +14,7 @@ from api.schemas import MAX_STEPS, ImageGenerationRequest, VideoGenerationReques
 from engine.request import GenerationSpec
 from models.interface import Geometry
 from models.spec import ModelSpec
-from models.step_cache import IMPLEMENTED_MODES, StepCache
+from models.step_cache import StepCache
 
 if TYPE_CHECKING:  # only the type: importing models.base loads diffusers
     from models.base import DiffusionAdapter
@@ -44,11 +44,34 @@ class ServedModel:
     """Every request of the model brings an input image (`input_reference`)."""
     min_steps: int
     """Fewest denoising steps its schedule can make."""
+    cache_modes: tuple[str, ...]
+    """Step-cache modes the model runs."""
 
     @classmethod
     def of(cls, adapter: DiffusionAdapter) -> "ServedModel":
-        """What the API needs of a model; `adapter` may hold no weights (parts=())."""
-        return cls(adapter.spec, adapter.geometry, adapter.expert_count, adapter.image_to_video, adapter.min_steps)
+        """What the API needs of a model; `adapter` may hold no weights (parts=()). A default step cache the model
+        cannot run is a config error."""
+        served = cls(adapter.spec, adapter.geometry, adapter.expert_count, adapter.image_to_video, adapter.min_steps,
+                     adapter.cache_modes)
+        try:
+            served.step_cache(adapter.spec.cache)
+        except InvalidRequest as exc:
+            raise ValueError(f"model {adapter.spec.name}: its default cache: {exc}") from None
+        return served
+
+    def step_cache(self, cache: StepCache) -> StepCache:
+        """`cache` as this model runs it: a mode it supports, magcache with its ratios (the request's own, else the
+        model's calibrated `mag_ratios`)."""
+        if cache.mode not in self.cache_modes:
+            raise InvalidRequest("cache.mode", f"cache mode {cache.mode!r} is not supported for {self.spec.name}; "
+                                               f"supported: {', '.join(self.cache_modes)}")
+        if cache.mode == "magcache" and cache.mag_ratios is None:
+            if self.spec.mag_ratios is None:
+                raise InvalidRequest("cache.mag_ratios", f"{self.spec.name} has no calibrated MagCache ratios: pass "
+                                     "cache.mag_ratios (2-1000 values in (0, 100)) or calibrate the model "
+                                     "(python -m models.mag_calibration) and set its mag_ratios")
+            cache = cache.model_copy(update={"mag_ratios": self.spec.mag_ratios})
+        return cache
 
     @property
     def media(self) -> str:
@@ -137,13 +160,9 @@ class RequestValidator:
 
     @staticmethod
     def _cache(cache: StepCache | None, served: ServedModel) -> StepCache:
-        """The request's step cache, or its model's default; a mode the engine does not run yet is refused by name."""
-        if cache is None:
-            return served.spec.cache
-        if cache.mode not in IMPLEMENTED_MODES:
-            raise InvalidRequest("cache.mode", f"cache mode {cache.mode!r} is not supported for {served.spec.name}; "
-                                               f"supported: {', '.join(IMPLEMENTED_MODES)}")
-        return cache
+        """The request's step cache, or its model's default, as the model runs it; a mode it does not run is refused
+        by name."""
+        return served.step_cache(served.spec.cache if cache is None else cache)
 
     @staticmethod
     def _second_guidance(request: VideoGenerationRequest | ImageGenerationRequest, served: ServedModel,

@@ -80,8 +80,13 @@ def wait(client: httpx.Client, job_id: str, timeout_s: float = 900) -> dict:
     raise TimeoutError(f"{job_id} not done after {timeout_s} s")
 
 
-def submit(client: httpx.Client, body: dict) -> str:
+def submit(client: httpx.Client, body: dict, timeout_s: float = 900) -> str:
+    """POST a job; an overloaded server (429: the pool is full) is asked again as it drains, as a client should."""
+    deadline = time.time() + timeout_s
     response = client.post("/v1/videos", json=body)
+    while response.status_code == 429 and time.time() < deadline:
+        time.sleep(1.0)
+        response = client.post("/v1/videos", json=body)
     if response.status_code != 202:
         raise RuntimeError(f"POST /v1/videos {body}: HTTP {response.status_code} {response.text}")
     return response.json()["id"]

@@ -92,10 +92,12 @@ class RequestMeta:
     expert_switch_step: int | None = None  # two-expert models: steps from this one on run the second expert
     cache: StepCache = StepCache()
     computed_steps: int = 0  # steps done that ran the transformer (the others came from the step cache)
+    _schedule: tuple[bool, ...] | None = field(default=None, repr=False)  # per step: runs the transformer
     _computed_from: tuple[int, ...] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.cache.enabled:
+            self._schedule = self.cache.schedule(self.total_steps, self.expert_switch_step)
             self._computed_from = self.cache.computed_steps_from(self.total_steps, self.expert_switch_step)
 
     def expert_at(self, step: int) -> int:
@@ -109,12 +111,12 @@ class RequestMeta:
 
     def computes_at(self, step: int) -> bool:
         """Whether step `step` runs the transformer (else its step cache stands in)."""
-        return self.cache.computes(step, self.expert_switch_step)
+        return self._schedule is None or step >= self.total_steps or self._schedule[step]
 
     @property
     def next_rows(self) -> int:
         """Forward rows of the next step to schedule: `rows`, or 0 for a step its cache stands in for."""
-        return self.rows if self._computed_from is None or self.computes_at(self.steps_scheduled) else 0
+        return self.rows if self.computes_at(self.steps_scheduled) else 0
 
     @property
     def step_tokens(self) -> int:

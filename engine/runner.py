@@ -9,7 +9,9 @@ this step and in which order; `execute` then
     prepare_inputs()   groups the scheduled requests by model, packed order kept,
     one packed transformer forward per model (all shapes, text lengths, timesteps) over
     the requests whose step computes, classifier-free guidance; a step the request's
-    step cache stands in for (no rows in the plan) takes its prediction from that cache;
+    step cache stands in for (no rows in the plan) takes its prediction from that cache
+    (TaylorSeer: extrapolated; MagCache: the embeddings and head of the request's rows
+    alone, the blocks replaced by their last residual, on every rank of a group alike);
     then each request's own sampler.step() on the device,
 
 and answers with a `VideoStepResult`: ids stepped, per-request errors, and the final
@@ -34,7 +36,7 @@ from engine.messages import NewRequest, StepPlan, VideoStepResult
 from engine.runner_steps import admit_new, scheduled_states
 from models.base import DiffusionAdapter
 from models.interface import EncodedPrompt
-from models.step_cache_state import TaylorSeerPrediction, new_cache_state
+from models.step_cache_state import CacheState, MagCacheResiduals, TaylorSeerPrediction, new_cache_state
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ class RunnerRequest:
     sampler: Any
     step: int = 0
     sampler_extra: dict[str, Any] = field(default_factory=dict)
-    cache: TaylorSeerPrediction | None = None  # the request's step-cache state (None: every step computes)
+    cache: CacheState | None = None  # the request's step-cache state (None: every step computes)
 
     @property
     def timestep(self) -> torch.Tensor:
@@ -172,42 +174,60 @@ class ModelRunner:
 
     def _guided(self, model: str, requests: list[RunnerRequest], ctx: AttentionContext) -> list[torch.Tensor]:
         """One packed forward (one per expert of a two-expert model) over every CFG row ([uncond, cond] per request
-        with CFG), each request guided by its expert's scale; float32 predictions."""
+        with CFG), each request guided by its expert's scale; float32 predictions. The blocks' residuals of
+        MagCache requests' rows are kept in their state."""
         adapter = self.adapters[model]
-        latents, timesteps, conds = [], [], []
+        latents, timesteps, conds, keep = [], [], [], []
         for r in requests:
             x = _model_input(r).to(adapter.dtype)
+            if isinstance(r.cache, MagCacheResiduals):
+                keep.extend(range(len(conds), len(conds) + r.request.rows))
             for cond in r.prompt.rows_in_order:
                 latents.append(x)
                 timesteps.append(r.timestep)
                 conds.append(cond)
-        out = adapter.forward_packed(latents, timesteps, conds, ctx)
+        if keep:
+            out, residuals = adapter.forward_packed_keeping_residuals(latents, timesteps, conds, keep, ctx)
+        else:
+            out, residuals = adapter.forward_packed(latents, timesteps, conds, ctx), {}
         preds, row = [], 0
         for r in requests:
-            if r.request.cfg:
-                uncond, text = out[row].float(), out[row + 1].float()
-                scale = r.request.guidance_at(adapter.expert_index(r.timestep))
-                preds.append(uncond + scale * (text - uncond))
-            else:
-                preds.append(out[row].float())
+            rows = range(row, row + r.request.rows)
+            if isinstance(r.cache, MagCacheResiduals):
+                r.cache.rows = [residuals[i] for i in rows]
+            preds.append(self._guide(model, r, [out[i] for i in rows]))
             row += r.request.rows
         return preds
 
+    def _guide(self, model: str, request: RunnerRequest, rows: list[torch.Tensor]) -> torch.Tensor:
+        """A request's float32 prediction from its rows' outputs ([uncond, cond] with CFG)."""
+        if not request.request.cfg:
+            return rows[0].float()
+        uncond, text = rows[0].float(), rows[1].float()
+        adapter = self.adapters[model]
+        return uncond + request.request.guidance_at(adapter.expert_index(request.timestep)) * (text - uncond)
+
+    @torch.no_grad()
     def _cached_prediction(self, model: str, request: RunnerRequest, errors: dict[str, str]) -> torch.Tensor | None:
         """The prediction a request's step cache gives for a step that runs no forward (None: it failed)."""
-        if request.cache is None:
-            errors[request.request.request_id] = f"step {request.step} is planned cached but the request has no cache"
-            return None
+        adapter = self.adapters[model]
         try:
-            return request.cache.predict(request.step, self.adapters[model].expert_index(request.timestep))
+            if isinstance(request.cache, TaylorSeerPrediction):
+                return request.cache.predict(request.step, adapter.expert_index(request.timestep))
+            if isinstance(request.cache, MagCacheResiduals):
+                x = _model_input(request).to(adapter.dtype)
+                return self._guide(model, request, [
+                    adapter.skipped_blocks_prediction(x, request.timestep, cond, residual)
+                    for cond, residual in zip(request.prompt.rows_in_order, request.cache.residuals(request.step))])
+            errors[request.request.request_id] = f"step {request.step} is planned cached but the request has no cache"
         except RuntimeError as exc:
             errors[request.request.request_id] = str(exc)
-            return None
+        return None
 
     def _update_caches(self, model: str, predictions: list[tuple[RunnerRequest, torch.Tensor]]) -> None:
-        """Computed predictions of requests with a step cache feed it (what later cached steps extrapolate from)."""
+        """Computed predictions of TaylorSeer requests feed their cache (what later cached steps extrapolate from)."""
         for request, prediction in predictions:
-            if request.cache is not None:
+            if isinstance(request.cache, TaylorSeerPrediction):
                 request.cache.update(request.step, self.adapters[model].expert_index(request.timestep), prediction)
 
     def _advance(self, model: str, request: RunnerRequest, prediction: torch.Tensor, errors: dict[str, str],

@@ -34,7 +34,7 @@ from PIL import Image
 from attention.context import AttentionContext, LocalAttention
 from models.interface import Condition, EncodedPrompt, Geometry, Part
 from models.onednn_conv import route_conv3d_to_onednn
-from models.packed import PackedRequest, forward_packed
+from models.packed import PackedRequest, forward_packed, forward_packed_keeping_residuals
 from models.spec import ModelSpec
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -256,6 +256,28 @@ class DiffusionAdapter(ABC):
             for i, prediction in zip(members, predictions):
                 out[i] = prediction
         return out  # type: ignore[return-value]
+
+    @property
+    def cache_modes(self) -> tuple[str, ...]:
+        """Step-cache modes this model runs: none and taylorseer everywhere; magcache where the family's packed
+        forward can skip the blocks of some rows (`skipped_blocks_prediction`) and one transformer denoises."""
+        block_cache = hasattr(self.packed_module, "skipped_blocks_prediction") and self.expert_count == 1
+        return ("none", "taylorseer", "magcache") if block_cache else ("none", "taylorseer")
+
+    def forward_packed_keeping_residuals(self, latents: list[torch.Tensor], timesteps: list[torch.Tensor],
+                                         conds: list[Condition], keep: list[int], ctx: AttentionContext | None = None,
+                                         ) -> tuple[list[torch.Tensor], dict[int, torch.Tensor]]:
+        """`forward_packed` of a one-expert model, and the blocks' residual of the rows in `keep` (MagCache)."""
+        rows = [self.packed_request(x.to(self.device), t.to(self.device), c)
+                for x, t, c in zip(latents, timesteps, conds)]
+        return forward_packed_keeping_residuals(self.packed_module, self.transformer, rows, keep, ctx)
+
+    def skipped_blocks_prediction(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Condition,
+                                  residual: torch.Tensor) -> torch.Tensor:
+        """One row's prediction on a step MagCache skips: embeddings and head only, the blocks' output being their
+        input plus `residual`. Local to the process (every rank of a group holds the row and its residual)."""
+        row = self.packed_request(latents.to(self.device), timestep.to(self.device), cond)
+        return self.packed_module.skipped_blocks_prediction(self.transformer, row, residual)
 
     def request_condition(self, fps: int | None) -> Condition:
         """Conditioning of a request beyond its text, added to each of its rows at admission (LTX: the frame rate

@@ -141,3 +141,20 @@ def forward_packed(family: ModuleType, model: torch.nn.Module, requests: list[Pa
     like = model.proj_out.weight.new_empty((0, model.proj_out.out_features))
     full = ctx.gather_outputs(pieces, len(requests), like)
     return [family.unpatchify(model, r, full[i]) for i, r in enumerate(requests)]
+
+
+def forward_packed_keeping_residuals(family: ModuleType, model: torch.nn.Module, requests: list[PackedRequest],
+                                     keep: list[int], ctx: AttentionContext | None = None,
+                                     ) -> tuple[list[torch.Tensor], dict[int, torch.Tensor]]:
+    """`forward_packed`, and the blocks' residual (hidden rows, all tokens) of the requests in `keep` (ascending):
+    what MagCache's skipped steps of those requests add to their blocks' input. The family module gives it
+    (`output_and_residual_rows`); on a group the residuals are all-gathered like the outputs, so every rank holds
+    them whole."""
+    ctx = ctx or LocalAttention()
+    held = ctx.segments(family.token_counts(model, requests))
+    pieces, residuals = family.output_and_residual_rows(model, requests, ctx) if held else ({}, {})
+    like = model.proj_out.weight.new_empty((0, model.proj_out.out_features))
+    full = ctx.gather_outputs(pieces, len(requests), like)
+    hidden = model.proj_out.weight.new_empty((0, model.proj_out.in_features))
+    kept = ctx.gather_outputs({j: residuals[i] for j, i in enumerate(keep) if i in residuals}, len(keep), hidden)
+    return [family.unpatchify(model, r, full[i]) for i, r in enumerate(requests)], dict(zip(keep, kept))

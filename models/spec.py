@@ -65,12 +65,18 @@ class ModelSpec(FrozenModel):
         default=226, ge=1, description="Text tokens fed to the transformer (longer prompts are truncated)."
     )
     cache: StepCache = Field(default=StepCache(), description="The step cache of requests that name none.")
+    mag_ratios: tuple[float, ...] | None = Field(
+        default=None, min_length=2, max_length=1000,
+        description="MagCache's calibrated magnitude ratios of this checkpoint, one per step of the calibration run "
+                    "(python -m models.mag_calibration prints them): the default of a magcache request's mag_ratios.")
 
     @model_validator(mode="after")
     def _check_cache(self) -> "ModelSpec":
         if self.cache.mode not in IMPLEMENTED_MODES:
             raise ValueError(f"cache mode {self.cache.mode!r} is not implemented; implemented: "
                              f"{', '.join(IMPLEMENTED_MODES)}")
+        if self.mag_ratios is not None and not all(0.0 < r < 100.0 for r in self.mag_ratios):
+            raise ValueError("mag_ratios must lie in (0, 100)")
         return self
 
     @model_validator(mode="after")

@@ -7,18 +7,27 @@ request's own: `StepCache` travels with it from the API to the scheduler and the
 so requests with different caches, or none, share a packed step and the forward carries
 only the rows that compute.
 
-`taylorseer` (TaylorSeer, https://huggingface.co/papers/2503.06923, as diffusers' lite
-variant: the whole transformer skipped, its output extrapolated by a first-order Taylor
-series from the steps that computed) decides by step index alone, with diffusers'
-`TaylorSeerCacheHook` rule: the first `warmup_steps` steps compute, then one step in
-every `interval`. Because the rule needs no tensor, the scheduler knows a request's
+Both modes the engine runs decide by step index alone, so the scheduler knows a request's
 computed steps in advance: a cached step holds no row of the step's forward, its Brick
-plan or its cost, and SRPTF counts the steps still to compute. A two-expert model (Wan 2.2
-A14B) also computes the first step of its second expert, whose output the first expert's
-terms cannot predict.
+plan or its cost, and SRPTF counts the steps still to compute.
 
-This module holds no tensor and imports no diffusers: the API and the scheduler use it. The
-runner's per-request state lives in `models.step_cache_state`.
+- `taylorseer` (TaylorSeer, https://huggingface.co/papers/2503.06923, as diffusers' lite
+  variant: the whole transformer skipped, its output extrapolated by a first-order Taylor
+  series from the steps that computed), with diffusers' `TaylorSeerCacheHook` rule: the
+  first `warmup_steps` steps compute, then one step in every `interval`. A two-expert
+  model (Wan 2.2 A14B) also computes the first step of its second expert, whose output the
+  first expert's terms cannot predict.
+- `magcache` (MagCache, https://github.com/Zehong-Ma/MagCache, as diffusers' `MagCacheHeadHook`):
+  a skipped step runs the embeddings and the output head but not the blocks, whose output is
+  their input plus the blocks' residual of the last computed step. Which steps skip follows
+  from the checkpoint's calibrated magnitude ratios (`mag_ratios`, one per step of a
+  calibration run): the accumulated error of the ratios since the last computed step must
+  stay under `threshold` for at most `max_skip_steps` steps, after the first
+  `retention_ratio` of the steps. Families whose packed forward can skip the blocks per
+  request run it (`DiffusionAdapter.cache_modes`); two-expert models do not.
+
+This module holds no tensor state: the API and the scheduler use it. The runner's
+per-request state lives in `models.step_cache_state`.
 """
 
 from __future__ import annotations
@@ -30,17 +39,21 @@ from pydantic import Field, model_validator
 from common.frozen import FrozenModel
 
 CacheMode = Literal["none", "first_block", "teacache", "magcache", "taylorseer"]
-IMPLEMENTED_MODES: tuple[CacheMode, ...] = ("none", "taylorseer")
-"""Modes the engine runs today; the others are refused by name (data-dependent modes: issue #33's next stage)."""
+IMPLEMENTED_MODES: tuple[CacheMode, ...] = ("none", "taylorseer", "magcache")
+"""Modes the engine runs; first_block and teacache (decided from each step's tensors) are refused by name."""
 DEFAULT_INTERVAL, DEFAULT_WARMUP = 5, 3
 """diffusers' `TaylorSeerCacheConfig` defaults (cache_interval, disable_cache_before_step)."""
+DEFAULT_THRESHOLD, DEFAULT_MAX_SKIP, DEFAULT_RETENTION = 0.06, 3, 0.2
+"""diffusers' `MagCacheConfig` defaults (threshold, max_skip_steps, retention_ratio)."""
+_OPTIONS = {"taylorseer": ("interval", "warmup_steps"),
+            "magcache": ("threshold", "max_skip_steps", "retention_ratio", "mag_ratios")}
 
 
 class StepCache(FrozenModel):
     """A request's step-cache choice: the `cache` field of /v1/videos and /v1/images/generations, and a served
     model's default (`ModelSpec.cache`)."""
 
-    mode: CacheMode = Field(default="none", description="none (every step computes) or taylorseer.")
+    mode: CacheMode = Field(default="none", description="none (every step computes), taylorseer or magcache.")
     interval: int | None = Field(
         default=None, ge=1, le=20,
         description=f"taylorseer: after the warm-up, one step in every `interval` computes (default "
@@ -48,20 +61,51 @@ class StepCache(FrozenModel):
     warmup_steps: int | None = Field(
         default=None, ge=1, le=200,
         description=f"taylorseer: steps that always compute first (default {DEFAULT_WARMUP}).")
+    threshold: float | None = Field(
+        default=None, gt=0.0, le=1.0,
+        description=f"magcache: the accumulated magnitude-ratio error under which the blocks are skipped (default "
+                    f"{DEFAULT_THRESHOLD}; higher skips more).")
+    max_skip_steps: int | None = Field(
+        default=None, ge=1, le=20,
+        description=f"magcache: most consecutive skipped steps (default {DEFAULT_MAX_SKIP}).")
+    retention_ratio: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description=f"magcache: the fraction of the first steps that always compute (default {DEFAULT_RETENTION}).")
+    mag_ratios: tuple[float, ...] | None = Field(
+        default=None, min_length=2, max_length=1000,
+        description="magcache: the checkpoint's calibrated magnitude ratios, one per step of the calibration run "
+                    "(default: the served model's `mag_ratios`; python -m models.mag_calibration prints them).")
 
     @model_validator(mode="after")
     def _options_of_the_mode(self) -> "StepCache":
-        if self.mode != "taylorseer" and (self.interval is not None or self.warmup_steps is not None):
-            raise ValueError(f"interval and warmup_steps apply to mode 'taylorseer' only, not {self.mode!r}")
+        allowed = _OPTIONS.get(self.mode, ())
+        for name in ("interval", "warmup_steps", "threshold", "max_skip_steps", "retention_ratio", "mag_ratios"):
+            if getattr(self, name) is not None and name not in allowed:
+                modes = [m for m, options in _OPTIONS.items() if name in options]
+                raise ValueError(f"{name} applies to mode {modes[0]!r} only, not {self.mode!r}")
+        if self.mag_ratios is not None and not all(0.0 < r < 100.0 for r in self.mag_ratios):
+            raise ValueError("mag_ratios must lie in (0, 100)")
         return self
 
     @property
     def enabled(self) -> bool:
         return self.mode != "none"
 
-    def computes(self, step: int, expert_switch_step: int | None = None) -> bool:
-        """Whether step `step` (0-based) runs the transformer (diffusers' TaylorSeer rule, plus a new expert's
-        first step)."""
+    def schedule(self, total_steps: int, expert_switch_step: int | None = None) -> tuple[bool, ...]:
+        """Per step (0-based), whether it runs the transformer's blocks (else the cache stands in)."""
+        if self.mode == "magcache":
+            return self._magcache_schedule(total_steps)
+        return tuple(self._taylorseer_computes(step, expert_switch_step) for step in range(total_steps))
+
+    def computed_steps_from(self, total_steps: int, expert_switch_step: int | None = None) -> tuple[int, ...]:
+        """`out[k]`: how many of steps k..total_steps-1 compute (`out[total_steps]` = 0): SRPTF's remaining steps."""
+        out = [0] * (total_steps + 1)
+        for step, computes in reversed(list(enumerate(self.schedule(total_steps, expert_switch_step)))):
+            out[step] = out[step + 1] + computes
+        return tuple(out)
+
+    def _taylorseer_computes(self, step: int, expert_switch_step: int | None) -> bool:
+        """diffusers' TaylorSeer rule, plus a new expert's first step (mode none: every step)."""
         if self.mode == "none":
             return True
         warmup = DEFAULT_WARMUP if self.warmup_steps is None else self.warmup_steps
@@ -70,9 +114,32 @@ class StepCache(FrozenModel):
             return True
         return (step - warmup - 1) % interval == 0
 
-    def computed_steps_from(self, total_steps: int, expert_switch_step: int | None = None) -> tuple[int, ...]:
-        """`out[k]`: how many of steps k..total_steps-1 compute (`out[total_steps]` = 0): SRPTF's remaining steps."""
-        out = [0] * (total_steps + 1)
-        for step in range(total_steps - 1, -1, -1):
-            out[step] = out[step + 1] + self.computes(step, expert_switch_step)
+    def _magcache_schedule(self, total_steps: int) -> tuple[bool, ...]:
+        """`MagCacheHeadHook`'s decisions over a run of `total_steps`, in its float32 arithmetic on the ratios
+        interpolated to the run as `MagCacheConfig` does."""
+        import torch  # the decisions follow diffusers' tensor arithmetic; only a magcache request gets here
+        from diffusers.hooks.mag_cache import nearest_interp
+
+        if self.mag_ratios is None:
+            raise ValueError("a magcache schedule needs mag_ratios (the served model's calibration)")
+        ratios = torch.tensor(self.mag_ratios)
+        if len(ratios) != total_steps:
+            ratios = nearest_interp(ratios, total_steps)
+        threshold = DEFAULT_THRESHOLD if self.threshold is None else self.threshold
+        max_skip = DEFAULT_MAX_SKIP if self.max_skip_steps is None else self.max_skip_steps
+        retention = DEFAULT_RETENTION if self.retention_ratio is None else self.retention_ratio
+        retention_step = int(retention * total_steps + 0.5)
+        out: list[bool] = []
+        ratio, steps, error = 1.0, 0, 0.0
+        for step in range(total_steps):
+            computes = True
+            if step >= retention_step:
+                ratio = ratio * ratios[step]
+                steps += 1
+                error = error + abs(1.0 - ratio)
+                if any(out) and error <= threshold and steps <= max_skip:
+                    computes = False
+                else:
+                    ratio, steps, error = 1.0, 0, 0.0
+            out.append(computes)
         return tuple(out)

@@ -3,9 +3,11 @@
 For `taylorseer` it is diffusers' own `TaylorSeerState` (the Taylor factors of one output and
 their update / extrapolation math) over the request's guided prediction: guidance is linear
 in the CFG rows and so is the extrapolation, so one state per request stands for both rows
-(which therefore decide together). Every rank of a Brick group holds every request whole
-after the all-gather, so each rank's state is the same: replicated like the latents, no
-tensor crossing the group or reaching the scheduler.
+(which therefore decide together). For `magcache` it is the blocks' residual of each CFG row
+at the request's last computed step (diffusers keeps one per cache context, cond and uncond).
+Every rank of a Brick group holds every request whole after the all-gather (the residuals
+are gathered with the outputs), so each rank's state is the same: replicated like the
+latents, no tensor reaching the scheduler.
 """
 
 from __future__ import annotations
@@ -39,10 +41,28 @@ class TaylorSeerPrediction:
         return self._state.predict()[0]
 
 
-def new_cache_state(cache: StepCache) -> TaylorSeerPrediction | None:
+class MagCacheResiduals:
+    """The blocks' residual (output minus input, all tokens) of each forward row at the last computed step."""
+
+    def __init__(self) -> None:
+        self.rows: list[torch.Tensor] | None = None
+
+    def residuals(self, step: int) -> list[torch.Tensor]:
+        """What a skipped step adds to its rows' blocks input."""
+        if self.rows is None:
+            raise RuntimeError(f"step {step} skips the blocks but no computed step precedes it")
+        return self.rows
+
+
+CacheState = TaylorSeerPrediction | MagCacheResiduals
+
+
+def new_cache_state(cache: StepCache) -> CacheState | None:
     """The state a request's cache mode keeps on the runner (None for mode none)."""
     if cache.mode == "none":
         return None
     if cache.mode == "taylorseer":
         return TaylorSeerPrediction()
+    if cache.mode == "magcache":
+        return MagCacheResiduals()
     raise ValueError(f"cache mode {cache.mode!r} is not implemented by the runner")

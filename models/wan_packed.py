@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from diffusers import WanTransformer3DModel
 
-from attention.context import AttentionContext, Segment, gather_rows, per_row, rows_by_request
+from attention.context import AttentionContext, LocalAttention, Segment, gather_rows, per_row, rows_by_request
 from models.packed import PackedRequest
 
 
@@ -44,9 +44,26 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return out.type_as(x)
 
 
+def _embeddings(model: WanTransformer3DModel, r: PackedRequest) -> dict[str, torch.Tensor | None]:
+    """One request's patch rows and condition embeddings (diffusers' own submodules on a batch of one)."""
+    if (r.image is None) != (model.condition_embedder.image_embedder is None):
+        raise ValueError("Wan 2.1 I2V rows need their image's CLIP tokens, and other Wan rows take none")
+    sample = r.latents.unsqueeze(0)
+    t, p, txt, img = model.condition_embedder(r.timestep.reshape(1), r.text.unsqueeze(0),
+                                              None if r.image is None else r.image.unsqueeze(0))
+    out = {"patches": model.patch_embedding(sample).flatten(2).transpose(1, 2)[0], "temb": t[0],
+           "proj": p[0].unflatten(0, (6, -1)), "text": txt[0], "image": None if img is None else img[0],
+           "clean_temb": None, "clean_proj": None}
+    if r.clean_tokens:
+        t0, p0, _, _ = model.condition_embedder(torch.zeros_like(r.timestep).reshape(1), r.text.unsqueeze(0), None)
+        out["clean_temb"], out["clean_proj"] = t0[0], p0[0].unflatten(0, (6, -1))
+    return out
+
+
 def forward_rows(model: WanTransformer3DModel, requests: list[PackedRequest], ctx: AttentionContext,
-                 ) -> tuple[torch.Tensor, list[Segment]]:
-    """Output rows (before unpatchify) of the tokens this process holds, and which tokens they are."""
+                 keep_residual: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, list[Segment]]:
+    """Output rows (before unpatchify) of the tokens this process holds; with `keep_residual` the blocks' residual on
+    those rows (their output minus their input: what MagCache reuses), else None; and which tokens they are."""
     counts = token_counts(model, requests)
     segments = ctx.segments(counts)
     held = sorted({s.request for s in segments})  # a rank computes only its requests' embeddings
@@ -54,20 +71,14 @@ def forward_rows(model: WanTransformer3DModel, requests: list[PackedRequest], ct
     clean_temb, clean_proj = {}, {}  # image first frames: (clean tokens, embedding at timestep 0)
     for i in held:
         r = requests[i]
-        if (r.image is None) != (model.condition_embedder.image_embedder is None):
-            raise ValueError("Wan 2.1 I2V rows need their image's CLIP tokens, and other Wan rows take none")
-        sample = r.latents.unsqueeze(0)
-        c, s = model.rope(sample)
+        c, s = model.rope(r.latents.unsqueeze(0))
         cos[i], sin[i] = c[0], s[0]  # (tokens, 1, head_dim)
-        patches[i] = model.patch_embedding(sample).flatten(2).transpose(1, 2)[0]
-        t, p, txt, img = model.condition_embedder(r.timestep.reshape(1), r.text.unsqueeze(0),
-                                                  None if r.image is None else r.image.unsqueeze(0))
-        temb[i], proj[i], text[i] = t[0], p[0].unflatten(0, (6, -1)), txt[0]
-        if img is not None:
-            image[i] = img[0]
+        e = _embeddings(model, r)
+        patches[i], temb[i], proj[i], text[i] = e["patches"], e["temb"], e["proj"], e["text"]
+        if e["image"] is not None:
+            image[i] = e["image"]
         if r.clean_tokens:
-            t0, p0, _, _ = model.condition_embedder(torch.zeros_like(r.timestep).reshape(1), r.text.unsqueeze(0), None)
-            clean_temb[i], clean_proj[i] = (r.clean_tokens, t0[0]), p0[0].unflatten(0, (6, -1))
+            clean_temb[i], clean_proj[i] = (r.clean_tokens, e["clean_temb"]), e["clean_proj"]
     x = gather_rows(patches, segments)
     rope_cos, rope_sin = gather_rows(cos, segments), gather_rows(sin, segments)
     row_temb = per_row(temb, segments, clean_temb)
@@ -77,12 +88,29 @@ def forward_rows(model: WanTransformer3DModel, requests: list[PackedRequest], ct
     proj_stack = torch.stack(tables)
     row_request = _row_tables(held, list(clean_proj), {i: n for i, (n, _) in clean_temb.items()}, segments).to(x.device)
 
+    blocks_input = x
     for block in model.blocks:
         x = _block(block, x, text, image, proj_stack, row_request, rope_cos, rope_sin, counts, segments, ctx)
+    residual = x - blocks_input if keep_residual else None
+    return _head(model, x, row_temb), residual, segments
 
+
+def _head(model: WanTransformer3DModel, x: torch.Tensor, row_temb: torch.Tensor) -> torch.Tensor:
+    """The output norm (modulated per row) and projection after the blocks."""
     shift, scale = (model.scale_shift_table + row_temb.unsqueeze(1)).chunk(2, dim=1)
     x = (model.norm_out(x.float()) * (1 + scale[:, 0]) + shift[:, 0]).type_as(x)
-    return model.proj_out(x), segments
+    return model.proj_out(x)
+
+
+def skipped_blocks_prediction(model: WanTransformer3DModel, request: PackedRequest, residual: torch.Tensor,
+                              ) -> torch.Tensor:
+    """One row's prediction on a step MagCache skips (`MagCacheHeadHook`): the embeddings and the head run, the
+    blocks' output is their input plus `residual` (all the row's tokens, from its last computed step)."""
+    e = _embeddings(model, request)
+    (segment,) = LocalAttention().segments(token_counts(model, [request]))
+    clean = {0: (request.clean_tokens, e["clean_temb"])} if request.clean_tokens else {}
+    row_temb = per_row({0: e["temb"]}, [segment], clean)
+    return unpatchify(model, request, _head(model, e["patches"] + residual.to(e["patches"].dtype), row_temb))
 
 
 def _row_tables(held: list[int], clean: list[int], clean_tokens: dict[int, int], segments: list[Segment],
@@ -142,5 +170,12 @@ def unpatchify(model: WanTransformer3DModel, request: PackedRequest, rows: torch
 def output_rows(model: WanTransformer3DModel, requests: list[PackedRequest],
                 ctx: AttentionContext) -> dict[int, tuple[int, torch.Tensor]]:
     """{request: (first token, output rows)} of the tokens this process holds, ready for unpatchify."""
-    rows, segments = forward_rows(model, requests, ctx)
+    rows, _, segments = forward_rows(model, requests, ctx)
     return rows_by_request(rows, segments)
+
+
+def output_and_residual_rows(model: WanTransformer3DModel, requests: list[PackedRequest], ctx: AttentionContext,
+                             ) -> tuple[dict[int, tuple[int, torch.Tensor]], dict[int, tuple[int, torch.Tensor]]]:
+    """`output_rows`, and the blocks' residual on the same tokens (MagCache's computed steps)."""
+    rows, residual, segments = forward_rows(model, requests, ctx, keep_residual=True)
+    return rows_by_request(rows, segments), rows_by_request(residual, segments)

@@ -20,7 +20,7 @@ from ray import serve
 from api.serve_configs import serve_application
 from deployments.media import decode_mp4, probe_mp4
 from deployments.video_ingress import app as video_api
-from models.shapes.data import all_attributes
+from models.shapes.data import Attributes, all_attributes
 from models.shapes.scorer import accuracy, read_video
 from serve_graph.app import build_video_app
 from tests.conftest import TEST_HEIGHTS
@@ -265,6 +265,18 @@ def test_a_step_cached_job_computes_fewer_steps(client):
     assert all(b[4:8] == b"ftyp" for b in content) and content[0] != content[1]
 
 
+def test_a_magcache_job_skips_steps_and_keeps_the_prompt(client):
+    """MagCache on the shapes model (its calibrated ratios in configs/local.yaml): fewer steps run the blocks, the
+    video still shows what the prompt asks, as the uncached one of the same seed does."""
+    ask = dict(prompt="a red circle moving left", seed=3)
+    jobs = [submit(client, **ask), submit(client, **ask, cache={"mode": "magcache", "threshold": 0.12})]
+    done = [wait(client, j["id"]) for j in jobs]
+    assert [d["status"] for d in done] == ["completed", "completed"]
+    assert done[0]["computed_steps"] == 20 and done[1]["computed_steps"] == 12
+    read = [read_video(decode_mp4(client.get(f"/v1/videos/{j['id']}/content").content)).attributes for j in jobs]
+    assert read[0] == read[1] == Attributes("red", "circle", "left")
+
+
 def test_overload_answers_429_and_recovers(client):
     long_ask = dict(model="cogvideox-tiny", prompt="busy", resolution="720p", num_frames=17, num_inference_steps=200)
     jobs = [submit(client, **long_ask) for _ in range(8)]
@@ -317,7 +329,13 @@ def test_image_generation_returns_png(client):
          "le=50"),
         ("/v1/videos", {"prompt": "x", "colour": "red"}, 400, "colour", "Extra inputs"),
         ("/v1/videos", {"prompt": "x", "cache": {"mode": "teacache"}}, 400, "cache.mode",
+         "supported: none, taylorseer, magcache"),
+        ("/v1/videos", {"prompt": "x", "model": "cogvideox-tiny", "cache": {"mode": "magcache"}}, 400, "cache.mode",
          "supported: none, taylorseer"),
+        ("/v1/videos", {"prompt": "x", "model": "wan-tiny", "cache": {"mode": "magcache"}}, 400, "cache.mag_ratios",
+         "no calibrated MagCache ratios"),
+        ("/v1/videos", {"prompt": "x", "cache": {"mode": "magcache", "threshold": 0}}, 400, "cache.threshold",
+         "gt=0"),
         ("/v1/videos", {"prompt": "x", "cache": {"mode": "fast"}}, 400, "cache.mode", "taylorseer"),
         ("/v1/videos", {"prompt": "x", "cache": {"mode": "taylorseer", "interval": 0}}, 400, "cache.interval",
          "ge=1"),

@@ -1,5 +1,5 @@
-"""Per-request step caches inside step batching: the schedule, the plans that carry only computed rows, and the
-engine's TaylorSeer against diffusers' own TaylorSeer hooks on the pipeline."""
+"""Per-request step caches inside step batching: the schedules, the plans that carry only computed rows, and the
+engine's TaylorSeer and MagCache against diffusers' own hooks on the pipeline."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from diffusers import TaylorSeerCacheConfig
+from diffusers import MagCacheConfig, TaylorSeerCacheConfig
 from diffusers.hooks.hooks import CacheContext, StateManager
 from diffusers.hooks.taylorseer_cache import TaylorSeerCacheHook, TaylorSeerState
 from pydantic import ValidationError
@@ -32,14 +32,26 @@ def test_the_schedule_is_diffusers_taylorseer_rule(interval, warmup):
     hook.state_manager.set_context(CacheContext(name="request"))
     expected = [hook._measure_should_compute()[0] for _ in range(30)]
     cache = StepCache(mode="taylorseer", interval=interval, warmup_steps=warmup)
-    assert [cache.computes(step) for step in range(30)] == expected
+    assert list(cache.schedule(30)) == expected
     assert cache.computed_steps_from(30)[0] == sum(expected)
-    assert all(StepCache().computes(step) for step in range(30))
+    assert all(StepCache().schedule(30))
 
 
 def test_a_second_expert_computes_its_first_step():
     cache = StepCache(mode="taylorseer", interval=5, warmup_steps=2)
-    assert not cache.computes(4) and cache.computes(4, expert_switch_step=4)
+    assert not cache.schedule(10)[4] and cache.schedule(10, expert_switch_step=4)[4]
+
+
+RATIOS = (1.0, 1.02, 1.01, 0.99, 1.0, 1.03, 0.98, 1.01, 0.97)
+MAG = StepCache(mode="magcache", threshold=0.06, max_skip_steps=2, retention_ratio=0.2, mag_ratios=RATIOS)
+
+
+def test_the_magcache_schedule_accumulates_the_ratios_error():
+    """After the retained 20% (2 of 9 steps), steps skip while the accumulated |1 - product of ratios| stays within
+    0.06 and at most 2 in a row; a longer or shorter run interpolates the ratios (diffusers' nearest_interp)."""
+    assert MAG.schedule(9) == (True, True, False, False, True, False, False, True, False)
+    assert MAG.model_copy(update={"threshold": 0.005}).schedule(9) == (True,) * 4 + (False,) + (True,) * 4
+    assert len(MAG.schedule(30)) == 30 and sum(MAG.schedule(30)) < 30
 
 
 def test_options_of_another_mode_are_refused():
@@ -47,6 +59,10 @@ def test_options_of_another_mode_are_refused():
         StepCache(mode="none", interval=3)
     with pytest.raises(ValidationError):
         StepCache(mode="taylorseer", interval=0)
+    with pytest.raises(ValidationError, match="magcache"):
+        StepCache(mode="taylorseer", threshold=0.1)
+    with pytest.raises(ValidationError, match=r"\(0, 100\)"):
+        StepCache(mode="magcache", mag_ratios=(1.0, -1.0))
 
 
 def test_cached_steps_carry_no_rows_tokens_or_ring():
@@ -57,7 +73,7 @@ def test_cached_steps_carry_no_rows_tokens_or_ring():
     core.admit(replace(cached, cache=TAYLOR))
     core.admit(new_request(steps=10, seq_len=100, request_id="plain"))
     meta = core.pool["cached"]
-    computes = [TAYLOR.computes(k) for k in range(10)]
+    computes = list(TAYLOR.schedule(10))
     assert meta.remaining_cost == sum(computes) * 100 < core.pool["plain"].remaining_cost
     rows_seen = []
     while core.pool:
@@ -92,7 +108,7 @@ def test_taylorseer_equals_diffusers_lite_hooks_on_the_pipeline(wan):
                  prompts[0])
     engine.run()
     forwards = sum(r.forwards for r in engine.results)
-    assert forwards == sum(TAYLOR.computes(k) for k in range(9)) == engine.done["x"].computed_steps < 9
+    assert forwards == sum(TAYLOR.schedule(9)) == engine.done["x"].computed_steps < 9
 
     pipeline = load_adapter(spec, parts=("text", "transformer", "vae")).pipeline
     pipeline.transformer.enable_cache(TaylorSeerCacheConfig(cache_interval=3, disable_cache_before_step=2,
@@ -126,3 +142,35 @@ def test_interval_one_computes_every_step_and_changes_no_byte(wan):
         engine.run()
         latents.append(engine.latents["x"])
     assert torch.equal(latents[0], latents[1])
+
+
+
+def test_magcache_equals_diffusers_mag_cache_hooks_on_the_pipeline(wan):
+    """The engine's MagCache (skipped steps: embeddings and head of the request's rows, out of the packed forward,
+    each CFG row adding its own last blocks' residual) gives the latents of WanPipeline with diffusers' MagCache
+    hooks (one state per cond / uncond context)."""
+    spec, prompts = wan
+    engine = Engine([spec])
+    engine.admit("x", gen_spec(spec.name, steps=9, seed=3, guidance=6.0, prompt="a cat on the moon", cache=MAG),
+                 prompts[0])
+    engine.run()
+    assert sum(r.forwards for r in engine.results) == sum(MAG.schedule(9)) == engine.done["x"].computed_steps == 4
+
+    pipeline = load_adapter(spec, parts=("text", "transformer", "vae")).pipeline
+    pipeline.transformer.enable_cache(MagCacheConfig(threshold=0.06, max_skip_steps=2, retention_ratio=0.2,
+                                                     num_inference_steps=9, mag_ratios=list(RATIOS)))
+    kwargs = dict(prompt="a cat on the moon", negative_prompt="", height=32, width=48, num_frames=9,
+                  num_inference_steps=9, guidance_scale=6.0, output_type="latent", max_sequence_length=16)
+    reference = pipeline(generator=torch.Generator().manual_seed(3), **kwargs).frames
+    pipeline.transformer.disable_cache()
+    uncached = pipeline(generator=torch.Generator().manual_seed(3), **kwargs).frames
+    torch.testing.assert_close(engine.latents["x"], reference, rtol=0, atol=1e-5)
+    assert (engine.latents["x"] - uncached).abs().max() > 1e-3  # the cache did change the result
+
+
+def test_a_magcache_request_packed_with_others_equals_alone(wan):
+    """Its residuals are the request's own rows': packing it with a request of another shape changes nothing."""
+    spec, prompts = wan
+    assert_joined_late_equals_alone(
+        spec, (gen_spec(spec.name, steps=9, seed=5, cache=MAG), prompts[0]),
+        (gen_spec(spec.name, steps=10, height=48, width=32, frames=5, seed=1), prompts[1]))
