@@ -21,6 +21,7 @@ from models import load_adapter
 from models.step_cache import StepCache
 from tests.conftest import tiny_spec
 from tests.factories import Engine, assert_joined_late_equals_alone, gen_spec, new_request
+from tests.spmd_cases import assert_two_ranks_equal_one_rank
 
 TAYLOR = StepCache(mode="taylorseer", interval=3, warmup_steps=2)
 
@@ -174,3 +175,13 @@ def test_a_magcache_request_packed_with_others_equals_alone(wan):
     assert_joined_late_equals_alone(
         spec, (gen_spec(spec.name, steps=9, seed=5, cache=MAG), prompts[0]),
         (gen_spec(spec.name, steps=10, height=48, width=32, frames=5, seed=1), prompts[1]))
+
+
+def test_magcache_on_two_ranks_equals_one_rank():
+    """On a Brick ring of 2 the residuals are gathered with the outputs, so each rank's skipped steps add the same
+    whole residual: a MagCache request (beside a TaylorSeer and an uncached one) ends as on one rank."""
+    spec = tiny_spec("wan")
+    asks = [("mag", gen_spec(spec.name, steps=9, height=64, width=96, seed=1, cache=MAG)),
+            ("taylor", gen_spec(spec.name, steps=8, seed=2, cache=TAYLOR)),
+            ("plain", gen_spec(spec.name, steps=4, seed=3))]
+    assert_two_ranks_equal_one_rank([spec], asks, 8)
