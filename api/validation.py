@@ -69,7 +69,7 @@ class ServedModel:
             if self.spec.mag_ratios is None:
                 raise InvalidRequest("cache.mag_ratios", f"{self.spec.name} has no calibrated MagCache ratios: pass "
                                      "cache.mag_ratios (2-1000 values in (0, 100)) or calibrate the model "
-                                     "(python -m models.mag_calibration) and set its mag_ratios")
+                                     "(python -m api.mag_calibration) and set its mag_ratios")
             cache = cache.model_copy(update={"mag_ratios": self.spec.mag_ratios})
         return cache
 

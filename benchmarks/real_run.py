@@ -70,7 +70,7 @@ def run_systems(traces: dict[str, list[TraceRequest]], systems: list[System], re
                 out[system.name] = {name: [] for name in traces}
                 for _ in range(replays):
                     for name, trace in traces.items():
-                        out[system.name][name].append(asyncio.run(_replay(f"http://127.0.0.1:{port}", trace)))
+                        out[system.name][name].append(asyncio.run(replay(f"http://127.0.0.1:{port}", trace)))
                 if before_delete is not None:
                     before_delete(system)
                 serve.delete("video")
@@ -80,21 +80,25 @@ def run_systems(traces: dict[str, list[TraceRequest]], systems: list[System], re
         ray.shutdown()
 
 
-def _body(request: TraceRequest, steps: int | None = None) -> dict:
+def trace_body(request: TraceRequest, steps: int | None = None) -> dict:
+    """The POST /v1/videos body of a trace request of the CPU profile's models (`steps`: override its steps)."""
     return {"model": MODELS[request.model], "prompt": request.prompt, "resolution": request.resolution,
             "num_frames": request.num_frames, "num_inference_steps": steps or request.steps, "seed": request.seed}
 
 
-async def _replay(base_url: str, trace: list[TraceRequest]) -> list[RealOutcome]:
+async def replay(base_url: str, trace: list[TraceRequest],
+                 body: Callable[..., dict] = trace_body) -> list[RealOutcome]:
+    """One warm-up job, then every request POSTed at its arrival offset (`body(request)`: its JSON; `body(request,
+    steps=2)`: the warm-up's) and polled until done."""
     async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
-        warm = (await client.post("/v1/videos", json=_body(trace[0], steps=2))).json()
+        warm = (await client.post("/v1/videos", json=body(trace[0], steps=2))).json()
         await _wait(client, warm["id"])
         start = time.time()
 
         async def one(request: TraceRequest) -> RealOutcome:
             await asyncio.sleep(max(0.0, start + request.arrival_s - time.time()))
             submitted = time.time()
-            response = await client.post("/v1/videos", json=_body(request))
+            response = await client.post("/v1/videos", json=body(request))
             if response.status_code != 202:
                 return RealOutcome(request, float("nan"), f"HTTP {response.status_code}: {response.text[:200]}", {})
             job = await _wait(client, response.json()["id"])

@@ -2,7 +2,8 @@
 
 JSON carries the input image (image-to-video) as a base64 data URL in `input_reference`;
 multipart carries the request's fields as form fields and the image as the file part
-`input_reference` (a data URL in a text field of that name is read too). Either way the
+`input_reference` (a data URL in a text field of that name is read too); an object-valued
+field (`cache`) is a form field holding its JSON. Either way the
 result is the same typed request and the image's bytes, and every malformed body is a
 400 that names what is wrong, as a JSON body's errors always were.
 """
@@ -22,6 +23,8 @@ from api.schemas import VideoGenerationRequest
 from api.validation import InvalidRequest
 
 MAX_FORM_FIELDS = 32
+JSON_FORM_FIELDS = ("cache",)
+"""Fields whose value is an object: a multipart form carries them as JSON text."""
 
 
 def _typed(fields: Any) -> VideoGenerationRequest:
@@ -70,4 +73,13 @@ async def _multipart(request: Request) -> tuple[VideoGenerationRequest, bytes | 
         if image is not None:
             raise InvalidRequest(FIELD, f"{FIELD} is given both as a file and as a field")
         image = bytes_of_data_url(fields.pop(FIELD))
-    return _typed(fields), image
+    return _typed({key: _form_json(key, value) if key in JSON_FORM_FIELDS else value
+                   for key, value in fields.items()}), image
+
+
+def _form_json(key: str, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise InvalidRequest(key, f"form field {key!r} must hold a JSON object, e.g. {{\"mode\": \"taylorseer\"}}: "
+                                  f"{exc}") from exc

@@ -68,7 +68,7 @@ class ModelSpec(FrozenModel):
     mag_ratios: tuple[float, ...] | None = Field(
         default=None, min_length=2, max_length=1000,
         description="MagCache's calibrated magnitude ratios of this checkpoint, one per step of the calibration run "
-                    "(python -m models.mag_calibration prints them): the default of a magcache request's mag_ratios.")
+                    "(python -m api.mag_calibration prints them): the default of a magcache request's mag_ratios.")
 
     @model_validator(mode="after")
     def _check_cache(self) -> "ModelSpec":

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 from pydantic import Field, model_validator
 
 from common.frozen import FrozenModel
@@ -74,7 +75,7 @@ class StepCache(FrozenModel):
     mag_ratios: tuple[float, ...] | None = Field(
         default=None, min_length=2, max_length=1000,
         description="magcache: the checkpoint's calibrated magnitude ratios, one per step of the calibration run "
-                    "(default: the served model's `mag_ratios`; python -m models.mag_calibration prints them).")
+                    "(default: the served model's `mag_ratios`; python -m api.mag_calibration prints them).")
 
     @model_validator(mode="after")
     def _options_of_the_mode(self) -> "StepCache":
@@ -116,21 +117,16 @@ class StepCache(FrozenModel):
 
     def _magcache_schedule(self, total_steps: int) -> tuple[bool, ...]:
         """`MagCacheHeadHook`'s decisions over a run of `total_steps`, in its float32 arithmetic on the ratios
-        interpolated to the run as `MagCacheConfig` does."""
-        import torch  # the decisions follow diffusers' tensor arithmetic; only a magcache request gets here
-        from diffusers.hooks.mag_cache import nearest_interp
-
+        interpolated to the run as `MagCacheConfig` does (in numpy: the scheduler's process loads no diffusers)."""
         if self.mag_ratios is None:
             raise ValueError("a magcache schedule needs mag_ratios (the served model's calibration)")
-        ratios = torch.tensor(self.mag_ratios)
-        if len(ratios) != total_steps:
-            ratios = nearest_interp(ratios, total_steps)
+        ratios = interpolate_ratios(np.asarray(self.mag_ratios, dtype=np.float32), total_steps)
         threshold = DEFAULT_THRESHOLD if self.threshold is None else self.threshold
         max_skip = DEFAULT_MAX_SKIP if self.max_skip_steps is None else self.max_skip_steps
         retention = DEFAULT_RETENTION if self.retention_ratio is None else self.retention_ratio
         retention_step = int(retention * total_steps + 0.5)
         out: list[bool] = []
-        ratio, steps, error = 1.0, 0, 0.0
+        ratio, steps, error = np.float32(1.0), 0, np.float32(0.0)
         for step in range(total_steps):
             computes = True
             if step >= retention_step:
@@ -140,6 +136,16 @@ class StepCache(FrozenModel):
                 if any(out) and error <= threshold and steps <= max_skip:
                     computes = False
                 else:
-                    ratio, steps, error = 1.0, 0, 0.0
+                    ratio, steps, error = np.float32(1.0), 0, np.float32(0.0)
             out.append(computes)
         return tuple(out)
+
+
+def interpolate_ratios(ratios: np.ndarray, length: int) -> np.ndarray:
+    """diffusers' `mag_cache.nearest_interp` (float32 grid, round half to even): the ratios of a run of `length`."""
+    if len(ratios) == length:
+        return ratios
+    if length == 1:
+        return ratios[-1:]
+    grid = np.arange(length, dtype=np.float32) * np.float32((len(ratios) - 1) / (length - 1))
+    return ratios[np.round(grid).astype(np.int64)]

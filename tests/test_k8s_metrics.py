@@ -71,8 +71,10 @@ def scraped(serve_cluster, tmp_path_factory) -> str:
     serve.run(build_coder_app(coder_args), name="coder", route_prefix="/coder")
     scheduler = serve.get_deployment_handle("StepScheduler", app_name="video")
     with httpx.Client(base_url=serve_cluster.url, timeout=60) as client:
+        # Steps 0 and 2 compute, step 1 comes from the TaylorSeer cache (the step-cache panel's metrics).
         job = client.post("/v1/videos", json={"model": "wan-tiny", "prompt": "a cat", "resolution": "240p",
-                                              "num_frames": 5, "num_inference_steps": 3}).json()
+                                              "num_frames": 5, "num_inference_steps": 3,
+                                              "cache": {"mode": "taylorseer", "warmup_steps": 1, "interval": 2}}).json()
         # 2,640 tokens per row: sharded over both ranks (KV traffic); one rank is killed while it runs.
         sharded = client.post("/v1/videos", json={"model": "wan-tiny", "prompt": "waves", "resolution": "360p",
                                                   "num_frames": 9, "num_inference_steps": 6}).json()

@@ -158,6 +158,13 @@ def test_image_to_video_as_a_multipart_upload_and_as_a_data_url(client):
     bad_form = client.post("/v1/videos", data={**fields, "num_inference_steps": "many"},
                            files={"input_reference": ("cat.png", png, "image/png")})
     assert bad_form.status_code == 400 and bad_form.json()["error"]["param"] == "num_inference_steps"
+    image = {"input_reference": ("cat.png", png, "image/png")}
+    cached = client.post("/v1/videos", files=image,
+                         data={**fields, "cache": json.dumps({"mode": "taylorseer", "warmup_steps": 1, "interval": 2})})
+    assert cached.status_code == 202, cached.text
+    assert wait(client, cached.json()["id"])["computed_steps"] == 2  # steps 0 and 2; step 1 from the cache
+    not_json = client.post("/v1/videos", data={**fields, "cache": "taylorseer"}, files=image)
+    assert not_json.status_code == 400 and not_json.json()["error"]["param"] == "cache", not_json.text
 
 
 def test_mixed_requests_on_brick_rings_equal_each_alone(client):

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from diffusers import MagCacheConfig, TaylorSeerCacheConfig
 from diffusers.hooks.hooks import CacheContext, StateManager
+from diffusers.hooks.mag_cache import nearest_interp
 from diffusers.hooks.taylorseer_cache import TaylorSeerCacheHook, TaylorSeerState
 from pydantic import ValidationError
 
@@ -18,7 +20,7 @@ from engine.messages import StepResult
 from engine.policies import make_policy
 from engine.scheduler import StepSchedulerCore
 from models import load_adapter
-from models.step_cache import StepCache
+from models.step_cache import StepCache, interpolate_ratios
 from tests.conftest import tiny_spec
 from tests.factories import Engine, assert_joined_late_equals_alone, gen_spec, new_request
 from tests.spmd_cases import assert_two_ranks_equal_one_rank
@@ -53,6 +55,14 @@ def test_the_magcache_schedule_accumulates_the_ratios_error():
     assert MAG.schedule(9) == (True, True, False, False, True, False, False, True, False)
     assert MAG.model_copy(update={"threshold": 0.005}).schedule(9) == (True,) * 4 + (False,) + (True,) * 4
     assert len(MAG.schedule(30)) == 30 and sum(MAG.schedule(30)) < 30
+
+
+@pytest.mark.parametrize("length", [1, 2, 5, 9, 13, 20, 28, 50, 61])
+def test_ratios_interpolate_as_diffusers_does(length):
+    """The scheduler's numpy interpolation of the ratios to a run's length picks diffusers' (torch) indices."""
+    ratios = torch.linspace(0.7, 1.1, 20)
+    expected = nearest_interp(ratios, length).numpy()
+    assert np.array_equal(interpolate_ratios(ratios.numpy(), length), expected)
 
 
 def test_options_of_another_mode_are_refused():

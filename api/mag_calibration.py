@@ -8,7 +8,7 @@ cache context: cond and uncond). This runs the model's diffusers pipeline, loade
 checkpoint as the server loads it, on a few prompts and seeds, and prints the mean ratios to
 paste as the model's `mag_ratios` in the Serve config.
 
-    python -m models.mag_calibration --model shapes-t2v --steps 20
+    python -m api.mag_calibration --model shapes-t2v --steps 20
 """
 
 from __future__ import annotations
