@@ -153,7 +153,7 @@ def main() -> None:
             spec_args["store"]["data_dir"] = data_dir
             serve.run(build_video_app(spec_args), name="video", route_prefix="/")
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-                submit(client, body("a red circle moving left", 0, {"mode": "none"}))  # warm-up
+                wait(client, submit(client, body("a red circle moving left", 0, {"mode": "none"})))  # warm-up
                 alone = summarise_alone(run_alone(client, captions(args.prompts)), steps)
             rate = args.load / alone["none"]["latency_s"]
             load = run_load(f"http://127.0.0.1:{port}", load_trace(args.jobs, rate), args.setting, args.rounds)
