@@ -220,8 +220,9 @@ class ModelRunner:
                     adapter.skipped_blocks_prediction(x, request.timestep, cond, residual)
                     for cond, residual in zip(request.prompt.rows_in_order, request.cache.residuals(request.step))])
             errors[request.request.request_id] = f"step {request.step} is planned cached but the request has no cache"
-        except RuntimeError as exc:
-            errors[request.request.request_id] = str(exc)
+        except Exception as exc:  # a step-cache fault fails this request only
+            logger.exception("step cache of %s failed at step %d", request.request.request_id, request.step)
+            errors[request.request.request_id] = f"step cache failed: {exc}"
         return None
 
     def _update_caches(self, model: str, predictions: list[tuple[RunnerRequest, torch.Tensor]]) -> None:

@@ -195,3 +195,18 @@ def test_magcache_on_two_ranks_equals_one_rank():
             ("taylor", gen_spec(spec.name, steps=8, seed=2, cache=TAYLOR)),
             ("plain", gen_spec(spec.name, steps=4, seed=3))]
     assert_two_ranks_equal_one_rank([spec], asks, 8)
+
+
+def test_a_step_cache_fault_fails_only_its_request(wan):
+    """A MagCache request whose residuals are lost on the runner fails at its first skipped step, naming the step
+    cache; the uncached request packed beside it finishes."""
+    spec, prompts = wan
+    engine = Engine([spec])
+    engine.admit("mag", gen_spec(spec.name, steps=9, seed=1, cache=MAG), prompts[0])
+    engine.admit("plain", gen_spec(spec.name, steps=9, seed=2), prompts[1])
+    while engine.core.pool["mag"].steps_done < 2:  # steps 0 and 1 computed
+        engine.step()
+    engine.runner.requests["mag"].cache.rows = None
+    engine.run()
+    assert engine.done["mag"].error.startswith("step cache failed: step 2 skips the blocks")
+    assert engine.done["plain"].error is None and "plain" in engine.latents and "mag" not in engine.latents
