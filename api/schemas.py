@@ -34,8 +34,9 @@ class _Request(BaseModel):
     cache: StepCache | None = Field(
         default=None, description="Step cache: {\"mode\": \"none\" | \"taylorseer\" | \"magcache\", ...}. taylorseer "
         "(\"interval\": 1-20, \"warmup_steps\": 1-200) runs the transformer on the first warmup_steps steps (default 3) "
-        "and then one step in every interval (default 5), the others extrapolated from them. magcache (Wan models; "
-        "\"threshold\": (0, 1], \"max_skip_steps\": 1-20, \"retention_ratio\": [0, 1], \"mag_ratios\") skips the "
+        "and then one step in every interval (default 5), the others extrapolated from them. magcache (Wan with one "
+        "transformer, CogVideoX; \"threshold\": (0, 1], \"max_skip_steps\": 1-20, \"retention_ratio\": [0, 1], "
+        "\"mag_ratios\") skips the "
         "blocks while the model's calibrated magnitude ratios stay within threshold (defaults 0.06, 3, 0.2). "
         "Default: the model's `cache`.")
 

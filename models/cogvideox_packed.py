@@ -16,7 +16,7 @@ import torch
 from diffusers import CogVideoXTransformer3DModel
 from diffusers.models.embeddings import apply_rotary_emb
 
-from attention.context import AttentionContext, Segment, gather_rows, per_row, rows_by_request
+from attention.context import AttentionContext, LocalAttention, Segment, gather_rows, per_row, rows_by_request
 from models.packed import PackedRequest
 
 
@@ -49,23 +49,29 @@ def _ofs_embedding(model: CogVideoXTransformer3DModel, dtype: torch.dtype, devic
     return model.ofs_embedding(ofs)[0]
 
 
+def _embeddings(model: CogVideoXTransformer3DModel, r: PackedRequest) -> tuple[torch.Tensor, torch.Tensor]:
+    """One request's joint rows ([text; video] patch embedding) and its timestep embedding."""
+    embeds = model.embedding_dropout(model.patch_embed(r.text.unsqueeze(0), r.latents.unsqueeze(0)))[0]
+    temb = model.time_embedding(model.time_proj(r.timestep.reshape(1)).to(dtype=embeds.dtype), None)[0]
+    if model.ofs_embedding is not None:  # CogVideoX1.5-5B-I2V: the pipeline's constant offset, every row
+        temb = temb + _ofs_embedding(model, embeds.dtype, embeds.device)
+    return embeds, temb
+
+
 def forward_rows(model: CogVideoXTransformer3DModel, requests: list[PackedRequest], ctx: AttentionContext,
-                 ) -> tuple[torch.Tensor, list[Segment]]:
-    """Output rows of the joint tokens this process holds (text rows are discarded by `unpatchify`)."""
+                 keep_residual: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, list[Segment]]:
+    """Output rows of the joint tokens this process holds (text rows are discarded by `unpatchify`); with
+    `keep_residual` the blocks' residual on those rows (MagCache), else None; and which tokens they are."""
     counts = token_counts(model, requests)
     segments = ctx.segments(counts)
     head_dim = model.config.attention_head_dim
     embeds, temb, is_text, cos, sin = {}, {}, {}, {}, {}
     for i in sorted({s.request for s in segments}):  # a rank embeds only the requests it holds
         r = requests[i]
-        embeds[i] = model.embedding_dropout(model.patch_embed(r.text.unsqueeze(0), r.latents.unsqueeze(0)))[0]
-        t_emb = model.time_proj(r.timestep.reshape(1)).to(dtype=embeds[i].dtype)
-        temb[i] = model.time_embedding(t_emb, None)[0]
-        if model.ofs_embedding is not None:  # CogVideoX1.5-5B-I2V: the pipeline's constant offset, every row
-            temb[i] = temb[i] + _ofs_embedding(model, t_emb.dtype, t_emb.device)
+        embeds[i], temb[i] = _embeddings(model, r)
         is_text[i] = torch.arange(counts[i], device=embeds[i].device) < len(r.text)
         cos[i], sin[i] = _joint_rope(r, counts[i] - len(r.text), head_dim)
-    x = gather_rows(embeds, segments)
+    x = blocks_input = gather_rows(embeds, segments)
     text_rows = gather_rows(is_text, segments).unsqueeze(1)
     rope = (gather_rows(cos, segments), gather_rows(sin, segments))
 
@@ -76,12 +82,28 @@ def forward_rows(model: CogVideoXTransformer3DModel, requests: list[PackedReques
         mod = per_row({i: block.norm2.linear(block.norm2.silu(t)) for i, t in temb.items()}, segments)
         normed, gate = _modulate(block.norm2.norm, x, mod, text_rows)
         x = x + gate * block.ff(normed)
+    residual = x - blocks_input if keep_residual else None
+    return _head(model, x, temb, segments), residual, segments
 
+
+def _head(model: CogVideoXTransformer3DModel, x: torch.Tensor, temb: dict[int, torch.Tensor],
+          segments: list[Segment]) -> torch.Tensor:
+    """The final norm, the output norm modulated per row and the projection after the blocks (per token, so a
+    video row's output does not depend on the text rows beside it)."""
     x = model.norm_final(x)
     shift, scale = per_row({i: model.norm_out.linear(model.norm_out.silu(t)) for i, t in temb.items()},
                            segments).chunk(2, dim=1)
-    x = model.norm_out.norm(x) * (1 + scale) + shift
-    return model.proj_out(x), segments
+    return model.proj_out(model.norm_out.norm(x) * (1 + scale) + shift)
+
+
+def skipped_blocks_prediction(model: CogVideoXTransformer3DModel, request: PackedRequest, residual: torch.Tensor,
+                              ) -> torch.Tensor:
+    """One row's prediction on a step MagCache skips: the embeddings and the head run, the blocks' output is their
+    input plus `residual` (the row's joint tokens, from its last computed step; its video tokens are what
+    diffusers' `MagCacheHeadHook` adds, its text tokens never reach the prediction)."""
+    embeds, temb = _embeddings(model, request)
+    segments = LocalAttention().segments([len(embeds)])
+    return unpatchify(model, request, _head(model, embeds + residual.to(embeds.dtype), {0: temb}, segments))
 
 
 def _modulate(norm, x, mod, text_rows):
@@ -117,5 +139,12 @@ def unpatchify(model: CogVideoXTransformer3DModel, request: PackedRequest, rows:
 def output_rows(model: CogVideoXTransformer3DModel, requests: list[PackedRequest],
                 ctx: AttentionContext) -> dict[int, tuple[int, torch.Tensor]]:
     """{request: (first token, output rows)} of the tokens this process holds, ready for unpatchify."""
-    rows, segments = forward_rows(model, requests, ctx)
+    rows, _, segments = forward_rows(model, requests, ctx)
     return rows_by_request(rows, segments)
+
+
+def output_and_residual_rows(model: CogVideoXTransformer3DModel, requests: list[PackedRequest], ctx: AttentionContext,
+                             ) -> tuple[dict[int, tuple[int, torch.Tensor]], dict[int, tuple[int, torch.Tensor]]]:
+    """`output_rows`, and the blocks' residual on the same tokens (MagCache's computed steps)."""
+    rows, residual, segments = forward_rows(model, requests, ctx, keep_residual=True)
+    return rows_by_request(rows, segments), rows_by_request(residual, segments)

@@ -24,7 +24,7 @@ plan or its cost, and SRPTF counts the steps still to compute.
   calibration run): the accumulated error of the ratios since the last computed step must
   stay under `threshold` for at most `max_skip_steps` steps, after the first
   `retention_ratio` of the steps. Families whose packed forward can skip the blocks per
-  request run it (`DiffusionAdapter.cache_modes`); two-expert models do not.
+  request run it (`DiffusionAdapter.cache_modes`: Wan, CogVideoX); two-expert models do not.
 
 This module holds no tensor state: the API and the scheduler use it. The runner's
 per-request state lives in `models.step_cache_state`.

@@ -156,14 +156,16 @@ def test_interval_one_computes_every_step_and_changes_no_byte(wan):
 
 
 
-def test_magcache_equals_diffusers_mag_cache_hooks_on_the_pipeline(wan):
+@pytest.mark.parametrize("family", ["wan", "cogvideox"])
+def test_magcache_equals_diffusers_mag_cache_hooks_on_the_pipeline(family):
     """The engine's MagCache (skipped steps: embeddings and head of the request's rows, out of the packed forward,
-    each CFG row adding its own last blocks' residual) gives the latents of WanPipeline with diffusers' MagCache
-    hooks (one state per cond / uncond context)."""
-    spec, prompts = wan
+    each CFG row adding its own last blocks' residual) gives the latents of the family's pipeline with diffusers'
+    MagCache hooks (WanPipeline: one state per cond / uncond context; CogVideoXPipeline: both rows in one batch)."""
+    spec = tiny_spec(family)
+    prompt = TextEncoderCore([spec]).encode_batch([EncodeRequest(spec.name, "a cat on the moon", "")])[0]
     engine = Engine([spec])
     engine.admit("x", gen_spec(spec.name, steps=9, seed=3, guidance=6.0, prompt="a cat on the moon", cache=MAG),
-                 prompts[0])
+                 prompt)
     engine.run()
     assert sum(r.forwards for r in engine.results) == sum(MAG.schedule(9)) == engine.done["x"].computed_steps == 4
 
@@ -179,9 +181,12 @@ def test_magcache_equals_diffusers_mag_cache_hooks_on_the_pipeline(wan):
     assert (engine.latents["x"] - uncached).abs().max() > 1e-3  # the cache did change the result
 
 
-def test_a_magcache_request_packed_with_others_equals_alone(wan):
+@pytest.mark.parametrize("family", ["wan", "cogvideox"])
+def test_a_magcache_request_packed_with_others_equals_alone(family):
     """Its residuals are the request's own rows': packing it with a request of another shape changes nothing."""
-    spec, prompts = wan
+    spec = tiny_spec(family)
+    prompts = TextEncoderCore([spec]).encode_batch([EncodeRequest(spec.name, "a cat on the moon", ""),
+                                                    EncodeRequest(spec.name, "red car at night", "blur")])
     assert_joined_late_equals_alone(
         spec, (gen_spec(spec.name, steps=9, seed=5, cache=MAG), prompts[0]),
         (gen_spec(spec.name, steps=10, height=48, width=32, frames=5, seed=1), prompts[1]))
