@@ -71,7 +71,8 @@ def forward_rows(model: CogVideoXTransformer3DModel, requests: list[PackedReques
         embeds[i], temb[i] = _embeddings(model, r)
         is_text[i] = torch.arange(counts[i], device=embeds[i].device) < len(r.text)
         cos[i], sin[i] = _joint_rope(r, counts[i] - len(r.text), head_dim)
-    x = blocks_input = gather_rows(embeds, segments)
+    x = gather_rows(embeds, segments)
+    blocks_input = x if keep_residual else None  # held through the blocks only when asked for
     text_rows = gather_rows(is_text, segments).unsqueeze(1)
     rope = (gather_rows(cos, segments), gather_rows(sin, segments))
 

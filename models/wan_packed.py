@@ -88,7 +88,7 @@ def forward_rows(model: WanTransformer3DModel, requests: list[PackedRequest], ct
     proj_stack = torch.stack(tables)
     row_request = _row_tables(held, list(clean_proj), {i: n for i, (n, _) in clean_temb.items()}, segments).to(x.device)
 
-    blocks_input = x
+    blocks_input = x if keep_residual else None  # held through the blocks only when asked for
     for block in model.blocks:
         x = _block(block, x, text, image, proj_stack, row_request, rope_cos, rope_sin, counts, segments, ctx)
     residual = x - blocks_input if keep_residual else None
