@@ -22,6 +22,7 @@ import torch
 from diffusers import MagCacheConfig
 
 from api.serve_configs import LOCAL_CONFIG, serve_application
+from api.validation import video_size
 from models import load_adapter
 from models.spec import ModelSpec
 
@@ -78,13 +79,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="default: the model's default_steps")
     parser.add_argument("--prompt", action="append", default=None)
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--height", type=int, default=None, help="default: the model's first resolution")
-    parser.add_argument("--width", type=int, default=None, help="default: 16:9 of the height")
+    parser.add_argument("--resolution", default=None, help="default: the model's first")
+    parser.add_argument("--aspect-ratio", default=None, help="default: the model's first (16:9 if it lists none)")
     args = parser.parse_args()
     models = serve_application(args.app, args.config)["args"]["models"]
     spec = ModelSpec(**next(m for m in models if m["name"] == args.model))
-    height = args.height or next(iter(spec.resolution_heights.values()))
-    width = args.width or round(height * 16 / 9 / 16) * 16
+    resolution = args.resolution or next(iter(spec.resolution_heights))
+    aspect_ratio = args.aspect_ratio or (spec.aspect_ratios or ["16:9"])[0]
+    height, width = video_size(spec, load_adapter(spec, parts=()).geometry, resolution, aspect_ratio)
     steps = args.steps or spec.default_steps
     ratios = calibrate(spec, args.prompt or list(DEFAULT_PROMPTS), steps, height, width, spec.default_frames,
                        args.seeds)

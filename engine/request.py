@@ -13,7 +13,7 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from models.step_cache import StepCache
+from models.step_cache import StepCache, computed_steps_left
 
 
 class RequestStatus(enum.Enum):
@@ -98,7 +98,7 @@ class RequestMeta:
     def __post_init__(self) -> None:
         if self.cache.enabled:
             self._schedule = self.cache.schedule(self.total_steps, self.expert_switch_step)
-            self._computed_from = self.cache.computed_steps_from(self.total_steps, self.expert_switch_step)
+            self._computed_from = computed_steps_left(self._schedule)
 
     def expert_at(self, step: int) -> int:
         """Which expert's forward runs step `step` (0 for one-expert models)."""

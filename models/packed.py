@@ -138,6 +138,12 @@ def forward_packed(family: ModuleType, model: torch.nn.Module, requests: list[Pa
     ctx = ctx or LocalAttention()
     held = ctx.segments(family.token_counts(model, requests))
     pieces = family.output_rows(model, requests, ctx) if held else {}
+    return _predictions(family, model, requests, pieces, ctx)
+
+
+def _predictions(family: ModuleType, model: torch.nn.Module, requests: list[PackedRequest],
+                 pieces: dict[int, tuple[int, torch.Tensor]], ctx: AttentionContext) -> list[torch.Tensor]:
+    """Every request's prediction from this process's output rows (all-gathered on a group first)."""
     like = model.proj_out.weight.new_empty((0, model.proj_out.out_features))
     full = ctx.gather_outputs(pieces, len(requests), like)
     return [family.unpatchify(model, r, full[i]) for i, r in enumerate(requests)]
@@ -153,8 +159,7 @@ def forward_packed_keeping_residuals(family: ModuleType, model: torch.nn.Module,
     ctx = ctx or LocalAttention()
     held = ctx.segments(family.token_counts(model, requests))
     pieces, residuals = family.output_and_residual_rows(model, requests, ctx) if held else ({}, {})
-    like = model.proj_out.weight.new_empty((0, model.proj_out.out_features))
-    full = ctx.gather_outputs(pieces, len(requests), like)
+    predictions = _predictions(family, model, requests, pieces, ctx)
     hidden = model.proj_out.weight.new_empty((0, model.proj_out.in_features))
     kept = ctx.gather_outputs({j: residuals[i] for j, i in enumerate(keep) if i in residuals}, len(keep), hidden)
-    return [family.unpatchify(model, r, full[i]) for i, r in enumerate(requests)], dict(zip(keep, kept))
+    return predictions, dict(zip(keep, kept))

@@ -100,10 +100,7 @@ class StepCache(FrozenModel):
 
     def computed_steps_from(self, total_steps: int, expert_switch_step: int | None = None) -> tuple[int, ...]:
         """`out[k]`: how many of steps k..total_steps-1 compute (`out[total_steps]` = 0): SRPTF's remaining steps."""
-        out = [0] * (total_steps + 1)
-        for step, computes in reversed(list(enumerate(self.schedule(total_steps, expert_switch_step)))):
-            out[step] = out[step + 1] + computes
-        return tuple(out)
+        return computed_steps_left(self.schedule(total_steps, expert_switch_step))
 
     def _taylorseer_computes(self, step: int, expert_switch_step: int | None) -> bool:
         """diffusers' TaylorSeer rule, plus a new expert's first step (mode none: every step)."""
@@ -139,6 +136,14 @@ class StepCache(FrozenModel):
                     ratio, steps, error = np.float32(1.0), 0, np.float32(0.0)
             out.append(computes)
         return tuple(out)
+
+
+def computed_steps_left(schedule: tuple[bool, ...]) -> tuple[int, ...]:
+    """`out[k]`: how many of a schedule's steps k.. compute (`out[len(schedule)]` = 0)."""
+    out = [0] * (len(schedule) + 1)
+    for step in range(len(schedule) - 1, -1, -1):
+        out[step] = out[step + 1] + schedule[step]
+    return tuple(out)
 
 
 def interpolate_ratios(ratios: np.ndarray, length: int) -> np.ndarray:
