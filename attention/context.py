@@ -61,6 +61,10 @@ class AttentionContext(ABC):
         """Every request's full output rows, in token order, from this process's `{request: (start, rows)}`."""
 
     @abstractmethod
+    def sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` summed over the processes that share this forward (a per-request decision every rank takes alike)."""
+
+    @abstractmethod
     def subset(self, requests: list[int]) -> "AttentionContext":
         """The context of only these requests (ascending), renumbered 0..n-1: one expert's rows of a step."""
 
@@ -90,6 +94,9 @@ class LocalAttention(AttentionContext):
     def gather_outputs(self, pieces, n_requests, like):
         return [pieces[i][1] for i in range(n_requests)]
 
+    def sum_over_ranks(self, values):
+        return values
+
     def subset(self, requests):
         return self
 
@@ -111,6 +118,10 @@ class ShardedAttention(AttentionContext):
 
     def self_attention(self, q, k, v, token_counts, scale=None):
         return brick_attention(q, k, v, self.plan, self.rank, self.group, scale, self.backend, self.stats)
+
+    def sum_over_ranks(self, values):
+        dist.all_reduce(values, group=self.group)
+        return values
 
     def subset(self, requests):
         """The same rings and shards for fewer requests; the KV bytes still count in this context's `stats`."""

@@ -59,6 +59,9 @@ SETTINGS: dict[str, dict] = {
     "magcache 0.06": {"mode": "magcache", "threshold": 0.06},
     "magcache 0.12": {"mode": "magcache", "threshold": 0.12},
     "magcache 0.24": {"mode": "magcache", "threshold": 0.24},
+    "first_block 0.1": {"mode": "first_block", "threshold": 0.1},
+    "first_block 0.2": {"mode": "first_block", "threshold": 0.2},
+    "first_block 0.3": {"mode": "first_block", "threshold": 0.3},
 }
 PSNR_TARGET, SPEEDUP_TARGET = 30.0, 1.5
 

@@ -74,19 +74,20 @@ class ServeMetrics:
             "dit_stage_seconds", description="Seconds of each stage of a completed job: encode, queue (pool before "
             "the first step), denoise, decode_queue, decode, mux.", boundaries=_SECONDS, tag_keys=("model", "stage"))
         self.cache_hits = metrics.Counter(
-            "dit_cache_hits", description="Denoising steps a request's step cache stood in for (no transformer rows).",
+            "dit_cache_hits", description="Denoising steps a request's step cache stood in for (no transformer rows, "
+            "or FirstBlockCache's first block only).",
             tag_keys=("model", "mode"))
         self.step_requests = metrics.Histogram(
-            "dit_step_requests", description="Requests in one step by kind: computed (rows in the forward) or cached "
-            "(prediction from the request's step cache).", boundaries=_COUNTS, tag_keys=("kind",))
+            "dit_step_requests", description="Requests in one step by kind: computed (all blocks ran for their "
+            "rows) or cached (prediction from the request's step cache; FirstBlockCache: after the first block).", boundaries=_COUNTS, tag_keys=("kind",))
         self.jobs = metrics.Counter(
             "dit_jobs", description="Jobs by final status.", tag_keys=("model", "status"))
 
     # ---- what both step schedulers record -----------------------------------------
-    def observe_step(self, plan: StepPlan, seconds: float) -> None:
+    def observe_step(self, plan: StepPlan, seconds: float, block_skipped: tuple[str, ...] = ()) -> None:
         if plan.scheduled:
             self.batch_size.observe(len(plan.scheduled))
-            cached = sum(not s.computed for s in plan.scheduled)
+            cached = sum(not s.computed for s in plan.scheduled) + len(block_skipped)
             for kind, count in (("computed", len(plan.scheduled) - cached), ("cached", cached)):
                 if count:
                     self.step_requests.observe(count, tags={"kind": kind})

@@ -125,7 +125,10 @@ class RequestMeta:
 
     @property
     def remaining_computed_steps(self) -> int:
-        """Steps not scheduled yet that will run the transformer."""
+        """Steps not scheduled yet that will run the transformer (a cache that decides inside each step: as many as
+        the fraction of its steps done so far that computed)."""
+        if self.cache.decided_in_step:
+            return round(self.remaining_steps * (self.computed_steps / self.steps_done if self.steps_done else 1.0))
         if self._computed_from is None:
             return self.remaining_steps
         return self._computed_from[min(self.steps_scheduled, self.total_steps)]

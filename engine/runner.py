@@ -8,14 +8,15 @@ this step and in which order; `execute` then
     frees cancelled requests and admits new ones (seeded noise, a fresh sampler),
     prepare_inputs()   groups the scheduled requests by model, packed order kept,
     one packed transformer forward per model (all shapes, text lengths, timesteps) over
-    the requests whose step computes, classifier-free guidance; a step the request's
+    the requests whose step computes (FirstBlockCache requests: their first block, the
+    other blocks only if it changed enough), classifier-free guidance; a step the request's
     step cache stands in for (no rows in the plan) takes its prediction from that cache
     (TaylorSeer: extrapolated; MagCache: the embeddings and head of the request's rows
     alone, the blocks replaced by their last residual, on every rank of a group alike);
     then each request's own sampler.step() on the device,
 
-and answers with a `VideoStepResult`: ids stepped, per-request errors, and the final
-latents of the requests that finished (their only trip off the device). If a
+and answers with a `VideoStepResult`: ids stepped, those whose first block let them skip
+the other blocks, per-request errors, and the final latents of the requests that finished (their only trip off the device). If a
 model's packed forward raises, its requests are retried one by one so only the
 request at fault fails.
 """
@@ -35,8 +36,15 @@ from attention.context import AttentionContext, LocalAttention, ShardedAttention
 from engine.messages import NewRequest, StepPlan, VideoStepResult
 from engine.runner_steps import admit_new, scheduled_states
 from models.base import DiffusionAdapter
+from models.block_caches import BlockCaches
 from models.interface import EncodedPrompt
-from models.step_cache_state import CacheState, MagCacheResiduals, TaylorSeerPrediction, new_cache_state
+from models.step_cache_state import (
+    CacheState,
+    FirstBlockResiduals,
+    MagCacheResiduals,
+    TaylorSeerPrediction,
+    new_cache_state,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +92,7 @@ class ModelRunner:
         batch = self.prepare_inputs(plan, errors)
         cached_ids = {s.request_id for s in plan.scheduled if not s.computed}
         stepped: list[str] = []
+        block_skipped: set[str] = set()
         finished: dict[str, torch.Tensor] = {}
         forwards = ring_bytes = 0
         shapes = set()
@@ -93,7 +102,7 @@ class ModelRunner:
                            if (p := self._cached_prediction(model, r, errors)) is not None]
             if computed:
                 ctx = self._context(plan, model, computed)
-                forwarded, runs = self._predict(model, computed, errors, ctx)
+                forwarded, runs = self._predict(model, computed, errors, ctx, block_skipped)
                 self._update_caches(model, forwarded)
                 predictions += forwarded
                 forwards += runs
@@ -105,6 +114,7 @@ class ModelRunner:
             self.requests.pop(request_id, None)
         self._last_step_end = time.perf_counter()
         return VideoStepResult(step_id=plan.step_id, stepped=tuple(stepped), errors=errors, finished=finished,
+                               block_skipped=tuple(r for r in stepped if r in block_skipped),
                                forwards=forwards, shapes=len(shapes), forward_seconds=self._last_step_end - start,
                                idle_before_seconds=idle, ring_bytes=ring_bytes)
 
@@ -150,7 +160,7 @@ class ModelRunner:
 
     @torch.no_grad()
     def _predict(self, model: str, requests: list[RunnerRequest], errors: dict[str, str], ctx: AttentionContext,
-                 ) -> tuple[list[tuple[RunnerRequest, torch.Tensor]], int]:
+                 block_skipped: set[str]) -> tuple[list[tuple[RunnerRequest, torch.Tensor]], int]:
         """Guided predictions of one model's requests in one packed forward.
 
         On one rank a forward that raises is retried request by request, so only the request at
@@ -159,7 +169,7 @@ class ModelRunner:
         """
         experts = len({self.adapters[model].expert_index(r.timestep) for r in requests})
         try:
-            return list(zip(requests, self._guided(model, requests, ctx))), experts
+            return list(zip(requests, self._guided(model, requests, ctx, block_skipped))), experts
         except Exception:
             if self.world_size > 1:
                 raise
@@ -167,34 +177,39 @@ class ModelRunner:
         out = []
         for request in requests:
             try:
-                out.append((request, self._guided(model, [request], ctx)[0]))
+                out.append((request, self._guided(model, [request], ctx, block_skipped)[0]))
             except Exception as exc:
                 errors[request.request.request_id] = f"transformer forward failed: {exc!r}"
         return out, experts + len(requests)
 
-    def _guided(self, model: str, requests: list[RunnerRequest], ctx: AttentionContext) -> list[torch.Tensor]:
+    def _guided(self, model: str, requests: list[RunnerRequest], ctx: AttentionContext, block_skipped: set[str],
+                ) -> list[torch.Tensor]:
         """One packed forward (one per expert of a two-expert model) over every CFG row ([uncond, cond] per request
-        with CFG), each request guided by its expert's scale; float32 predictions. The blocks' residuals of
-        MagCache requests' rows are kept in their state."""
+        with CFG), each request guided by its expert's scale; float32 predictions. Block-level step caches keep
+        their rows' residuals in the request's state (MagCache; FirstBlockCache when its step computed, else its
+        id goes to `block_skipped`)."""
         adapter = self.adapters[model]
-        latents, timesteps, conds, keep = [], [], [], []
+        latents, timesteps, conds, caches = [], [], [], BlockCaches()
         for r in requests:
             x = _model_input(r).to(adapter.dtype)
+            rows = range(len(conds), len(conds) + r.request.rows)
             if isinstance(r.cache, MagCacheResiduals):
-                keep.extend(range(len(conds), len(conds) + r.request.rows))
+                caches.keep.extend(rows)
+            elif isinstance(r.cache, FirstBlockResiduals):
+                caches.first_block.append(r.cache.rows(rows))
             for cond in r.prompt.rows_in_order:
                 latents.append(x)
                 timesteps.append(r.timestep)
                 conds.append(cond)
-        if keep:
-            out, residuals = adapter.forward_packed_keeping_residuals(latents, timesteps, conds, keep, ctx)
-        else:
-            out, residuals = adapter.forward_packed(latents, timesteps, conds, ctx), {}
+        block_caches = caches if caches.keep or caches.first_block else None
+        out = adapter.forward_packed(latents, timesteps, conds, ctx, block_caches)
         preds, row = [], 0
         for r in requests:
             rows = range(row, row + r.request.rows)
             if isinstance(r.cache, MagCacheResiduals):
-                r.cache.rows = [residuals[i] for i in rows]
+                r.cache.rows = [caches.blocks_residual[i] for i in rows]
+            elif isinstance(r.cache, FirstBlockResiduals) and r.cache.update(rows, caches):
+                block_skipped.add(r.request.request_id)
             preds.append(self._guide(model, r, [out[i] for i in rows]))
             row += r.request.rows
         return preds

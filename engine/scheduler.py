@@ -226,7 +226,7 @@ class StepSchedulerCore:
     def postprocess(self, plan: StepPlan, result: StepResult) -> None:
         """Count the steps that ran; finished and failed requests leave the pool."""
         now = self.clock()
-        stepped = set(result.stepped)
+        stepped, block_skipped = set(result.stepped), set(result.block_skipped)
         for step in plan.scheduled:
             meta = self.pool.get(step.request_id)
             if meta is None:  # cancelled, or failed in an earlier in-flight step
@@ -237,8 +237,13 @@ class StepSchedulerCore:
             if step.request_id not in stepped:
                 self._fail(meta, f"step {step.step_index} was not run by the worker")
                 continue
+            queued = meta.cache.decided_in_step and meta in self.queue  # its key moves with what it computed
+            if queued:
+                self.queue.discard(meta)
             meta.steps_done += 1
-            meta.computed_steps += step.computed
+            meta.computed_steps += step.computed and step.request_id not in block_skipped
+            if queued:
+                self.queue.add(meta)
             if meta.first_step_time is None:
                 meta.first_step_time = now
                 meta.status = RequestStatus.RUNNING

@@ -32,9 +32,10 @@ from diffusers.video_processor import VideoProcessor
 from PIL import Image
 
 from attention.context import AttentionContext, LocalAttention
+from models.block_caches import BlockCaches
 from models.interface import Condition, EncodedPrompt, Geometry, Part
 from models.onednn_conv import route_conv3d_to_onednn
-from models.packed import PackedRequest, forward_packed, forward_packed_keeping_residuals
+from models.packed import PackedRequest, forward_packed
 from models.spec import ModelSpec
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -229,7 +230,7 @@ class DiffusionAdapter(ABC):
         return next((i for i, t in enumerate(timesteps) if self.expert_index(t) == 1), len(timesteps))
 
     def forward_packed(self, latents: list[torch.Tensor], timesteps: list[torch.Tensor], conds: list[Condition],
-                       ctx: AttentionContext | None = None) -> list[torch.Tensor]:
+                       ctx: AttentionContext | None = None, caches: BlockCaches | None = None) -> list[torch.Tensor]:
         """Predictions of many rows of any shapes, text lengths and timesteps in one pass per expert.
 
         latents[i] has this family's per-request layout without the batch dim; the result
@@ -237,7 +238,8 @@ class DiffusionAdapter(ABC):
         `ShardedAttention` context this rank computes its shards (Brick Attention) and the
         group all-gathers the outputs, so every rank returns every row whole. A two-expert
         model runs the rows of each expert in that expert's forward (at most one per expert,
-        in expert order, so every rank of a group enters the same collectives).
+        in expert order, so every rank of a group enters the same collectives). `caches` (the block-level
+        step caches of some rows, one-transformer models only: `cache_modes`) is filled with whole tensors.
         """
         ctx = ctx or LocalAttention()
         rows = [self.packed_request(x.to(self.device), t.to(self.device), c)
@@ -247,7 +249,9 @@ class DiffusionAdapter(ABC):
             by_expert.setdefault(self.expert_index(t), []).append(i)
         if len(by_expert) == 1:
             (index,) = by_expert
-            return forward_packed(self.packed_module, self.expert(index), rows, ctx)
+            return forward_packed(self.packed_module, self.expert(index), rows, ctx, caches)
+        if caches is not None:
+            raise ValueError("block-level step caches run on one-transformer models only")
         out: list[torch.Tensor | None] = [None] * len(rows)
         for index in sorted(by_expert):
             members = by_expert[index]
@@ -259,18 +263,11 @@ class DiffusionAdapter(ABC):
 
     @property
     def cache_modes(self) -> tuple[str, ...]:
-        """Step-cache modes this model runs: none and taylorseer everywhere; magcache where the family's packed
-        forward can skip the blocks of some rows (`skipped_blocks_prediction`) and one transformer denoises."""
+        """Step-cache modes this model runs: none and taylorseer everywhere; magcache and first_block where the
+        family's packed forward runs block-level caches (`skipped_blocks_prediction`, `output_rows` filling
+        `BlockCaches`) and one transformer denoises."""
         block_cache = hasattr(self.packed_module, "skipped_blocks_prediction") and self.expert_count == 1
-        return ("none", "taylorseer", "magcache") if block_cache else ("none", "taylorseer")
-
-    def forward_packed_keeping_residuals(self, latents: list[torch.Tensor], timesteps: list[torch.Tensor],
-                                         conds: list[Condition], keep: list[int], ctx: AttentionContext | None = None,
-                                         ) -> tuple[list[torch.Tensor], dict[int, torch.Tensor]]:
-        """`forward_packed` of a one-expert model, and the blocks' residual of the rows in `keep` (MagCache)."""
-        rows = [self.packed_request(x.to(self.device), t.to(self.device), c)
-                for x, t, c in zip(latents, timesteps, conds)]
-        return forward_packed_keeping_residuals(self.packed_module, self.transformer, rows, keep, ctx)
+        return ("none", "taylorseer", "magcache", "first_block") if block_cache else ("none", "taylorseer")
 
     def skipped_blocks_prediction(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Condition,
                                   residual: torch.Tensor) -> torch.Tensor:

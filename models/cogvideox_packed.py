@@ -17,6 +17,7 @@ from diffusers import CogVideoXTransformer3DModel
 from diffusers.models.embeddings import apply_rotary_emb
 
 from attention.context import AttentionContext, LocalAttention, Segment, gather_rows, per_row, rows_by_request
+from models.block_caches import BlockCaches, RowSubset, run_blocks
 from models.packed import PackedRequest
 
 
@@ -59,9 +60,10 @@ def _embeddings(model: CogVideoXTransformer3DModel, r: PackedRequest) -> tuple[t
 
 
 def forward_rows(model: CogVideoXTransformer3DModel, requests: list[PackedRequest], ctx: AttentionContext,
-                 keep_residual: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, list[Segment]]:
-    """Output rows of the joint tokens this process holds (text rows are discarded by `unpatchify`); with
-    `keep_residual` the blocks' residual on those rows (MagCache), else None; and which tokens they are."""
+                 caches: BlockCaches | None = None) -> tuple[torch.Tensor, list[Segment]]:
+    """Output rows of the joint tokens this process holds (text rows are discarded by `unpatchify`) and which tokens
+    they are; `caches` (the block-level step caches of some rows) is filled on the way. FirstBlockCache measures
+    the first block's residual over video rows, as diffusers' hook does (CogVideoXBlock's `hidden_states`)."""
     counts = token_counts(model, requests)
     segments = ctx.segments(counts)
     head_dim = model.config.attention_head_dim
@@ -72,19 +74,33 @@ def forward_rows(model: CogVideoXTransformer3DModel, requests: list[PackedReques
         is_text[i] = torch.arange(counts[i], device=embeds[i].device) < len(r.text)
         cos[i], sin[i] = _joint_rope(r, counts[i] - len(r.text), head_dim)
     x = gather_rows(embeds, segments)
-    blocks_input = x if keep_residual else None  # held through the blocks only when asked for
     text_rows = gather_rows(is_text, segments).unsqueeze(1)
     rope = (gather_rows(cos, segments), gather_rows(sin, segments))
 
-    for block in model.transformer_blocks:
-        mod = per_row({i: block.norm1.linear(block.norm1.silu(t)) for i, t in temb.items()}, segments)
-        normed, gate = _modulate(block.norm1.norm, x, mod, text_rows)
-        x = x + gate * _attention(block.attn1, normed, rope, counts, ctx)
-        mod = per_row({i: block.norm2.linear(block.norm2.silu(t)) for i, t in temb.items()}, segments)
-        normed, gate = _modulate(block.norm2.norm, x, mod, text_rows)
-        x = x + gate * block.ff(normed)
-    residual = x - blocks_input if keep_residual else None
-    return _head(model, x, temb, segments), residual, segments
+    def blocks(blocks, x, subset: RowSubset | None) -> torch.Tensor:
+        times, row_text, row_rope, row_counts, row_segments, row_ctx = temb, text_rows, rope, counts, segments, ctx
+        if subset is not None:  # only these rows run the blocks: the same tensors, fewer rows
+            times = {j: temb[i] for j, i in enumerate(subset.rows) if i in temb}
+            row_text = text_rows.index_select(0, subset.index)
+            row_rope = tuple(t.index_select(0, subset.index) for t in rope)
+            row_counts, row_segments = [counts[i] for i in subset.rows], subset.segments
+            row_ctx = ctx.subset(subset.rows)
+        for block in blocks:
+            x = _block(block, x, times, row_text, row_rope, row_counts, row_segments, row_ctx)
+        return x
+
+    x = run_blocks(x, segments, len(requests), ctx, caches, lambda x: blocks(model.transformer_blocks[:1], x, None),
+                   lambda x, subset: blocks(model.transformer_blocks[1:], x, subset), measured=~text_rows[:, 0])
+    return _head(model, x, temb, segments), segments
+
+
+def _block(block, x, temb, text_rows, rope, counts, segments, ctx):
+    mod = per_row({i: block.norm1.linear(block.norm1.silu(t)) for i, t in temb.items()}, segments)
+    normed, gate = _modulate(block.norm1.norm, x, mod, text_rows)
+    x = x + gate * _attention(block.attn1, normed, rope, counts, ctx)
+    mod = per_row({i: block.norm2.linear(block.norm2.silu(t)) for i, t in temb.items()}, segments)
+    normed, gate = _modulate(block.norm2.norm, x, mod, text_rows)
+    return x + gate * block.ff(normed)
 
 
 def _head(model: CogVideoXTransformer3DModel, x: torch.Tensor, temb: dict[int, torch.Tensor],
@@ -137,15 +153,8 @@ def unpatchify(model: CogVideoXTransformer3DModel, request: PackedRequest, rows:
     return video.permute(0, 4, 3, 1, 5, 2, 6).flatten(5, 6).flatten(3, 4).flatten(0, 1)
 
 
-def output_rows(model: CogVideoXTransformer3DModel, requests: list[PackedRequest],
-                ctx: AttentionContext) -> dict[int, tuple[int, torch.Tensor]]:
+def output_rows(model: CogVideoXTransformer3DModel, requests: list[PackedRequest], ctx: AttentionContext,
+                caches: BlockCaches | None = None) -> dict[int, tuple[int, torch.Tensor]]:
     """{request: (first token, output rows)} of the tokens this process holds, ready for unpatchify."""
-    rows, _, segments = forward_rows(model, requests, ctx)
+    rows, segments = forward_rows(model, requests, ctx, caches)
     return rows_by_request(rows, segments)
-
-
-def output_and_residual_rows(model: CogVideoXTransformer3DModel, requests: list[PackedRequest], ctx: AttentionContext,
-                             ) -> tuple[dict[int, tuple[int, torch.Tensor]], dict[int, tuple[int, torch.Tensor]]]:
-    """`output_rows`, and the blocks' residual on the same tokens (MagCache's computed steps)."""
-    rows, residual, segments = forward_rows(model, requests, ctx, keep_residual=True)
-    return rows_by_request(rows, segments), rows_by_request(residual, segments)

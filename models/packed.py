@@ -20,6 +20,7 @@ from types import ModuleType
 import torch
 
 from attention.context import AttentionContext, LocalAttention, Segment
+from models.block_caches import BlockCaches
 
 
 @dataclass(frozen=True)
@@ -127,39 +128,43 @@ def video_rows_by_request(rows: torch.Tensor, layout: JointLayout) -> dict[int, 
 
 
 def forward_packed(family: ModuleType, model: torch.nn.Module, requests: list[PackedRequest],
-                   ctx: AttentionContext | None = None) -> list[torch.Tensor]:
+                   ctx: AttentionContext | None = None, caches: BlockCaches | None = None) -> list[torch.Tensor]:
     """Every request's prediction from one packed pass of a family's module (`models/<family>_packed.py`).
 
     The module gives this process's output rows (`output_rows`) and turns a request's rows
     into its prediction (`unpatchify`); with a `ShardedAttention` context the rows of every
     rank are all-gathered first, so each rank returns every request whole. A rank that holds
-    no tokens of this batch only takes part in the gather.
+    no tokens of this batch only takes part in the gather (and in `caches`' decision).
+    `caches` (block-level step caches, `models.block_caches`) is filled with whole tensors:
+    what the module kept is all-gathered like the outputs, so every rank holds the same state.
     """
     ctx = ctx or LocalAttention()
     held = ctx.segments(family.token_counts(model, requests))
-    pieces = family.output_rows(model, requests, ctx) if held else {}
-    return _predictions(family, model, requests, pieces, ctx)
-
-
-def _predictions(family: ModuleType, model: torch.nn.Module, requests: list[PackedRequest],
-                 pieces: dict[int, tuple[int, torch.Tensor]], ctx: AttentionContext) -> list[torch.Tensor]:
-    """Every request's prediction from this process's output rows (all-gathered on a group first)."""
+    if held:  # only the families that run block-level caches (`DiffusionAdapter.cache_modes`) take `caches`
+        pieces = family.output_rows(model, requests, ctx) if caches is None else \
+            family.output_rows(model, requests, ctx, caches)
+    else:
+        pieces = {}
+        if caches is not None and caches.first_block:
+            caches.decide(None, [], ctx, model.proj_out.weight.device)
     like = model.proj_out.weight.new_empty((0, model.proj_out.out_features))
     full = ctx.gather_outputs(pieces, len(requests), like)
+    if caches is not None:
+        _gather_block_caches(caches, model.proj_out.weight.new_empty((0, model.proj_out.in_features)), ctx)
     return [family.unpatchify(model, r, full[i]) for i, r in enumerate(requests)]
 
 
-def forward_packed_keeping_residuals(family: ModuleType, model: torch.nn.Module, requests: list[PackedRequest],
-                                     keep: list[int], ctx: AttentionContext | None = None,
-                                     ) -> tuple[list[torch.Tensor], dict[int, torch.Tensor]]:
-    """`forward_packed`, and the blocks' residual (hidden rows, all tokens) of the requests in `keep` (ascending):
-    what MagCache's skipped steps of those requests add to their blocks' input. The family module gives it
-    (`output_and_residual_rows`); on a group the residuals are all-gathered like the outputs, so every rank holds
-    them whole."""
-    ctx = ctx or LocalAttention()
-    held = ctx.segments(family.token_counts(model, requests))
-    pieces, residuals = family.output_and_residual_rows(model, requests, ctx) if held else ({}, {})
-    predictions = _predictions(family, model, requests, pieces, ctx)
-    hidden = model.proj_out.weight.new_empty((0, model.proj_out.in_features))
-    kept = ctx.gather_outputs({j: residuals[i] for j, i in enumerate(keep) if i in residuals}, len(keep), hidden)
-    return predictions, dict(zip(keep, kept))
+def _gather_block_caches(caches: BlockCaches, like: torch.Tensor, ctx: AttentionContext) -> None:
+    """Every rank's kept residuals, whole (the rows to keep are the same on every rank: decided alike)."""
+    if caches.keep:
+        kept = ctx.gather_outputs({j: caches.blocks_residual[row] for j, row in enumerate(caches.keep)
+                                   if row in caches.blocks_residual}, len(caches.keep), like)
+        caches.blocks_residual = dict(zip(caches.keep, kept))
+    computed = caches.computed_probed_rows
+    if computed:
+        both = {j: (caches.head_residual[row][0], torch.cat([caches.head_residual[row][1],
+                                                             caches.tail_residual[row][1]], dim=1))
+                for j, row in enumerate(computed) if row in caches.head_residual}
+        kept = ctx.gather_outputs(both, len(computed), like.new_empty((0, 2 * like.shape[1])))
+        caches.head_residual = {row: whole.chunk(2, dim=1)[0] for row, whole in zip(computed, kept)}
+        caches.tail_residual = {row: whole.chunk(2, dim=1)[1] for row, whole in zip(computed, kept)}

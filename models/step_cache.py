@@ -7,9 +7,12 @@ request's own: `StepCache` travels with it from the API to the scheduler and the
 so requests with different caches, or none, share a packed step and the forward carries
 only the rows that compute.
 
-Both modes the engine runs decide by step index alone, so the scheduler knows a request's
+TaylorSeer and MagCache decide by step index alone, so the scheduler knows a request's
 computed steps in advance: a cached step holds no row of the step's forward, its Brick
-plan or its cost, and SRPTF counts the steps still to compute.
+plan or its cost, and SRPTF counts the steps still to compute. FirstBlockCache decides
+inside each step, from the step's tensors: its steps all hold rows (the first block runs
+for every row) and the runner reports which requests skipped the other blocks; SRPTF
+expects the request's observed fraction of computed steps for the steps to come.
 
 - `taylorseer` (TaylorSeer, https://huggingface.co/papers/2503.06923, as diffusers' lite
   variant: the whole transformer skipped, its output extrapolated by a first-order Taylor
@@ -25,6 +28,11 @@ plan or its cost, and SRPTF counts the steps still to compute.
   stay under `threshold` for at most `max_skip_steps` steps, after the first
   `retention_ratio` of the steps. Families whose packed forward can skip the blocks per
   request run it (`DiffusionAdapter.cache_modes`: Wan, CogVideoX); two-expert models do not.
+- `first_block` (FirstBlockCache, https://github.com/chengzeyi/ParaAttention, as diffusers'
+  `FBCHeadBlockHook`): the first block runs; if its residual moved by at most `threshold`
+  (mean absolute change relative to the one of the request's last fully computed step) the
+  other blocks are skipped and their residual of that step stands in (`models.block_caches`).
+  Same families as magcache; no calibration.
 
 This module holds no tensor state: the API and the scheduler use it. The runner's
 per-request state lives in `models.step_cache_state`.
@@ -40,21 +48,25 @@ from pydantic import Field, model_validator
 from common.frozen import FrozenModel
 
 CacheMode = Literal["none", "first_block", "teacache", "magcache", "taylorseer"]
-IMPLEMENTED_MODES: tuple[CacheMode, ...] = ("none", "taylorseer", "magcache")
-"""Modes the engine runs; first_block and teacache (decided from each step's tensors) are refused by name."""
+IMPLEMENTED_MODES: tuple[CacheMode, ...] = ("none", "taylorseer", "magcache", "first_block")
+"""Modes the engine runs; teacache (no diffusers hook, per-model rescaling polynomials) is refused by name."""
 DEFAULT_INTERVAL, DEFAULT_WARMUP = 5, 3
 """diffusers' `TaylorSeerCacheConfig` defaults (cache_interval, disable_cache_before_step)."""
 DEFAULT_THRESHOLD, DEFAULT_MAX_SKIP, DEFAULT_RETENTION = 0.06, 3, 0.2
 """diffusers' `MagCacheConfig` defaults (threshold, max_skip_steps, retention_ratio)."""
+DEFAULT_FIRST_BLOCK_THRESHOLD = 0.05
+"""diffusers' `FirstBlockCacheConfig` default."""
 _OPTIONS = {"taylorseer": ("interval", "warmup_steps"),
-            "magcache": ("threshold", "max_skip_steps", "retention_ratio", "mag_ratios")}
+            "magcache": ("threshold", "max_skip_steps", "retention_ratio", "mag_ratios"),
+            "first_block": ("threshold",)}
 
 
 class StepCache(FrozenModel):
     """A request's step-cache choice: the `cache` field of /v1/videos and /v1/images/generations, and a served
     model's default (`ModelSpec.cache`)."""
 
-    mode: CacheMode = Field(default="none", description="none (every step computes), taylorseer or magcache.")
+    mode: CacheMode = Field(default="none",
+                            description="none (every step computes), taylorseer, magcache or first_block.")
     interval: int | None = Field(
         default=None, ge=1, le=20,
         description=f"taylorseer: after the warm-up, one step in every `interval` computes (default "
@@ -65,7 +77,8 @@ class StepCache(FrozenModel):
     threshold: float | None = Field(
         default=None, gt=0.0, le=1.0,
         description=f"magcache: the accumulated magnitude-ratio error under which the blocks are skipped (default "
-                    f"{DEFAULT_THRESHOLD}; higher skips more).")
+                    f"{DEFAULT_THRESHOLD}); first_block: the relative change of the first block's residual under "
+                    f"which the other blocks are skipped (default {DEFAULT_FIRST_BLOCK_THRESHOLD}). Higher skips more.")
     max_skip_steps: int | None = Field(
         default=None, ge=1, le=20,
         description=f"magcache: most consecutive skipped steps (default {DEFAULT_MAX_SKIP}).")
@@ -82,8 +95,8 @@ class StepCache(FrozenModel):
         allowed = _OPTIONS.get(self.mode, ())
         for name in ("interval", "warmup_steps", "threshold", "max_skip_steps", "retention_ratio", "mag_ratios"):
             if getattr(self, name) is not None and name not in allowed:
-                modes = [m for m, options in _OPTIONS.items() if name in options]
-                raise ValueError(f"{name} applies to mode {modes[0]!r} only, not {self.mode!r}")
+                modes = " or ".join(repr(m) for m, options in _OPTIONS.items() if name in options)
+                raise ValueError(f"{name} applies to mode {modes} only, not {self.mode!r}")
         if self.mag_ratios is not None and not all(0.0 < r < 100.0 for r in self.mag_ratios):
             raise ValueError("mag_ratios must lie in (0, 100)")
         return self
@@ -92,8 +105,20 @@ class StepCache(FrozenModel):
     def enabled(self) -> bool:
         return self.mode != "none"
 
+    @property
+    def decided_in_step(self) -> bool:
+        """Whether the runner decides, inside each step, which steps skip (first_block): not known in advance."""
+        return self.mode == "first_block"
+
+    @property
+    def first_block_threshold(self) -> float:
+        return DEFAULT_FIRST_BLOCK_THRESHOLD if self.threshold is None else self.threshold
+
     def schedule(self, total_steps: int, expert_switch_step: int | None = None) -> tuple[bool, ...]:
-        """Per step (0-based), whether it runs the transformer's blocks (else the cache stands in)."""
+        """Per step (0-based), whether it holds rows of the step's forward (else the cache stands in). first_block:
+        every step (its first block always runs)."""
+        if self.mode == "first_block":
+            return (True,) * total_steps
         if self.mode == "magcache":
             return self._magcache_schedule(total_steps)
         return tuple(self._taylorseer_computes(step, expert_switch_step) for step in range(total_steps))

@@ -5,6 +5,8 @@ their update / extrapolation math) over the request's guided prediction: guidanc
 in the CFG rows and so is the extrapolation, so one state per request stands for both rows
 (which therefore decide together). For `magcache` it is the blocks' residual of each CFG row
 at the request's last computed step (diffusers keeps one per cache context, cond and uncond).
+For `first_block` it is, per CFG row, the first block's and the other blocks' residuals at the
+request's last fully computed step (diffusers' `FBCSharedBlockState`).
 Every rank of a Brick group holds every request whole after the all-gather (the residuals
 are gathered with the outputs), so each rank's state is the same: replicated like the
 latents, no tensor reaching the scheduler.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import torch
 from diffusers.hooks.taylorseer_cache import TaylorSeerState
 
+from models.block_caches import BlockCaches, FirstBlockRows
 from models.step_cache import StepCache
 
 
@@ -54,7 +57,28 @@ class MagCacheResiduals:
         return self.rows
 
 
-CacheState = TaylorSeerPrediction | MagCacheResiduals
+class FirstBlockResiduals:
+    """Per forward row, the first block's and the other blocks' residuals at the last step whose blocks all ran."""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self.head: tuple[torch.Tensor, ...] | None = None
+        self.tail: tuple[torch.Tensor, ...] | None = None
+
+    def rows(self, rows: range) -> FirstBlockRows:
+        """What the packed forward decides this request's step from (its rows there are `rows`)."""
+        return FirstBlockRows(tuple(rows), self.threshold, self.head, self.tail)
+
+    def update(self, rows: range, caches: BlockCaches) -> bool:
+        """Keep a computed step's residuals; True when the step skipped the blocks after the first."""
+        if rows[0] in caches.skipped:
+            return True
+        self.head = tuple(caches.head_residual[row] for row in rows)
+        self.tail = tuple(caches.tail_residual[row] for row in rows)
+        return False
+
+
+CacheState = TaylorSeerPrediction | MagCacheResiduals | FirstBlockResiduals
 
 
 def new_cache_state(cache: StepCache) -> CacheState | None:
@@ -65,4 +89,6 @@ def new_cache_state(cache: StepCache) -> CacheState | None:
         return TaylorSeerPrediction()
     if cache.mode == "magcache":
         return MagCacheResiduals()
+    if cache.mode == "first_block":
+        return FirstBlockResiduals(cache.first_block_threshold)
     raise ValueError(f"cache mode {cache.mode!r} is not implemented by the runner")

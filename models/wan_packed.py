@@ -17,6 +17,7 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from attention.context import AttentionContext, LocalAttention, Segment, gather_rows, per_row, rows_by_request
+from models.block_caches import BlockCaches, RowSubset, run_blocks
 from models.packed import PackedRequest
 
 
@@ -61,9 +62,9 @@ def _embeddings(model: WanTransformer3DModel, r: PackedRequest) -> dict[str, tor
 
 
 def forward_rows(model: WanTransformer3DModel, requests: list[PackedRequest], ctx: AttentionContext,
-                 keep_residual: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, list[Segment]]:
-    """Output rows (before unpatchify) of the tokens this process holds; with `keep_residual` the blocks' residual on
-    those rows (their output minus their input: what MagCache reuses), else None; and which tokens they are."""
+                 caches: BlockCaches | None = None) -> tuple[torch.Tensor, list[Segment]]:
+    """Output rows (before unpatchify) of the tokens this process holds, and which tokens they are; `caches` (the
+    block-level step caches of some rows) is filled on the way."""
     counts = token_counts(model, requests)
     segments = ctx.segments(counts)
     held = sorted({s.request for s in segments})  # a rank computes only its requests' embeddings
@@ -88,11 +89,27 @@ def forward_rows(model: WanTransformer3DModel, requests: list[PackedRequest], ct
     proj_stack = torch.stack(tables)
     row_request = _row_tables(held, list(clean_proj), {i: n for i, (n, _) in clean_temb.items()}, segments).to(x.device)
 
-    blocks_input = x if keep_residual else None  # held through the blocks only when asked for
-    for block in model.blocks:
-        x = _block(block, x, text, image, proj_stack, row_request, rope_cos, rope_sin, counts, segments, ctx)
-    residual = x - blocks_input if keep_residual else None
-    return _head(model, x, row_temb), residual, segments
+    def first_block(x: torch.Tensor) -> torch.Tensor:
+        return _block(model.blocks[0], x, text, image, proj_stack, row_request, rope_cos, rope_sin, counts, segments,
+                      ctx)
+
+    def other_blocks(x: torch.Tensor, subset: RowSubset | None) -> torch.Tensor:
+        texts, images, table_of_row, cos_rows, sin_rows = text, image, row_request, rope_cos, rope_sin
+        row_counts, row_segments, row_ctx = counts, segments, ctx
+        if subset is not None:  # only these rows run the blocks: the same tensors, fewer rows
+            texts = {j: text[i] for j, i in enumerate(subset.rows) if i in text}
+            images = {j: image[i] for j, i in enumerate(subset.rows) if i in image}
+            table_of_row, cos_rows, sin_rows = (t.index_select(0, subset.index)
+                                                for t in (row_request, rope_cos, rope_sin))
+            row_counts, row_segments = [counts[i] for i in subset.rows], subset.segments
+            row_ctx = ctx.subset(subset.rows)
+        for block in model.blocks[1:]:
+            x = _block(block, x, texts, images, proj_stack, table_of_row, cos_rows, sin_rows, row_counts,
+                       row_segments, row_ctx)
+        return x
+
+    x = run_blocks(x, segments, len(requests), ctx, caches, first_block, other_blocks)
+    return _head(model, x, row_temb), segments
 
 
 def _head(model: WanTransformer3DModel, x: torch.Tensor, row_temb: torch.Tensor) -> torch.Tensor:
@@ -167,15 +184,8 @@ def unpatchify(model: WanTransformer3DModel, request: PackedRequest, rows: torch
     return out.flatten(5, 6).flatten(3, 4).flatten(1, 2)
 
 
-def output_rows(model: WanTransformer3DModel, requests: list[PackedRequest],
-                ctx: AttentionContext) -> dict[int, tuple[int, torch.Tensor]]:
+def output_rows(model: WanTransformer3DModel, requests: list[PackedRequest], ctx: AttentionContext,
+                caches: BlockCaches | None = None) -> dict[int, tuple[int, torch.Tensor]]:
     """{request: (first token, output rows)} of the tokens this process holds, ready for unpatchify."""
-    rows, _, segments = forward_rows(model, requests, ctx)
+    rows, segments = forward_rows(model, requests, ctx, caches)
     return rows_by_request(rows, segments)
-
-
-def output_and_residual_rows(model: WanTransformer3DModel, requests: list[PackedRequest], ctx: AttentionContext,
-                             ) -> tuple[dict[int, tuple[int, torch.Tensor]], dict[int, tuple[int, torch.Tensor]]]:
-    """`output_rows`, and the blocks' residual on the same tokens (MagCache's computed steps)."""
-    rows, residual, segments = forward_rows(model, requests, ctx, keep_residual=True)
-    return rows_by_request(rows, segments), rows_by_request(residual, segments)

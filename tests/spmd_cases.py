@@ -51,8 +51,8 @@ def packed_forward_cases(rank: int, world_size: int, payload) -> list[dict]:
 def engine_group_case(rank: int, world_size: int, payload) -> dict:
     """Scheduler core + this rank's model runner over a gloo group; every rank runs an identical core.
 
-    Returns the final latents, the ring sizes the plans used, this rank's KV bytes sent, the errors and the
-    forward counts of the steps.
+    Returns the final latents, the ring sizes the plans used, this rank's KV bytes sent, the errors, the
+    forward counts of the steps and each request's steps that ran every block.
     """
     from attention.planner import BrickCostModel
     from deployments.text_encoder import EncodeRequest, TextEncoderCore
@@ -80,6 +80,7 @@ def engine_group_case(rank: int, world_size: int, payload) -> dict:
             prompt.cond["encoder_hidden_states"] = torch.zeros(1, 16, 7)
         core.admit(NewRequest.from_spec(request_id, spec, prompt, config_only[spec.model]))
     latents, rings, ring_bytes, errors, forwards = {}, set(), 0, {}, set()
+    computed_steps = {}
     while core.pool:
         plan = core.schedule()
         rings |= {a.size for p in plan.rings.values() for a in p.assignments}
@@ -89,7 +90,9 @@ def engine_group_case(rank: int, world_size: int, payload) -> dict:
         ring_bytes += result.ring_bytes
         errors.update(result.errors)
         forwards.add(result.forwards)
-    return {"latents": latents, "rings": rings, "ring_bytes": ring_bytes, "errors": errors, "forwards": forwards}
+        computed_steps.update((m.request_id, m.computed_steps) for m in core.pop_done())
+    return {"latents": latents, "rings": rings, "ring_bytes": ring_bytes, "errors": errors, "forwards": forwards,
+            "computed_steps": computed_steps}
 
 
 def assert_two_ranks_equal_one_rank(specs: list, asks: list, min_shard_tokens: int) -> list[dict]:

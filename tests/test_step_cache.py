@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from diffusers import MagCacheConfig, TaylorSeerCacheConfig
+from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
 from diffusers.hooks.hooks import CacheContext, StateManager
 from diffusers.hooks.mag_cache import nearest_interp
 from diffusers.hooks.taylorseer_cache import TaylorSeerCacheHook, TaylorSeerState
@@ -192,14 +192,17 @@ def test_a_magcache_request_packed_with_others_equals_alone(family):
         (gen_spec(spec.name, steps=10, height=48, width=32, frames=5, seed=1), prompts[1]))
 
 
-def test_magcache_on_two_ranks_equals_one_rank():
-    """On a Brick ring of 2 the residuals are gathered with the outputs, so each rank's skipped steps add the same
-    whole residual: a MagCache request (beside a TaylorSeer and an uncached one) ends as on one rank."""
+def test_block_caches_on_two_ranks_equal_one_rank():
+    """On a Brick ring of 2 the kept residuals are gathered with the outputs, so each rank holds them whole, and a
+    FirstBlockCache request's distance is summed over each rank's shard and all-reduced, so the ranks decide alike:
+    MagCache and FirstBlockCache requests (beside a TaylorSeer and an uncached one) end as on one rank."""
     spec = tiny_spec("wan")
     asks = [("mag", gen_spec(spec.name, steps=9, height=64, width=96, seed=1, cache=MAG)),
+            ("first", gen_spec(spec.name, steps=9, height=64, width=96, seed=4, cache=_first_block(0.1))),
             ("taylor", gen_spec(spec.name, steps=8, seed=2, cache=TAYLOR)),
             ("plain", gen_spec(spec.name, steps=4, seed=3))]
-    assert_two_ranks_equal_one_rank([spec], asks, 8)
+    ranks = assert_two_ranks_equal_one_rank([spec], asks, 8)
+    assert all(0 < r["computed_steps"]["first"] < 9 for r in ranks)
 
 
 def test_a_step_cache_fault_fails_only_its_request(wan):
@@ -215,3 +218,69 @@ def test_a_step_cache_fault_fails_only_its_request(wan):
     engine.run()
     assert engine.done["mag"].error.startswith("step cache failed: step 2 skips the blocks")
     assert engine.done["plain"].error is None and "plain" in engine.latents and "mag" not in engine.latents
+
+
+def _first_block(threshold: float) -> StepCache:
+    return StepCache(mode="first_block", threshold=threshold)
+
+
+@pytest.mark.parametrize("family,guidance,threshold,computed", [("wan", 1.0, 0.1, 4), ("cogvideox", 6.0, 0.4, 3)])
+def test_first_block_equals_diffusers_first_block_cache_on_the_pipeline(family, guidance, threshold, computed):
+    """The engine's FirstBlockCache (decided inside the packed step from the request's own rows: the first block
+    for every row, the other blocks only for the rows whose first-block residual moved more than the threshold)
+    gives the latents of the family's pipeline with diffusers' FirstBlockCache hooks. WanPipeline keeps one state
+    per cond / uncond context, so it is compared without CFG; CogVideoXPipeline runs both CFG rows in one batch,
+    whose pooled distance is the engine's (its CFG rows decide together)."""
+    spec = tiny_spec(family)
+    negative = "" if guidance > 1 else None
+    prompt = TextEncoderCore([spec]).encode_batch([EncodeRequest(spec.name, "a cat on the moon", negative)])[0]
+    engine = Engine([spec])
+    engine.admit("x", gen_spec(spec.name, steps=9, seed=3, guidance=guidance, prompt="a cat on the moon",
+                               cache=_first_block(threshold)), prompt)
+    engine.run()
+    skipped = sum("x" in r.block_skipped for r in engine.results)
+    assert engine.done["x"].computed_steps == 9 - skipped == computed
+
+    pipeline = load_adapter(spec, parts=("text", "transformer", "vae")).pipeline
+    pipeline.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    kwargs = dict(prompt="a cat on the moon", negative_prompt=negative, height=32, width=48, num_frames=9,
+                  num_inference_steps=9, guidance_scale=guidance, output_type="latent", max_sequence_length=16)
+    reference = pipeline(generator=torch.Generator().manual_seed(3), **kwargs).frames
+    pipeline.transformer.disable_cache()
+    uncached = pipeline(generator=torch.Generator().manual_seed(3), **kwargs).frames
+    torch.testing.assert_close(engine.latents["x"], reference, rtol=0, atol=1e-5)
+    assert (engine.latents["x"] - uncached).abs().max() > 1e-3  # the cache did change the result
+
+
+@pytest.mark.parametrize("family", ["wan", "cogvideox"])
+def test_a_first_block_request_packed_with_others_equals_alone(family):
+    """Its decisions are its own rows': packed with an uncached request of another shape and a MagCache one (so
+    some rows of the step run every block while it skips), it ends as alone."""
+    spec = tiny_spec(family)
+    prompts = TextEncoderCore([spec]).encode_batch([EncodeRequest(spec.name, "a cat on the moon", ""),
+                                                    EncodeRequest(spec.name, "red car at night", "blur"),
+                                                    EncodeRequest(spec.name, "a dog", "")])
+    threshold = 0.1 if family == "wan" else 0.4
+    assert_joined_late_equals_alone(
+        spec, (gen_spec(spec.name, steps=9, seed=5, cache=_first_block(threshold)), prompts[0]),
+        (gen_spec(spec.name, steps=10, height=48, width=32, frames=5, seed=1), prompts[1]),
+        (gen_spec(spec.name, steps=7, seed=2, cache=MAG), prompts[2]))
+
+
+def test_first_block_skips_count_as_cached_and_srptf_expects_the_observed_fraction():
+    """The runner's block_skipped requests count no computed step; the request's remaining cost (SRPTF's key)
+    follows its observed fraction of computed steps, and it stays in the run queue under its new key."""
+    core = StepSchedulerCore(make_policy("srptf"), BudgetConfig(max_batch_size=4), batching="fill")
+    core.admit(replace(new_request(steps=10, seq_len=100, request_id="first"), cache=_first_block(0.1)))
+    core.admit(new_request(steps=10, seq_len=100, request_id="plain"))
+    meta = core.pool["first"]
+    assert meta.remaining_cost == core.pool["plain"].remaining_cost == 1000
+    for step in range(4):
+        plan = core.schedule()
+        assert {s.request_id: s.rows for s in plan.scheduled} == {"first": 2, "plain": 2}  # the first block runs
+        skipped = ("first",) if step % 2 else ()
+        core.postprocess(plan, StepResult(step_id=plan.step_id, stepped=tuple(plan.request_ids),
+                                          block_skipped=skipped))
+    assert meta.computed_steps == 2 and meta.steps_done == 4
+    assert meta.remaining_cost == 300 < core.pool["plain"].remaining_cost == 600
+    assert next(core.queue.in_order(core.clock())) is meta
