@@ -60,8 +60,8 @@ class ServedModel:
         return served
 
     def step_cache(self, cache: StepCache) -> StepCache:
-        """`cache` as this model runs it: a mode it supports, magcache with its ratios (the request's own, else the
-        model's calibrated `mag_ratios`)."""
+        """`cache` as this model runs it: a mode it supports, magcache with its ratios and teacache with its
+        coefficients (the request's own, else the model's calibrated `mag_ratios` / `teacache_coefficients`)."""
         if cache.mode not in self.cache_modes:
             raise InvalidRequest("cache.mode", f"cache mode {cache.mode!r} is not supported for {self.spec.name}; "
                                                f"supported: {', '.join(self.cache_modes)}")
@@ -69,8 +69,15 @@ class ServedModel:
             if self.spec.mag_ratios is None:
                 raise InvalidRequest("cache.mag_ratios", f"{self.spec.name} has no calibrated MagCache ratios: pass "
                                      "cache.mag_ratios (2-1000 values in (0, 100)) or calibrate the model "
-                                     "(python -m api.mag_calibration) and set its mag_ratios")
+                                     "(python -m api.cache_calibration --mode magcache) and set its mag_ratios")
             cache = cache.model_copy(update={"mag_ratios": self.spec.mag_ratios})
+        if cache.mode == "teacache" and cache.coefficients is None:
+            if self.spec.teacache_coefficients is None:
+                raise InvalidRequest("cache.coefficients", f"{self.spec.name} has no calibrated TeaCache "
+                                     "coefficients: pass cache.coefficients (2-8 finite values, highest power first) "
+                                     "or calibrate the model (python -m api.cache_calibration --mode teacache) and "
+                                     "set its teacache_coefficients")
+            cache = cache.model_copy(update={"coefficients": self.spec.teacache_coefficients})
         return cache
 
     @property

@@ -3,7 +3,7 @@ under load.
 
 The CPU default's video app (`configs/local.yaml`, its shipped scheduler) serves the shapes
 model (`shapes-t2v`: a Wan model trained by the project, 20 steps, MagCache ratios calibrated
-by `python -m api.mag_calibration`). Two parts, one deployment:
+by `python -m api.cache_calibration --mode magcache`). Two parts, one deployment:
 
 1. Alone: every caption of a fixed set (seed = its index) is generated once per cache
    setting, one job at a time, the settings taking turns per caption (the machine's speed

@@ -84,10 +84,10 @@ class ServeMetrics:
             "dit_jobs", description="Jobs by final status.", tag_keys=("model", "status"))
 
     # ---- what both step schedulers record -----------------------------------------
-    def observe_step(self, plan: StepPlan, seconds: float, block_skipped: tuple[str, ...] = ()) -> None:
+    def observe_step(self, plan: StepPlan, seconds: float, skipped_in_step: tuple[str, ...] = ()) -> None:
         if plan.scheduled:
             self.batch_size.observe(len(plan.scheduled))
-            cached = sum(not s.computed for s in plan.scheduled) + len(block_skipped)
+            cached = sum(not s.computed for s in plan.scheduled) + len(skipped_in_step)
             for kind, count in (("computed", len(plan.scheduled) - cached), ("cached", cached)):
                 if count:
                     self.step_requests.observe(count, tags={"kind": kind})

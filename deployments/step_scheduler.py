@@ -210,7 +210,7 @@ class StepScheduler(StepListener):
 
     def on_step(self, plan: StepPlan, executed: Executed, pipelined: bool) -> None:
         m, result = self.metrics, executed.result
-        m.observe_step(plan, executed.seconds, result.block_skipped)
+        m.observe_step(plan, executed.seconds, result.skipped_in_step)
         if plan.scheduled:
             m.forwards_per_step.observe(result.forwards)
             m.step_shapes.observe(result.shapes)
@@ -226,7 +226,7 @@ class StepScheduler(StepListener):
                 m.ring_size.observe(assignment.size)
                 self._ring_sizes[assignment.size] += 1
         for step in plan.scheduled:
-            cached = not step.computed or step.request_id in result.block_skipped
+            cached = not step.computed or step.request_id in result.skipped_in_step
             if cached and (waiter := self._waiters.get(step.request_id)) is not None:
                 m.cache_hits.inc(tags={"model": step.model, "mode": waiter.cache_mode})
         for request_id in result.stepped:

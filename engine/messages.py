@@ -147,7 +147,7 @@ class StepResult:
     errors: Mapping[str, str] = field(default_factory=dict)
     finished: Mapping[str, object] = field(default_factory=dict)  # request id -> its final output
     forwards: int = 0  # forwards run (1 per model present; more only when isolating a fault)
-    block_skipped: tuple[str, ...] = ()  # stepped requests whose step cache skipped all blocks but the first
+    skipped_in_step: tuple[str, ...] = ()  # stepped requests whose cache skipped blocks, decided in the step
     forward_seconds: float = 0.0
     idle_before_seconds: float = 0.0  # runner idle time between the previous step's end and this one's start
 

@@ -7,18 +7,19 @@ this step and in which order; `execute` then
 
     frees cancelled requests and admits new ones (seeded noise, a fresh sampler),
     prepare_inputs()   groups the scheduled requests by model, packed order kept,
+    TeaCache requests decide from their timestep modulation whether this step skips,
     one packed transformer forward per model (all shapes, text lengths, timesteps) over
     the requests whose step computes (FirstBlockCache requests: their first block, the
     other blocks only if it changed enough), classifier-free guidance; a step the request's
-    step cache stands in for (no rows in the plan) takes its prediction from that cache
-    (TaylorSeer: extrapolated; MagCache: the embeddings and head of the request's rows
-    alone, the blocks replaced by their last residual, on every rank of a group alike);
-    then each request's own sampler.step() on the device,
+    step cache stands in for (no rows in the plan, or TeaCache's skip) takes its prediction
+    from that cache (TaylorSeer: extrapolated; MagCache and TeaCache: the embeddings and head
+    of the request's rows alone, the blocks replaced by their last residual, on every rank of
+    a group alike); then each request's own sampler.step() on the device,
 
-and answers with a `VideoStepResult`: ids stepped, those whose first block let them skip
-the other blocks, per-request errors, and the final latents of the requests that finished (their only trip off the device). If a
-model's packed forward raises, its requests are retried one by one so only the
-request at fault fails.
+and answers with a `VideoStepResult`: ids stepped, those whose cache decided in the step to
+skip (`skipped_in_step`), per-request errors, and the final latents of the requests that
+finished (their only trip off the device). If a model's packed forward raises, its requests
+are retried one by one so only the request at fault fails.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from models.step_cache_state import (
     FirstBlockResiduals,
     MagCacheResiduals,
     TaylorSeerPrediction,
+    TeaCacheResiduals,
     new_cache_state,
 )
 
@@ -91,8 +93,10 @@ class ModelRunner:
         errors = admit_new(plan, self._admit)
         batch = self.prepare_inputs(plan, errors)
         cached_ids = {s.request_id for s in plan.scheduled if not s.computed}
+        skipped_in_step: set[str] = set()
+        cached_ids |= self._teacache_skips(batch, errors, skipped_in_step)
+        batch = {model: [r for r in requests if r.request.request_id not in errors] for model, requests in batch.items()}
         stepped: list[str] = []
-        block_skipped: set[str] = set()
         finished: dict[str, torch.Tensor] = {}
         forwards = ring_bytes = 0
         shapes = set()
@@ -102,7 +106,7 @@ class ModelRunner:
                            if (p := self._cached_prediction(model, r, errors)) is not None]
             if computed:
                 ctx = self._context(plan, model, computed)
-                forwarded, runs = self._predict(model, computed, errors, ctx, block_skipped)
+                forwarded, runs = self._predict(model, computed, errors, ctx, skipped_in_step)
                 self._update_caches(model, forwarded)
                 predictions += forwarded
                 forwards += runs
@@ -114,7 +118,7 @@ class ModelRunner:
             self.requests.pop(request_id, None)
         self._last_step_end = time.perf_counter()
         return VideoStepResult(step_id=plan.step_id, stepped=tuple(stepped), errors=errors, finished=finished,
-                               block_skipped=tuple(r for r in stepped if r in block_skipped),
+                               skipped_in_step=tuple(r for r in stepped if r in skipped_in_step),
                                forwards=forwards, shapes=len(shapes), forward_seconds=self._last_step_end - start,
                                idle_before_seconds=idle, ring_bytes=ring_bytes)
 
@@ -137,6 +141,26 @@ class ModelRunner:
                                                       cache=new_cache_state(new.cache))
 
     # ---- the step ---------------------------------------------------------
+    @torch.no_grad()
+    def _teacache_skips(self, batch: dict[str, list["RunnerRequest"]], errors: dict[str, str],
+                        skipped_in_step: set[str]) -> set[str]:
+        """TeaCache requests whose step skips the blocks, decided from their timestep modulation before the forward
+        (they then take MagCache's skipped-step path; every rank of a group decides alike from the same state)."""
+        skipping = set()
+        for model, requests in batch.items():
+            for r in requests:
+                if not isinstance(r.cache, TeaCacheResiduals):
+                    continue
+                try:
+                    if not r.cache.computes(r.step, self.adapters[model].timestep_modulation(r.timestep)):
+                        skipping.add(r.request.request_id)
+                except Exception as exc:  # a step-cache fault fails this request only
+                    logger.exception("TeaCache decision of %s failed at step %d", r.request.request_id, r.step)
+                    errors[r.request.request_id] = f"step cache failed: {exc}"
+        skipped_in_step |= skipping
+        return skipping
+
+
     def prepare_inputs(self, plan: StepPlan, errors: dict[str, str]) -> dict[str, list[RunnerRequest]]:
         """Scheduled requests grouped by model, in packed order; unknown or out-of-step ones fail."""
         batch: dict[str, list[RunnerRequest]] = defaultdict(list)
@@ -160,7 +184,7 @@ class ModelRunner:
 
     @torch.no_grad()
     def _predict(self, model: str, requests: list[RunnerRequest], errors: dict[str, str], ctx: AttentionContext,
-                 block_skipped: set[str]) -> tuple[list[tuple[RunnerRequest, torch.Tensor]], int]:
+                 skipped_in_step: set[str]) -> tuple[list[tuple[RunnerRequest, torch.Tensor]], int]:
         """Guided predictions of one model's requests in one packed forward.
 
         On one rank a forward that raises is retried request by request, so only the request at
@@ -169,7 +193,7 @@ class ModelRunner:
         """
         experts = len({self.adapters[model].expert_index(r.timestep) for r in requests})
         try:
-            return list(zip(requests, self._guided(model, requests, ctx, block_skipped))), experts
+            return list(zip(requests, self._guided(model, requests, ctx, skipped_in_step))), experts
         except Exception:
             if self.world_size > 1:
                 raise
@@ -177,17 +201,17 @@ class ModelRunner:
         out = []
         for request in requests:
             try:
-                out.append((request, self._guided(model, [request], ctx, block_skipped)[0]))
+                out.append((request, self._guided(model, [request], ctx, skipped_in_step)[0]))
             except Exception as exc:
                 errors[request.request.request_id] = f"transformer forward failed: {exc!r}"
         return out, experts + len(requests)
 
-    def _guided(self, model: str, requests: list[RunnerRequest], ctx: AttentionContext, block_skipped: set[str],
+    def _guided(self, model: str, requests: list[RunnerRequest], ctx: AttentionContext, skipped_in_step: set[str],
                 ) -> list[torch.Tensor]:
         """One packed forward (one per expert of a two-expert model) over every CFG row ([uncond, cond] per request
         with CFG), each request guided by its expert's scale; float32 predictions. Block-level step caches keep
         their rows' residuals in the request's state (MagCache; FirstBlockCache when its step computed, else its
-        id goes to `block_skipped`)."""
+        id goes to `skipped_in_step`)."""
         adapter = self.adapters[model]
         latents, timesteps, conds, caches = [], [], [], BlockCaches()
         for r in requests:
@@ -209,7 +233,7 @@ class ModelRunner:
             if isinstance(r.cache, MagCacheResiduals):
                 r.cache.rows = [caches.blocks_residual[i] for i in rows]
             elif isinstance(r.cache, FirstBlockResiduals) and r.cache.update(rows, caches):
-                block_skipped.add(r.request.request_id)
+                skipped_in_step.add(r.request.request_id)
             preds.append(self._guide(model, r, [out[i] for i in rows]))
             row += r.request.rows
         return preds

@@ -226,7 +226,7 @@ class StepSchedulerCore:
     def postprocess(self, plan: StepPlan, result: StepResult) -> None:
         """Count the steps that ran; finished and failed requests leave the pool."""
         now = self.clock()
-        stepped, block_skipped = set(result.stepped), set(result.block_skipped)
+        stepped, skipped_in_step = set(result.stepped), set(result.skipped_in_step)
         for step in plan.scheduled:
             meta = self.pool.get(step.request_id)
             if meta is None:  # cancelled, or failed in an earlier in-flight step
@@ -241,7 +241,7 @@ class StepSchedulerCore:
             if queued:
                 self.queue.discard(meta)
             meta.steps_done += 1
-            meta.computed_steps += step.computed and step.request_id not in block_skipped
+            meta.computed_steps += step.computed and step.request_id not in skipped_in_step
             if queued:
                 self.queue.add(meta)
             if meta.first_step_time is None:

@@ -263,11 +263,17 @@ class DiffusionAdapter(ABC):
 
     @property
     def cache_modes(self) -> tuple[str, ...]:
-        """Step-cache modes this model runs: none and taylorseer everywhere; magcache and first_block where the
-        family's packed forward runs block-level caches (`skipped_blocks_prediction`, `output_rows` filling
-        `BlockCaches`) and one transformer denoises."""
+        """Step-cache modes this model runs: none and taylorseer everywhere; magcache, first_block and teacache
+        where the family's packed forward runs block-level caches (`skipped_blocks_prediction`,
+        `timestep_modulation`, `output_rows` filling `BlockCaches`) and one transformer denoises."""
         block_cache = hasattr(self.packed_module, "skipped_blocks_prediction") and self.expert_count == 1
-        return ("none", "taylorseer", "magcache", "first_block") if block_cache else ("none", "taylorseer")
+        if not block_cache:
+            return ("none", "taylorseer")
+        return ("none", "taylorseer", "magcache", "first_block", "teacache")
+
+    def timestep_modulation(self, timestep: torch.Tensor) -> torch.Tensor:
+        """What TeaCache decides a step from: the timestep's modulation of the blocks (one-transformer models)."""
+        return self.packed_module.timestep_modulation(self.transformer, timestep.to(self.device))
 
     def skipped_blocks_prediction(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Condition,
                                   residual: torch.Tensor) -> torch.Tensor:

@@ -53,10 +53,16 @@ def _ofs_embedding(model: CogVideoXTransformer3DModel, dtype: torch.dtype, devic
 def _embeddings(model: CogVideoXTransformer3DModel, r: PackedRequest) -> tuple[torch.Tensor, torch.Tensor]:
     """One request's joint rows ([text; video] patch embedding) and its timestep embedding."""
     embeds = model.embedding_dropout(model.patch_embed(r.text.unsqueeze(0), r.latents.unsqueeze(0)))[0]
-    temb = model.time_embedding(model.time_proj(r.timestep.reshape(1)).to(dtype=embeds.dtype), None)[0]
+    return embeds, timestep_modulation(model, r.timestep)
+
+
+def timestep_modulation(model: CogVideoXTransformer3DModel, timestep: torch.Tensor) -> torch.Tensor:
+    """The timestep embedding every block's AdaLN is computed from (TeaCache's probe, TeaCache4CogVideoX's emb)."""
+    dtype = model.proj_out.weight.dtype
+    temb = model.time_embedding(model.time_proj(timestep.reshape(1)).to(dtype=dtype), None)[0]
     if model.ofs_embedding is not None:  # CogVideoX1.5-5B-I2V: the pipeline's constant offset, every row
-        temb = temb + _ofs_embedding(model, embeds.dtype, embeds.device)
-    return embeds, temb
+        temb = temb + _ofs_embedding(model, dtype, temb.device)
+    return temb
 
 
 def forward_rows(model: CogVideoXTransformer3DModel, requests: list[PackedRequest], ctx: AttentionContext,

@@ -68,7 +68,13 @@ class ModelSpec(FrozenModel):
     mag_ratios: tuple[float, ...] | None = Field(
         default=None, min_length=2, max_length=1000,
         description="MagCache's calibrated magnitude ratios of this checkpoint, one per step of the calibration run "
-                    "(python -m api.mag_calibration prints them): the default of a magcache request's mag_ratios.")
+                    "(python -m api.cache_calibration --mode magcache prints them): the default of a magcache "
+                    "request's mag_ratios.")
+    teacache_coefficients: tuple[float, ...] | None = Field(
+        default=None, min_length=2, max_length=8,
+        description="TeaCache's rescaling polynomial of this checkpoint, highest power first (python -m "
+                    "api.cache_calibration --mode teacache fits it; TeaCache's repository publishes Wan 2.1's): the "
+                    "default of a teacache request's coefficients.")
 
     @model_validator(mode="after")
     def _check_cache(self) -> "ModelSpec":

@@ -5,7 +5,9 @@ their update / extrapolation math) over the request's guided prediction: guidanc
 in the CFG rows and so is the extrapolation, so one state per request stands for both rows
 (which therefore decide together). For `magcache` it is the blocks' residual of each CFG row
 at the request's last computed step (diffusers keeps one per cache context, cond and uncond).
-For `first_block` it is, per CFG row, the first block's and the other blocks' residuals at the
+For `teacache` it is MagCache's residuals plus TeaCache's running decision (the last timestep
+modulation and the accumulated rescaled distance), the same on every rank since each computes it
+from the same timestep and weights. For `first_block` it is, per CFG row, the first block's and the other blocks' residuals at the
 request's last fully computed step (diffusers' `FBCSharedBlockState`).
 Every rank of a Brick group holds every request whole after the all-gather (the residuals
 are gathered with the outputs), so each rank's state is the same: replicated like the
@@ -14,6 +16,7 @@ latents, no tensor reaching the scheduler.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from diffusers.hooks.taylorseer_cache import TaylorSeerState
 
@@ -57,6 +60,30 @@ class MagCacheResiduals:
         return self.rows
 
 
+class TeaCacheResiduals(MagCacheResiduals):
+    """MagCache's residuals, and TeaCache's decision over the request's timestep modulations (TeaCache4Wan2.1's
+    `accumulated_rel_l1_distance` / `previous_e0`, one state for both CFG rows: they share the timestep)."""
+
+    def __init__(self, threshold: float, warmup_steps: int, coefficients: tuple[float, ...]) -> None:
+        super().__init__()
+        self.threshold, self.warmup_steps = threshold, warmup_steps
+        self.rescale = np.poly1d(coefficients)
+        self.previous: torch.Tensor | None = None
+        self.accumulated = 0.0
+
+    def computes(self, step: int, modulation: torch.Tensor) -> bool:
+        """Whether step `step`, whose timestep modulation is `modulation`, runs the blocks (called once per step)."""
+        computes = True
+        if step >= self.warmup_steps and self.previous is not None:
+            change = ((modulation - self.previous).abs().mean() / self.previous.abs().mean()).item()
+            self.accumulated += float(self.rescale(change))
+            computes = self.accumulated >= self.threshold
+        if computes:
+            self.accumulated = 0.0
+        self.previous = modulation
+        return computes
+
+
 class FirstBlockResiduals:
     """Per forward row, the first block's and the other blocks' residuals at the last step whose blocks all ran."""
 
@@ -78,7 +105,7 @@ class FirstBlockResiduals:
         return False
 
 
-CacheState = TaylorSeerPrediction | MagCacheResiduals | FirstBlockResiduals
+CacheState = TaylorSeerPrediction | MagCacheResiduals | TeaCacheResiduals | FirstBlockResiduals
 
 
 def new_cache_state(cache: StepCache) -> CacheState | None:
@@ -91,4 +118,8 @@ def new_cache_state(cache: StepCache) -> CacheState | None:
         return MagCacheResiduals()
     if cache.mode == "first_block":
         return FirstBlockResiduals(cache.first_block_threshold)
+    if cache.mode == "teacache":
+        if cache.coefficients is None:
+            raise ValueError("a teacache request needs coefficients (the served model's calibration)")
+        return TeaCacheResiduals(cache.teacache_threshold, cache.teacache_warmup, cache.coefficients)
     raise ValueError(f"cache mode {cache.mode!r} is not implemented by the runner")

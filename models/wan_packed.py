@@ -119,6 +119,14 @@ def _head(model: WanTransformer3DModel, x: torch.Tensor, row_temb: torch.Tensor)
     return model.proj_out(x)
 
 
+def timestep_modulation(model: WanTransformer3DModel, timestep: torch.Tensor) -> torch.Tensor:
+    """The time projection every block's AdaLN table adds to (TeaCache's probe, TeaCache4Wan2.1's e0); the text the
+    condition embedder also projects does not enter it."""
+    no_text = model.proj_out.weight.new_zeros(1, 1, model.config.text_dim)
+    _, projection, _, _ = model.condition_embedder(timestep.reshape(1), no_text, None)
+    return projection[0]
+
+
 def skipped_blocks_prediction(model: WanTransformer3DModel, request: PackedRequest, residual: torch.Tensor,
                               ) -> torch.Tensor:
     """One row's prediction on a step MagCache skips (`MagCacheHeadHook`): the embeddings and the head run, the

@@ -193,16 +193,18 @@ def test_a_magcache_request_packed_with_others_equals_alone(family):
 
 
 def test_block_caches_on_two_ranks_equal_one_rank():
-    """On a Brick ring of 2 the kept residuals are gathered with the outputs, so each rank holds them whole, and a
-    FirstBlockCache request's distance is summed over each rank's shard and all-reduced, so the ranks decide alike:
-    MagCache and FirstBlockCache requests (beside a TaylorSeer and an uncached one) end as on one rank."""
+    """On a Brick ring of 2 the kept residuals are gathered with the outputs, so each rank holds them whole, a
+    FirstBlockCache request's distance is summed over each rank's shard and all-reduced, and TeaCache's decision is
+    the same replicated computation on each rank, so the ranks decide alike: MagCache, FirstBlockCache and TeaCache
+    requests (beside a TaylorSeer and an uncached one) end as on one rank."""
     spec = tiny_spec("wan")
     asks = [("mag", gen_spec(spec.name, steps=9, height=64, width=96, seed=1, cache=MAG)),
             ("first", gen_spec(spec.name, steps=9, height=64, width=96, seed=4, cache=_first_block(0.1))),
+            ("tea", gen_spec(spec.name, steps=9, height=64, width=96, seed=5, cache=_teacache(0.3))),
             ("taylor", gen_spec(spec.name, steps=8, seed=2, cache=TAYLOR)),
             ("plain", gen_spec(spec.name, steps=4, seed=3))]
     ranks = assert_two_ranks_equal_one_rank([spec], asks, 8)
-    assert all(0 < r["computed_steps"]["first"] < 9 for r in ranks)
+    assert all(0 < r["computed_steps"][request] < 9 for r in ranks for request in ("first", "tea"))
 
 
 def test_a_step_cache_fault_fails_only_its_request(wan):
@@ -238,7 +240,7 @@ def test_first_block_equals_diffusers_first_block_cache_on_the_pipeline(family, 
     engine.admit("x", gen_spec(spec.name, steps=9, seed=3, guidance=guidance, prompt="a cat on the moon",
                                cache=_first_block(threshold)), prompt)
     engine.run()
-    skipped = sum("x" in r.block_skipped for r in engine.results)
+    skipped = sum("x" in r.skipped_in_step for r in engine.results)
     assert engine.done["x"].computed_steps == 9 - skipped == computed
 
     pipeline = load_adapter(spec, parts=("text", "transformer", "vae")).pipeline
@@ -268,7 +270,7 @@ def test_a_first_block_request_packed_with_others_equals_alone(family):
 
 
 def test_first_block_skips_count_as_cached_and_srptf_expects_the_observed_fraction():
-    """The runner's block_skipped requests count no computed step; the request's remaining cost (SRPTF's key)
+    """The runner's skipped_in_step requests count no computed step; the request's remaining cost (SRPTF's key)
     follows its observed fraction of computed steps, and it stays in the run queue under its new key."""
     core = StepSchedulerCore(make_policy("srptf"), BudgetConfig(max_batch_size=4), batching="fill")
     core.admit(replace(new_request(steps=10, seq_len=100, request_id="first"), cache=_first_block(0.1)))
@@ -280,7 +282,122 @@ def test_first_block_skips_count_as_cached_and_srptf_expects_the_observed_fracti
         assert {s.request_id: s.rows for s in plan.scheduled} == {"first": 2, "plain": 2}  # the first block runs
         skipped = ("first",) if step % 2 else ()
         core.postprocess(plan, StepResult(step_id=plan.step_id, stepped=tuple(plan.request_ids),
-                                          block_skipped=skipped))
+                                          skipped_in_step=skipped))
     assert meta.computed_steps == 2 and meta.steps_done == 4
     assert meta.remaining_cost == 300 < core.pool["plain"].remaining_cost == 600
     assert next(core.queue.in_order(core.clock())) is meta
+
+
+def _teacache(threshold: float, coefficients: tuple[float, ...] = (1.0, 0.0)) -> StepCache:
+    return StepCache(mode="teacache", threshold=threshold, warmup_steps=2, coefficients=coefficients)
+
+
+class TeaCacheReference:
+    """TeaCache4Wan2.1's rule on `WanPipeline`'s transformer with torch hooks, one state per CFG context (the
+    pipeline calls cond then uncond each step): the decision from the call's time projection (`timestep_proj` of
+    the condition embedder on the call's own text), a skipped call's blocks passing their input through and the
+    last one adding the context's residual of its last computed call."""
+
+    def __init__(self, transformer, threshold: float, warmup: int, coefficients: tuple[float, ...], contexts: int):
+        self.transformer, self.threshold, self.warmup = transformer, threshold, warmup
+        self.rescale, self.contexts, self.calls = np.poly1d(coefficients), contexts, 0
+        self.state = [{"previous": None, "accumulated": 0.0, "residual": None} for _ in range(contexts)]
+        self.computes, self.blocks_input = True, None
+        blocks = transformer.blocks
+        self.handles = [transformer.register_forward_pre_hook(self._decide, with_kwargs=True),
+                        blocks[0].register_forward_pre_hook(self._enter)]
+        self.handles += [block.register_forward_hook(self._leave if i == len(blocks) - 1 else self._pass)
+                         for i, block in enumerate(blocks)]
+        self.skipped_steps: list[int] = []
+
+    def _decide(self, module, args, kwargs):
+        context, step = self.calls % self.contexts, self.calls // self.contexts
+        self.calls += 1
+        state = self.state[context]
+        _, modulation, _, _ = module.condition_embedder(kwargs["timestep"], kwargs["encoder_hidden_states"], None)
+        self.computes = True
+        if step >= self.warmup and state["previous"] is not None:
+            then = state["previous"]
+            state["accumulated"] += float(self.rescale(((modulation - then).abs().mean() / then.abs().mean()).item()))
+            self.computes = state["accumulated"] >= self.threshold
+        if self.computes:
+            state["accumulated"] = 0.0
+        elif context == 0:
+            self.skipped_steps.append(step)
+        state["previous"], self.context = modulation, context
+
+    def _enter(self, module, args):
+        self.blocks_input = args[0]
+
+    def _pass(self, module, args, output):
+        return output if self.computes else args[0]
+
+    def _leave(self, module, args, output):
+        state = self.state[self.context]
+        if self.computes:
+            state["residual"] = output - self.blocks_input
+            return output
+        return self.blocks_input + state["residual"]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def test_teacache_equals_the_teacache_rule_on_the_pipeline():
+    """The engine's TeaCache (decided on the runner before the forward from the request's time projection, a
+    skipped step on MagCache's path) gives the latents of WanPipeline under TeaCache4Wan2.1's rule, written
+    independently on torch hooks over the pipeline's transformer."""
+    spec = tiny_spec("wan")
+    prompt = TextEncoderCore([spec]).encode_batch([EncodeRequest(spec.name, "a cat on the moon", "")])[0]
+    cache = _teacache(0.3)
+    engine = Engine([spec])
+    engine.admit("x", gen_spec(spec.name, steps=9, seed=3, guidance=6.0, prompt="a cat on the moon", cache=cache),
+                 prompt)
+    engine.run()
+    skipped = [i for i, r in enumerate(engine.results) if "x" in r.skipped_in_step]
+    assert engine.done["x"].computed_steps == 9 - len(skipped) and 0 < len(skipped) < 7
+
+    pipeline = load_adapter(spec, parts=("text", "transformer", "vae")).pipeline
+    kwargs = dict(prompt="a cat on the moon", negative_prompt="", height=32, width=48, num_frames=9,
+                  num_inference_steps=9, guidance_scale=6.0, output_type="latent", max_sequence_length=16)
+    reference_hooks = TeaCacheReference(pipeline.transformer, 0.3, 2, (1.0, 0.0), contexts=2)
+    reference = pipeline(generator=torch.Generator().manual_seed(3), **kwargs).frames
+    reference_hooks.remove()
+    uncached = pipeline(generator=torch.Generator().manual_seed(3), **kwargs).frames
+    assert reference_hooks.skipped_steps == skipped
+    torch.testing.assert_close(engine.latents["x"], reference, rtol=0, atol=1e-5)
+    assert (engine.latents["x"] - uncached).abs().max() > 1e-3  # the cache did change the result
+
+
+@pytest.mark.parametrize("family", ["wan", "cogvideox"])
+def test_a_teacache_request_packed_with_others_equals_alone(family):
+    """A TeaCache request skips by its own timesteps: packed with an uncached request of another shape and a
+    FirstBlockCache one, it ends as alone, and it did skip."""
+    spec = tiny_spec(family)
+    prompts = TextEncoderCore([spec]).encode_batch([EncodeRequest(spec.name, "a cat on the moon", ""),
+                                                    EncodeRequest(spec.name, "red car at night", "blur"),
+                                                    EncodeRequest(spec.name, "a dog", "")])
+    coefficients = (1.0, 0.0) if family == "wan" else (0.3, 0.0)  # CogVideoX's time embedding moves more per step
+    target = gen_spec(spec.name, steps=9, seed=5, cache=_teacache(0.3, coefficients))
+    assert_joined_late_equals_alone(
+        spec, (target, prompts[0]), (gen_spec(spec.name, steps=10, height=48, width=32, frames=5, seed=1), prompts[1]),
+        (gen_spec(spec.name, steps=7, seed=2, cache=_first_block(0.1)), prompts[2]))
+    engine = Engine([spec])
+    engine.admit("t", target, prompts[0])
+    engine.run()
+    assert engine.done["t"].computed_steps < 9
+
+
+def test_teacache_calibration_fits_the_rescaling_polynomial():
+    """The calibration CLI's TeaCache fit: one (modulation change, output change) point per consecutive pair of
+    steps of every run and CFG row, a degree-4 polynomial through them that fits better than their mean."""
+    from api.cache_calibration import calibrate_teacache, teacache_points
+
+    spec = tiny_spec("wan")
+    x, y = teacache_points(spec, ["a cat", "a dog"], 6, 32, 48, 9, seeds=1)
+    assert len(x) == len(y) == 2 * 2 * 5 and all(v > 0 for v in x + y)
+    coefficients = calibrate_teacache(spec, ["a cat", "a dog"], 6, 32, 48, 9, seeds=1)
+    assert len(coefficients) == 5 and all(np.isfinite(coefficients))
+    fitted = np.poly1d(coefficients)(np.array(x))
+    assert np.mean((fitted - y) ** 2) < np.var(y)
