@@ -62,7 +62,8 @@ class AttentionContext(ABC):
 
     @abstractmethod
     def sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
-        """`values` summed over the processes that share this forward (a per-request decision every rank takes alike)."""
+        """`values` summed over the processes that share this forward (a per-request decision every rank takes
+        alike)."""
 
     @abstractmethod
     def subset(self, requests: list[int]) -> "AttentionContext":

@@ -2,8 +2,8 @@
 under load.
 
 The CPU default's video app (`configs/local.yaml`, its shipped scheduler) serves the shapes
-model (`shapes-t2v`: a Wan model trained by the project, 20 steps, MagCache ratios calibrated
-by `python -m api.cache_calibration --mode magcache`). Two parts, one deployment:
+model (`shapes-t2v`: a Wan model trained by the project, 20 steps, MagCache ratios and TeaCache
+coefficients calibrated by `python -m api.cache_calibration`). Two parts, one deployment:
 
 1. Alone: every caption of a fixed set (seed = its index) is generated once per cache
    setting, one job at a time, the settings taking turns per caption (the machine's speed
@@ -62,6 +62,9 @@ SETTINGS: dict[str, dict] = {
     "first_block 0.1": {"mode": "first_block", "threshold": 0.1},
     "first_block 0.2": {"mode": "first_block", "threshold": 0.2},
     "first_block 0.3": {"mode": "first_block", "threshold": 0.3},
+    "teacache 0.1": {"mode": "teacache", "threshold": 0.1},
+    "teacache 0.2": {"mode": "teacache", "threshold": 0.2},
+    "teacache 0.3": {"mode": "teacache", "threshold": 0.3},
 }
 PSNR_TARGET, SPEEDUP_TARGET = 30.0, 1.5
 

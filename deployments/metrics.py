@@ -79,7 +79,8 @@ class ServeMetrics:
             tag_keys=("model", "mode"))
         self.step_requests = metrics.Histogram(
             "dit_step_requests", description="Requests in one step by kind: computed (all blocks ran for their "
-            "rows) or cached (prediction from the request's step cache; FirstBlockCache: after the first block).", boundaries=_COUNTS, tag_keys=("kind",))
+            "rows) or cached (prediction from the request's step cache; FirstBlockCache: after the first block).",
+            boundaries=_COUNTS, tag_keys=("kind",))
         self.jobs = metrics.Counter(
             "dit_jobs", description="Jobs by final status.", tag_keys=("model", "status"))
 

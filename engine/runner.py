@@ -93,9 +93,10 @@ class ModelRunner:
         errors = admit_new(plan, self._admit)
         batch = self.prepare_inputs(plan, errors)
         cached_ids = {s.request_id for s in plan.scheduled if not s.computed}
-        skipped_in_step: set[str] = set()
-        cached_ids |= self._teacache_skips(batch, errors, skipped_in_step)
-        batch = {model: [r for r in requests if r.request.request_id not in errors] for model, requests in batch.items()}
+        skipped_in_step = self._teacache_skips(batch, errors)  # FirstBlockCache's skips join in the forward
+        cached_ids |= skipped_in_step
+        batch = {model: [r for r in requests if r.request.request_id not in errors]
+                 for model, requests in batch.items()}
         stepped: list[str] = []
         finished: dict[str, torch.Tensor] = {}
         forwards = ring_bytes = 0
@@ -142,8 +143,7 @@ class ModelRunner:
 
     # ---- the step ---------------------------------------------------------
     @torch.no_grad()
-    def _teacache_skips(self, batch: dict[str, list["RunnerRequest"]], errors: dict[str, str],
-                        skipped_in_step: set[str]) -> set[str]:
+    def _teacache_skips(self, batch: dict[str, list[RunnerRequest]], errors: dict[str, str]) -> set[str]:
         """TeaCache requests whose step skips the blocks, decided from their timestep modulation before the forward
         (they then take MagCache's skipped-step path; every rank of a group decides alike from the same state)."""
         skipping = set()
@@ -157,9 +157,7 @@ class ModelRunner:
                 except Exception as exc:  # a step-cache fault fails this request only
                     logger.exception("TeaCache decision of %s failed at step %d", r.request.request_id, r.step)
                     errors[r.request.request_id] = f"step cache failed: {exc}"
-        skipped_in_step |= skipping
         return skipping
-
 
     def prepare_inputs(self, plan: StepPlan, errors: dict[str, str]) -> dict[str, list[RunnerRequest]]:
         """Scheduled requests grouped by model, in packed order; unknown or out-of-step ones fail."""

@@ -1,9 +1,10 @@
 """Step caches that work inside the transformer's blocks, per row of a packed forward.
 
-Two modes act on a row's blocks rather than on its whole step:
+Three modes act on a row's blocks rather than on its whole step:
 
-- `magcache`: the rows of a computed step keep their blocks' residual (output minus input),
-  which the request's skipped steps add back (`models.step_cache_state.MagCacheResiduals`).
+- `magcache` and `teacache`: the rows of a computed step keep their blocks' residual (output
+  minus input), which the request's skipped steps add back (`models.step_cache_state`); which
+  steps skip is decided outside the forward.
 - `first_block` (FirstBlockCache, as diffusers' `FBCHeadBlockHook` / `FBCBlockHook`): the first
   block runs for every row; a request whose first-block residual moved, relative to the one of
   its last fully computed step, by no more than its threshold (mean |now - then| / mean |then|)
@@ -27,8 +28,6 @@ import torch
 
 from attention.context import AttentionContext, Segment, rows_by_request
 
-Pieces = dict[int, tuple[int, torch.Tensor]]  # forward row -> (first token, this process's rows)
-
 
 @dataclass(frozen=True)
 class FirstBlockRows:
@@ -44,9 +43,9 @@ class FirstBlockRows:
 class BlockCaches:
     """What one packed forward keeps for the block-level step caches of its rows, and what it decided."""
 
-    keep: list[int] = field(default_factory=list)  # MagCache rows: their blocks' residual is kept
+    keep: list[int] = field(default_factory=list)  # MagCache / TeaCache rows: their blocks' residual is kept
     first_block: list[FirstBlockRows] = field(default_factory=list)
-    # Filled by the forward (this process's rows; whole tensors once `models.packed` has gathered them):
+    # Filled by the forward with this process's (first token, rows), then by `models.packed` with whole tensors:
     blocks_residual: dict = field(default_factory=dict)  # keep row -> blocks' output minus input
     head_residual: dict = field(default_factory=dict)  # computed first_block row -> first block's residual
     tail_residual: dict = field(default_factory=dict)  # computed first_block row -> the other blocks' residual

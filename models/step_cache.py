@@ -102,7 +102,8 @@ class StepCache(FrozenModel):
     mag_ratios: tuple[float, ...] | None = Field(
         default=None, min_length=2, max_length=1000,
         description="magcache: the checkpoint's calibrated magnitude ratios, one per step of the calibration run "
-                    "(default: the served model's `mag_ratios`; python -m api.cache_calibration --mode magcache prints them).")
+                    "(default: the served model's `mag_ratios`; python -m api.cache_calibration --mode magcache prints "
+                    "them).")
 
     coefficients: tuple[float, ...] | None = Field(
         default=None, min_length=2, max_length=8,

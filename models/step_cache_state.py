@@ -7,8 +7,9 @@ in the CFG rows and so is the extrapolation, so one state per request stands for
 at the request's last computed step (diffusers keeps one per cache context, cond and uncond).
 For `teacache` it is MagCache's residuals plus TeaCache's running decision (the last timestep
 modulation and the accumulated rescaled distance), the same on every rank since each computes it
-from the same timestep and weights. For `first_block` it is, per CFG row, the first block's and the other blocks' residuals at the
-request's last fully computed step (diffusers' `FBCSharedBlockState`).
+from the same timestep and weights. For `first_block` it is, per CFG row, the first block's and
+the other blocks' residuals at the request's last fully computed step (diffusers'
+`FBCSharedBlockState`).
 Every rank of a Brick group holds every request whole after the all-gather (the residuals
 are gathered with the outputs), so each rank's state is the same: replicated like the
 latents, no tensor reaching the scheduler.

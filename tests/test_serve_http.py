@@ -272,16 +272,19 @@ def test_a_step_cached_job_computes_fewer_steps(client):
     assert all(b[4:8] == b"ftyp" for b in content) and content[0] != content[1]
 
 
-def test_a_magcache_job_skips_steps_and_keeps_the_prompt(client):
-    """MagCache on the shapes model (its calibrated ratios in configs/local.yaml): fewer steps run the blocks, the
-    video still shows what the prompt asks, as the uncached one of the same seed does."""
+def test_block_cache_jobs_skip_steps_and_keep_the_prompt(client):
+    """MagCache, FirstBlockCache and TeaCache on the shapes model (MagCache's ratios and TeaCache's coefficients
+    calibrated in configs/local.yaml), packed in the same steps: fewer steps run all the blocks, each video still
+    shows what the prompt asks, as the uncached one of the same seed does."""
     ask = dict(prompt="a red circle moving left", seed=3)
-    jobs = [submit(client, **ask), submit(client, **ask, cache={"mode": "magcache", "threshold": 0.12})]
+    caches = [None, {"mode": "magcache", "threshold": 0.12}, {"mode": "first_block", "threshold": 0.2},
+              {"mode": "teacache", "threshold": 0.2}]
+    jobs = [submit(client, **ask, **({"cache": cache} if cache else {})) for cache in caches]
     done = [wait(client, j["id"]) for j in jobs]
-    assert [d["status"] for d in done] == ["completed", "completed"]
-    assert done[0]["computed_steps"] == 20 and done[1]["computed_steps"] == 12
+    assert [d["status"] for d in done] == ["completed"] * 4
+    assert [d["computed_steps"] for d in done] == [20, 12, 10, 11]
     read = [read_video(decode_mp4(client.get(f"/v1/videos/{j['id']}/content").content)).attributes for j in jobs]
-    assert read[0] == read[1] == Attributes("red", "circle", "left")
+    assert read == [Attributes("red", "circle", "left")] * 4
 
 
 def test_overload_answers_429_and_recovers(client):
@@ -341,8 +344,8 @@ def test_image_generation_returns_png(client):
          "cache.coefficients", "no calibrated TeaCache coefficients"),
         ("/v1/videos", {"prompt": "x", "model": "ltx-tiny", "cache": {"mode": "first_block"}}, 400, "cache.mode",
          "supported: none, taylorseer"),
-        ("/v1/videos", {"prompt": "x", "cache": {"mode": "first_block", "max_skip_steps": 2}}, 400,
-         "cache.max_skip_steps", "applies to mode 'magcache' only"),
+        ("/v1/videos", {"prompt": "x", "cache": {"mode": "first_block", "max_skip_steps": 2}}, 400, "cache",
+         "max_skip_steps applies to mode 'magcache' only, not 'first_block'"),
         ("/v1/videos", {"prompt": "x", "model": "mochi-tiny", "cache": {"mode": "magcache"}}, 400, "cache.mode",
          "supported: none, taylorseer"),
         ("/v1/videos", {"prompt": "x", "model": "wan2.2-a14b-tiny", "cache": {"mode": "magcache"}}, 400,
