@@ -14,6 +14,7 @@ from engine.request import RequestStatus
 from models import load_adapter
 from models.interface import EncodedPrompt
 from models.spec import ModelSpec
+from models.step_cache import StepCache
 from tests.conftest import tiny_spec
 from tests.factories import Engine, assert_joined_late_equals_alone, gen_spec, noise_picture
 from tests.spmd_cases import assert_two_ranks_equal_one_rank
@@ -250,3 +251,30 @@ def test_per_row_gives_the_clean_tokens_their_own_value_across_shards():
     segments = [Segment(0, 0, 3, 0), Segment(1, 0, 2, 3), Segment(0, 3, 4, 5)]
     noisy, clean = {0: torch.tensor([1.0]), 1: torch.tensor([2.0])}, {0: (5, torch.tensor([9.0]))}
     assert per_row(noisy, segments, clean)[:, 0].tolist() == [9, 9, 9, 2, 2, 9, 9, 1, 1]
+
+
+WAN21_I2V = tiny_spec("wan", name="wan2.1-i2v-tiny", tiny_variant="wan2.1-i2v")
+
+
+@pytest.mark.parametrize("spec", [I2V, I2V15, WAN21_I2V, TI2V_IMAGE],
+                         ids=["cogvideox", "cogvideox1.5", "wan2.1-i2v", "wan2.2-ti2v-5b"])
+def test_block_level_step_caches_of_image_rows_packed_with_others_equal_alone(spec):
+    """The image-to-video layouts under the block-level caches: a FirstBlockCache request skipping its other
+    blocks while a TeaCache request and an uncached one of another shape compute beside it (Wan 2.1 I2V's image
+    tokens, TI2V-5B's clean first frame and CogVideoX 1.5's ofs embedding taken out of the blocks with its rows)
+    ends as alone, and both cached requests do skip."""
+    first = StepCache(mode="first_block", threshold=0.5)
+    tea = StepCache(mode="teacache", threshold=0.3, warmup_steps=2, coefficients=(0.3, 0.0))
+    prompts = _prompts("a cat on the moon", "red car at night", "a dog", spec=spec)
+    target = (gen_spec(spec.name, steps=8, height=32, width=64, frames=9, seed=7, cache=first),
+              conditioned(prompts[0], noise_picture(2), 32, 64, 7, spec=spec))
+    cached = (gen_spec(spec.name, steps=6, height=32, width=64, frames=9, seed=2, cache=tea),
+              conditioned(prompts[2], noise_picture(5), 32, 64, 2, spec=spec))
+    plain = (gen_spec(spec.name, steps=6, height=64, width=32, frames=17, seed=1),
+             conditioned(prompts[1], noise_picture(3, 64, 64), 64, 32, 1, frames=17, spec=spec))
+    assert_joined_late_equals_alone(spec, target, cached, plain)
+    for ask in (target, cached):
+        engine = Engine([spec])
+        engine.admit("x", *ask)
+        engine.run()
+        assert engine.done["x"].computed_steps < ask[0].num_inference_steps
