@@ -33,12 +33,12 @@ class _Request(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     cache: StepCache | None = Field(
         default=None, description="Step cache: {\"mode\": \"none\" | \"taylorseer\" | \"magcache\" | "
-        "\"first_block\" | \"teacache\", ...}. taylorseer "
-        "(\"interval\": 1-20, \"warmup_steps\": 1-200) runs the transformer on the first warmup_steps steps (default 3) "
-        "and then one step in every interval (default 5), the others extrapolated from them. The block-level modes "
-        "run on Wan with one transformer and CogVideoX: magcache (\"threshold\": (0, 1], \"max_skip_steps\": 1-20, "
-        "\"retention_ratio\": [0, 1], \"mag_ratios\") skips the "
-        "blocks while the model's calibrated magnitude ratios stay within threshold (defaults 0.06, 3, 0.2); "
+        "\"first_block\" | \"teacache\", ...}. taylorseer (\"interval\": 1-20, \"warmup_steps\": 1-200) runs "
+        "the transformer on the first warmup_steps steps (default 3) and then one step in every interval (default "
+        "5), the others extrapolated from them. The block-level modes run on Wan with one transformer, CogVideoX and "
+        "LTX: magcache (\"threshold\": (0, 1], \"max_skip_steps\": 1-20, \"retention_ratio\": [0, 1], "
+        "\"mag_ratios\") skips the blocks while the model's calibrated magnitude ratios stay within threshold "
+        "(defaults 0.06, 3, 0.2); "
         "first_block (\"threshold\": (0, 1], default 0.05) runs the first block and skips the others while its "
         "residual moved by at most threshold; teacache (\"threshold\" default 0.08, \"warmup_steps\" default 5, "
         "\"coefficients\") skips the blocks while the rescaled change of the timestep modulation, accumulated, "

@@ -28,7 +28,7 @@ request's observed fraction of computed steps for the steps to come.
   calibration run): the accumulated error of the ratios since the last computed step must
   stay under `threshold` for at most `max_skip_steps` steps, after the first
   `retention_ratio` of the steps. Families whose packed forward can skip the blocks per
-  request run it (`DiffusionAdapter.cache_modes`: Wan, CogVideoX); two-expert models do not.
+  request run it (`DiffusionAdapter.cache_modes`: Wan, CogVideoX, LTX); two-expert models do not.
 - `first_block` (FirstBlockCache, https://github.com/chengzeyi/ParaAttention, as diffusers'
   `FBCHeadBlockHook`): the first block runs; if its residual moved by at most `threshold`
   (mean absolute change relative to the one of the request's last fully computed step) the

@@ -6,10 +6,12 @@ from dataclasses import replace
 
 import pytest
 import torch
+from diffusers import FirstBlockCacheConfig, MagCacheConfig
 
 from deployments.text_encoder import EncodeRequest, TextEncoderCore
 from engine.request import RequestStatus
 from models import load_adapter
+from models.step_cache import StepCache
 from tests.conftest import tiny_spec
 from tests.factories import Engine, assert_joined_late_equals_alone, gen_spec, noise_picture
 from tests.spmd_cases import assert_two_ranks_equal_one_rank
@@ -147,3 +149,64 @@ def test_image_to_video_checkpoint_round_trip(tmp_path):
 def test_image_input_is_refused_where_image_to_video_is_its_own_checkpoint():
     with pytest.raises(ValueError, match="image_input is for checkpoints that run both pipelines"):
         load_adapter(tiny_spec("cogvideox", image_input=True), parts=())
+
+
+FIRST_BLOCK = StepCache(mode="first_block", threshold=0.3)
+
+
+def _ltx_reference(pipeline, cache_config) -> torch.Tensor:
+    pipeline.transformer.enable_cache(cache_config)
+    try:
+        return pipeline(prompt="a cat on the moon", negative_prompt="", height=32, width=64, num_frames=9,
+                        frame_rate=25, num_inference_steps=9, guidance_scale=3.0, output_type="latent",
+                        generator=torch.Generator().manual_seed(3), max_sequence_length=16).frames
+    finally:
+        pipeline.transformer.disable_cache()
+
+
+@pytest.mark.parametrize("mode", ["magcache", "first_block"])
+def test_block_level_step_caches_match_diffusers_hooks_on_ltx_pipeline(mode):
+    """LTX's packed forward runs the block-level caches: MagCache and FirstBlockCache (LTXPipeline batches both CFG
+    rows, whose pooled distance is the engine's) equal the pipeline with diffusers' own hooks, and they skip."""
+    (prompt,) = _prompts("a cat on the moon")
+    ratios = (1.0, 1.02, 1.01, 0.99, 1.0, 1.03, 0.98, 1.01, 0.97)
+    cache = FIRST_BLOCK if mode == "first_block" else StepCache(
+        mode="magcache", threshold=0.06, max_skip_steps=2, retention_ratio=0.2, mag_ratios=ratios)
+    engine = Engine([LTX])
+    engine.admit("x", _spec(steps=9, seed=3, guidance=3.0, cache=cache), prompt)
+    engine.run()
+    assert engine.done["x"].computed_steps < 9
+    pipeline = load_adapter(LTX, parts=("text", "transformer", "vae")).pipeline
+    config = FirstBlockCacheConfig(threshold=0.3) if mode == "first_block" else MagCacheConfig(
+        threshold=0.06, max_skip_steps=2, retention_ratio=0.2, num_inference_steps=9, mag_ratios=list(ratios))
+    reference = _ltx_reference(pipeline, config)
+    shape = engine.latents["x"].shape
+    unpacked = pipeline._unpack_latents(reference, shape[2], shape[3], shape[4])
+    torch.testing.assert_close(engine.latents["x"], unpacked, rtol=0, atol=1e-5)
+
+
+def test_block_level_step_caches_packed_with_others_equal_alone():
+    """A FirstBlockCache LTX request skipping beside a TeaCache one and an uncached one of another frame rate and
+    shape ends as alone."""
+    target_prompt, other_prompt, third = _prompts("a cat on the moon", "red car at night", "a dog")
+    tea = StepCache(mode="teacache", threshold=0.3, warmup_steps=2, coefficients=(0.3, 0.0))
+    assert_joined_late_equals_alone(LTX, (_spec(steps=8, seed=7, cache=FIRST_BLOCK), target_prompt),
+                                    (_spec(12, steps=6, height=64, frames=17, seed=1), other_prompt),
+                                    (_spec(steps=6, seed=2, cache=tea), third))
+
+
+def test_block_level_step_caches_of_image_rows_packed_with_others_equal_alone():
+    """Image-to-video rows (their clean first frame modulated at timestep 0, in the blocks and in a skipped step's
+    head) under FirstBlockCache and TeaCache, packed with an uncached one of another shape, end as alone."""
+    target_prompt, other_prompt, third = _prompts("a cat on the moon", "red car at night", "a dog")
+    tea = StepCache(mode="teacache", threshold=0.3, warmup_steps=2, coefficients=(0.3, 0.0))
+    target = _ispec(steps=8, seed=7, cache=FIRST_BLOCK)
+    other, cached = _ispec(12, steps=6, height=64, frames=17, seed=1), _ispec(steps=6, seed=2, cache=tea)
+    assert_joined_late_equals_alone(LTX_I2V, (target, _conditioned(target_prompt, noise_picture(2), target)),
+                                    (other, _conditioned(other_prompt, noise_picture(3, 64, 64), other)),
+                                    (cached, _conditioned(third, noise_picture(4), cached)))
+    for spec, prompt in ((target, target_prompt), (cached, third)):
+        engine = Engine([LTX_I2V])
+        engine.admit("x", spec, _conditioned(prompt, noise_picture(5), spec))
+        engine.run()
+        assert engine.done["x"].computed_steps < spec.num_inference_steps
