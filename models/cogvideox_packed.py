@@ -121,9 +121,9 @@ def _head(model: CogVideoXTransformer3DModel, x: torch.Tensor, temb: dict[int, t
 
 def skipped_blocks_prediction(model: CogVideoXTransformer3DModel, request: PackedRequest, residual: torch.Tensor,
                               ) -> torch.Tensor:
-    """One row's prediction on a step MagCache skips: the embeddings and the head run, the blocks' output is their
-    input plus `residual` (the row's joint tokens, from its last computed step; its video tokens are what
-    diffusers' `MagCacheHeadHook` adds, its text tokens never reach the prediction)."""
+    """One row's prediction on a step MagCache or TeaCache skips: the embeddings and the head run, the blocks'
+    output is their input plus `residual` (the row's joint tokens, from its last computed step; its video tokens
+    are what diffusers' `MagCacheHeadHook` adds, its text tokens never reach the prediction)."""
     embeds, temb = _embeddings(model, request)
     segments = LocalAttention().segments([len(embeds)])
     return unpatchify(model, request, _head(model, embeds + residual.to(embeds.dtype), {0: temb}, segments))

@@ -129,8 +129,8 @@ def timestep_modulation(model: WanTransformer3DModel, timestep: torch.Tensor) ->
 
 def skipped_blocks_prediction(model: WanTransformer3DModel, request: PackedRequest, residual: torch.Tensor,
                               ) -> torch.Tensor:
-    """One row's prediction on a step MagCache skips (`MagCacheHeadHook`): the embeddings and the head run, the
-    blocks' output is their input plus `residual` (all the row's tokens, from its last computed step)."""
+    """One row's prediction on a step MagCache or TeaCache skips (`MagCacheHeadHook`): the embeddings and the head
+    run, the blocks' output is their input plus `residual` (all the row's tokens, from its last computed step)."""
     e = _embeddings(model, request)
     (segment,) = LocalAttention().segments(token_counts(model, [request]))
     clean = {0: (request.clean_tokens, e["clean_temb"])} if request.clean_tokens else {}
