@@ -155,17 +155,17 @@ class EngineCore:
     def schedule(self) -> StepPlan | None:
         return self.scheduler.schedule()
 
-    def observe(self, plan: StepPlan, seconds: float) -> None:
+    def observe(self, plan: StepPlan, seconds: float, skipped_in_step: tuple[str, ...] = ()) -> None:
         """A step of `plan` took `seconds`: what the step-cost model and the drain rate learn from."""
         if plan.scheduled:
-            self.scheduler.observe_step(plan, seconds)
+            self.scheduler.observe_step(plan, seconds, skipped_in_step)
             self.drain_rate.observe(plan.num_tokens, seconds)
 
     def complete(self, plan: StepPlan, executed: Executed) -> list[Ended]:
         """Account one step: counters, the cost model, finished outputs; the requests that left the pool."""
         self.scheduler.postprocess(plan, executed.result)
         self._outputs.update(executed.result.finished)
-        self.observe(plan, executed.seconds)
+        self.observe(plan, executed.seconds, executed.result.skipped_in_step)
         return self.pop_ended()
 
     def fail(self, plan: StepPlan, reason: str) -> list[Ended]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Callable
+from typing import Callable, Collection
 
 from attention.plan import BrickPlan, RingAssignment, even_bounds
 from attention.planner import BrickCostModel, plan_brick
@@ -178,9 +178,10 @@ class StepSchedulerCore:
         SRPTF they come first."""
         self.usable_ranks = max(0, self.world_size - busy)
 
-    def observe_step(self, plan: StepPlan, seconds: float) -> None:
-        """A step ran in `seconds` (the busiest rank's time): what the cost model learns from."""
-        self.step_cost.observe(plan_work(plan, self.cost_model), seconds)
+    def observe_step(self, plan: StepPlan, seconds: float, skipped_in_step: Collection[str] = ()) -> None:
+        """A step ran in `seconds` (the busiest rank's time): what the cost model learns from, over the rows that
+        computed (not those of requests whose cache skipped inside the step)."""
+        self.step_cost.observe(plan_work(plan, self.cost_model, skipped_in_step), seconds)
 
     def expected_step_seconds(self, requests: list[RequestMeta]) -> float | None:
         """The cost model's price of one step of `requests`, placed as the Brick planner would place them."""

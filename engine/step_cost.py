@@ -19,7 +19,7 @@ request costs little.
 from __future__ import annotations
 
 from collections import deque
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -60,9 +60,24 @@ def busiest_rank_work(rings: Mapping[str, BrickPlan], rows: Sequence[tuple[str, 
     return work
 
 
-def plan_work(plan: StepPlan, cost: BrickCostModel) -> dict[str, float]:
-    """`busiest_rank_work` of a planned step."""
-    return busiest_rank_work(plan.rings, [(s.model, s.rows, s.expert) for s in plan.scheduled], cost)
+def plan_work(plan: StepPlan, cost: BrickCostModel, skipped_in_step: Collection[str] = ()) -> dict[str, float]:
+    """`busiest_rank_work` of a step as it ran: without the rows of the requests whose step cache skipped their
+    blocks inside the step (`StepResult.skipped_in_step`: TeaCache dropped them, FirstBlockCache ran their first
+    block only), which the plan still holds."""
+    if not skipped_in_step:
+        return busiest_rank_work(plan.rings, [(s.model, s.rows, s.expert) for s in plan.scheduled], cost)
+    kept: dict[str, list[int]] = {}
+    at: dict[str, int] = {}
+    rows = []
+    for s in plan.scheduled:
+        start = at.get(s.model, 0)
+        at[s.model] = start + s.rows
+        computed = s.request_id not in skipped_in_step
+        if computed:
+            kept.setdefault(s.model, []).extend(range(start, start + s.rows))
+        rows.append((s.model, s.rows if computed else 0, s.expert))
+    rings = {model: plan.rings[model].subset(indices) for model, indices in kept.items() if indices}
+    return busiest_rank_work(rings, rows, cost)
 
 
 class StepCostModel:

@@ -202,3 +202,21 @@ def test_ordering_bound_preempts_a_long_job_for_a_short_one():
     # Same sizes: nothing to reorder.
     fcfs, srpt = single_server_means([(0.0, 3.0), (0.5, 3.0), (1.0, 3.0)])
     assert fcfs == pytest.approx(srpt) == pytest.approx((3.0 + 5.5 + 8.0) / 3)
+
+
+def test_rows_skipped_inside_the_step_are_not_priced():
+    """A step in which a FirstBlockCache or TeaCache request skipped its blocks is learnt over the rows that
+    computed: its work is that of the same step planned without that request, whichever position it held."""
+    for skipped in ("a", "b", "c"):
+        full = StepSchedulerCore(make_policy("fifo"), BudgetConfig(), world_size=2, cost_model=BrickCostModel(),
+                                 batching="fill")
+        without = StepSchedulerCore(make_policy("fifo"), BudgetConfig(), world_size=2, cost_model=BrickCostModel(),
+                                    batching="fill")
+        for request_id, seq_len in (("a", 4000), ("b", 300), ("c", 9000)):
+            full.admit(new_request(steps=2, seq_len=seq_len, request_id=request_id))
+            if request_id != skipped:
+                without.admit(new_request(steps=2, seq_len=seq_len, request_id=request_id))
+        plan, reference = full.schedule(), without.schedule()
+        ran = plan_work(plan, BrickCostModel(), (skipped,))
+        assert ran == plan_work(reference, BrickCostModel())
+        assert sum(ran.values()) < sum(plan_work(plan, BrickCostModel()).values())
