@@ -156,10 +156,14 @@ class EngineCore:
         return self.scheduler.schedule()
 
     def observe(self, plan: StepPlan, seconds: float, skipped_in_step: tuple[str, ...] = ()) -> None:
-        """A step of `plan` took `seconds`: what the step-cost model and the drain rate learn from."""
+        """A step of `plan` took `seconds`: what the step-cost model and the drain rate learn from, over the tokens
+        that computed (a request whose step cache skipped inside the step left out, as the pool's remaining work
+        leaves out the steps it expects to skip)."""
         if plan.scheduled:
             self.scheduler.observe_step(plan, seconds, skipped_in_step)
-            self.drain_rate.observe(plan.num_tokens, seconds)
+            skipped = sum(self._requests[i].seq_len * s.rows for s in plan.scheduled
+                          if (i := s.request_id) in skipped_in_step and i in self._requests)
+            self.drain_rate.observe(plan.num_tokens - skipped, seconds)
 
     def complete(self, plan: StepPlan, executed: Executed) -> list[Ended]:
         """Account one step: counters, the cost model, finished outputs; the requests that left the pool."""

@@ -288,6 +288,19 @@ def test_first_block_skips_count_as_cached_and_srptf_expects_the_observed_fracti
     assert next(core.queue.in_order(core.clock())) is meta
 
 
+def test_the_drain_rate_counts_the_tokens_that_computed(wan):
+    """Retry-After divides the pool's expected computed work by the drain rate, so the rate counts a step's tokens
+    without those of a request whose cache skipped inside it."""
+    spec, prompts = wan
+    engine = Engine([spec])
+    engine.admit("first", gen_spec(spec.name, steps=4, seed=1, cache=_first_block(0.1)), prompts[0])
+    engine.admit("plain", gen_spec(spec.name, steps=4, height=48, width=32, seed=2), prompts[1])
+    plan = engine.engine.schedule()
+    engine.engine.observe(plan, 1.0, ("first",))
+    first = next(s for s in plan.scheduled if s.request_id == "first")
+    assert engine.engine.drain_rate.token_steps_per_s == plan.num_tokens - engine.core.pool["first"].seq_len * first.rows
+
+
 def _teacache(threshold: float, coefficients: tuple[float, ...] = (1.0, 0.0)) -> StepCache:
     return StepCache(mode="teacache", threshold=threshold, warmup_steps=2, coefficients=coefficients)
 
