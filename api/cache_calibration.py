@@ -61,7 +61,7 @@ def _runs(pipeline, spec: ModelSpec, prompts: list[str], steps: int, height: int
 
 @torch.no_grad()
 def calibrate_magcache(spec: ModelSpec, prompts: list[str], steps: int, height: int, width: int, frames: int,
-              seeds: int = 1) -> list[float]:
+                       seeds: int = 1) -> list[float]:
     """Mean magnitude ratios over every prompt, seed and CFG context: one per step."""
     pipeline = load_adapter(spec, parts=("text", "transformer", "vae")).pipeline
     pipeline.transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=steps))
