@@ -38,20 +38,21 @@ def forward_key(model: str, expert: int) -> str:
 
 
 def busiest_rank_work(rings: Mapping[str, BrickPlan], rows: Sequence[tuple[str, int, int]],
-                      cost: BrickCostModel) -> dict[str, float]:
+                      cost: BrickCostModel, left_out: Collection[int] = ()) -> dict[str, float]:
     """Per forward of a step, its busiest rank's work under the planner's cost model (token units).
 
     `rows` lists the step's requests in packed order as (model, forward rows, expert): each expert's rows
-    are its forward's share of the model's Brick plan (0 rows: a cached step, in no forward).
+    are its forward's share of the model's Brick plan (0 rows: a cached step, in no forward). The requests at
+    the positions in `left_out` hold their rows in the plan but are not priced (their cache skipped inside the
+    step).
     """
     members: dict[tuple[str, int], list[int]] = {}
     at: dict[str, int] = {}
-    for model, count, expert in rows:
-        if count == 0:  # a step the request's cache stands in for: no forward rows
-            continue
+    for k, (model, count, expert) in enumerate(rows):
         start = at.get(model, 0)
-        members.setdefault((model, expert), []).extend(range(start, start + count))
         at[model] = start + count
+        if count and k not in left_out:
+            members.setdefault((model, expert), []).extend(range(start, start + count))
     work = {}
     for (model, expert), indices in members.items():
         plan = rings[model]
@@ -64,20 +65,8 @@ def plan_work(plan: StepPlan, cost: BrickCostModel, skipped_in_step: Collection[
     """`busiest_rank_work` of a step as it ran: without the rows of the requests whose step cache skipped their
     blocks inside the step (`StepResult.skipped_in_step`: TeaCache dropped them, FirstBlockCache ran their first
     block only), which the plan still holds."""
-    if not skipped_in_step:
-        return busiest_rank_work(plan.rings, [(s.model, s.rows, s.expert) for s in plan.scheduled], cost)
-    kept: dict[str, list[int]] = {}
-    at: dict[str, int] = {}
-    rows = []
-    for s in plan.scheduled:
-        start = at.get(s.model, 0)
-        at[s.model] = start + s.rows
-        computed = s.request_id not in skipped_in_step
-        if computed:
-            kept.setdefault(s.model, []).extend(range(start, start + s.rows))
-        rows.append((s.model, s.rows if computed else 0, s.expert))
-    rings = {model: plan.rings[model].subset(indices) for model, indices in kept.items() if indices}
-    return busiest_rank_work(rings, rows, cost)
+    return busiest_rank_work(plan.rings, [(s.model, s.rows, s.expert) for s in plan.scheduled], cost,
+                             {k for k, s in enumerate(plan.scheduled) if s.request_id in skipped_in_step})
 
 
 class StepCostModel:

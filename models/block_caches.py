@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attention.context import AttentionContext, Segment, rows_by_request
+from attention.context import AttentionContext, Segment
 
 
 @dataclass(frozen=True)
@@ -60,23 +60,22 @@ class BlockCaches:
         """First-block rows that ran every block (ascending): whose residuals are kept."""
         return sorted(row for row in self.probed_rows if row not in self.skipped)
 
-    def decide(self, head: torch.Tensor | None, segments: list[Segment], ctx: AttentionContext,
-               device: torch.device, measured: torch.Tensor | None = None) -> None:
-        """Which first_block rows skip the other blocks (into `skipped`), from the first block's residual `head` on
-        this process's rows (`measured`: the rows the distance is taken over, e.g. video rows but not text rows).
-        Every rank of a group calls it, holding tokens of the batch or not: the sums are all-reduced."""
-        held = {s.request: s for s in segments}
+    def decide(self, head: dict[int, tuple[int, torch.Tensor]], ctx: AttentionContext, device: torch.device,
+               measured: dict[int, torch.Tensor] | None = None) -> None:
+        """Which first_block rows skip the other blocks (into `skipped`), from the first block's residual on this
+        process's tokens of each probed row (`head`: row -> (first token, rows); `measured`: per row, the tokens the
+        distance is taken over, e.g. video but not text tokens). Every rank of a group calls it, holding tokens of
+        the batch or not: the sums are all-reduced."""
         sums = torch.zeros(len(self.probed_rows), 2, dtype=torch.float32, device=device)
         k = 0
         for request in self.first_block:
             for j, row in enumerate(request.rows):
-                s = held.get(row)
-                if s is not None and request.head is not None:
-                    now = head[s.row_start:s.row_start + s.length].float()
-                    then = request.head[j][s.tokens].float()
+                if row in head and request.head is not None:
+                    start, now = head[row]
+                    then = request.head[j][start:start + len(now)].float()
+                    now = now.float()
                     if measured is not None:
-                        mask = measured[s.row_start:s.row_start + s.length]
-                        now, then = now[mask], then[mask]
+                        now, then = now[measured[row]], then[measured[row]]
                     sums[k, 0], sums[k, 1] = (now - then).abs().sum(), then.abs().sum()
                 k += 1
         sums = ctx.sum_over_ranks(sums)
@@ -96,6 +95,14 @@ class RowSubset:
     rows: list[int]  # the forward rows kept, ascending; a family renumbers its per-row dicts by position here
     index: torch.Tensor  # this process's token rows that belong to them
     segments: list[Segment]  # their segments, renumbered and packed back to back
+
+    def of_rows(self, per_row: dict) -> dict:
+        """A {forward row: value} dict of this process, renumbered to the subset's rows."""
+        return {j: per_row[i] for j, i in enumerate(self.rows) if i in per_row}
+
+    def of_tokens(self, rows: torch.Tensor) -> torch.Tensor:
+        """This process's token rows of the subset, from a tensor over all its token rows."""
+        return rows.index_select(0, self.index)
 
 
 def row_subset(segments: list[Segment], rows: list[int], device: torch.device) -> RowSubset:
@@ -127,21 +134,29 @@ def run_blocks(x: torch.Tensor, segments: list[Segment], n_rows: int, ctx: Atten
     blocks_input = x
     x = first_block(x)
     if caches.first_block:
-        head = x - blocks_input
-        caches.decide(head, segments, ctx, x.device, measured)
+        head = _residual_pieces(x, blocks_input, segments, set(caches.probed_rows))
+        masks = None if measured is None else {s.request: measured[_rows(s)] for s in segments if s.request in head}
+        caches.decide(head, ctx, x.device, masks)
         out = _other_blocks_of_computing_rows(x, segments, n_rows, ctx, caches, other_blocks)
         computed = set(caches.computed_probed_rows)
-        caches.head_residual = {row: piece for row, piece in rows_by_request(head, segments).items()
-                                if row in computed}
-        caches.tail_residual = {row: piece for row, piece in rows_by_request(out - x, segments).items()
-                                if row in computed}
+        caches.head_residual = {row: piece for row, piece in head.items() if row in computed}
+        caches.tail_residual = _residual_pieces(out, x, segments, computed)
     else:
         out = other_blocks(x, None)
     if caches.keep:
-        keep = set(caches.keep)
-        caches.blocks_residual = {row: piece for row, piece in rows_by_request(out - blocks_input, segments).items()
-                                  if row in keep}
+        caches.blocks_residual = _residual_pieces(out, blocks_input, segments, set(caches.keep))
     return out
+
+
+def _rows(segment: Segment) -> slice:
+    """A segment's rows of this process's token tensors."""
+    return slice(segment.row_start, segment.row_start + segment.length)
+
+
+def _residual_pieces(after: torch.Tensor, before: torch.Tensor, segments: list[Segment], rows: set[int],
+                     ) -> dict[int, tuple[int, torch.Tensor]]:
+    """{row: (first token, after - before)} over this process's tokens of the forward rows in `rows` only."""
+    return {s.request: (s.token_start, after[_rows(s)] - before[_rows(s)]) for s in segments if s.request in rows}
 
 
 def _other_blocks_of_computing_rows(x: torch.Tensor, segments: list[Segment], n_rows: int, ctx: AttentionContext,
@@ -154,8 +169,7 @@ def _other_blocks_of_computing_rows(x: torch.Tensor, segments: list[Segment], n_
              for j, row in enumerate(request.rows)}
     for s in segments:
         if s.request in caches.skipped:
-            rows = slice(s.row_start, s.row_start + s.length)
-            out[rows] = x[rows] + tails[s.request][s.tokens].to(x.dtype)
+            out[_rows(s)] = x[_rows(s)] + tails[s.request][s.tokens].to(x.dtype)
     subset = row_subset(segments, [row for row in range(n_rows) if row not in caches.skipped], x.device)
     if len(subset.index):
         out[subset.index] = other_blocks(x.index_select(0, subset.index), subset)

@@ -86,9 +86,8 @@ def forward_rows(model: CogVideoXTransformer3DModel, requests: list[PackedReques
     def blocks(blocks, x, subset: RowSubset | None) -> torch.Tensor:
         times, row_text, row_rope, row_counts, row_segments, row_ctx = temb, text_rows, rope, counts, segments, ctx
         if subset is not None:  # only these rows run the blocks: the same tensors, fewer rows
-            times = {j: temb[i] for j, i in enumerate(subset.rows) if i in temb}
-            row_text = text_rows.index_select(0, subset.index)
-            row_rope = tuple(t.index_select(0, subset.index) for t in rope)
+            times, row_text = subset.of_rows(temb), subset.of_tokens(text_rows)
+            row_rope = tuple(subset.of_tokens(t) for t in rope)
             row_counts, row_segments = [counts[i] for i in subset.rows], subset.segments
             row_ctx = ctx.subset(subset.rows)
         for block in blocks:

@@ -61,10 +61,8 @@ def forward_rows(model: LTXVideoTransformer3DModel, requests: list[PackedRequest
         row_tables, row_clean, row_rope, row_text = tables, clean_tables, rope, text
         row_counts, row_segments, row_ctx = counts, segments, ctx
         if subset is not None:  # only these rows run the blocks: the same tensors, fewer rows
-            row_tables = {j: tables[i] for j, i in enumerate(subset.rows) if i in tables}
-            row_clean = {j: clean_tables[i] for j, i in enumerate(subset.rows) if i in clean_tables}
-            row_text = {j: text[i] for j, i in enumerate(subset.rows) if i in text}
-            row_rope = tuple(t.index_select(0, subset.index) for t in rope)
+            row_tables, row_clean, row_text = (subset.of_rows(d) for d in (tables, clean_tables, text))
+            row_rope = tuple(subset.of_tokens(t) for t in rope)
             row_counts, row_segments = [counts[i] for i in subset.rows], subset.segments
             row_ctx = ctx.subset(subset.rows)
         for block in blocks:

@@ -146,7 +146,7 @@ def forward_packed(family: ModuleType, model: torch.nn.Module, requests: list[Pa
     else:
         pieces = {}
         if caches is not None and caches.first_block:
-            caches.decide(None, [], ctx, model.proj_out.weight.device)
+            caches.decide({}, ctx, model.proj_out.weight.device)
     like = model.proj_out.weight.new_empty((0, model.proj_out.out_features))
     full = ctx.gather_outputs(pieces, len(requests), like)
     if caches is not None:

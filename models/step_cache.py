@@ -57,7 +57,6 @@ from pydantic import Field, model_validator
 from common.frozen import FrozenModel
 
 CacheMode = Literal["none", "first_block", "teacache", "magcache", "taylorseer"]
-IMPLEMENTED_MODES: tuple[CacheMode, ...] = ("none", "taylorseer", "magcache", "first_block", "teacache")
 DEFAULT_INTERVAL, DEFAULT_WARMUP = 5, 3
 """diffusers' `TaylorSeerCacheConfig` defaults (cache_interval, disable_cache_before_step)."""
 DEFAULT_THRESHOLD, DEFAULT_MAX_SKIP, DEFAULT_RETENTION = 0.06, 3, 0.2
@@ -155,10 +154,6 @@ class StepCache(FrozenModel):
         if self.mode == "magcache":
             return self._magcache_schedule(total_steps)
         return tuple(self._taylorseer_computes(step, expert_switch_step) for step in range(total_steps))
-
-    def computed_steps_from(self, total_steps: int, expert_switch_step: int | None = None) -> tuple[int, ...]:
-        """`out[k]`: how many of steps k..total_steps-1 compute (`out[total_steps]` = 0): SRPTF's remaining steps."""
-        return computed_steps_left(self.schedule(total_steps, expert_switch_step))
 
     def _taylorseer_computes(self, step: int, expert_switch_step: int | None) -> bool:
         """diffusers' TaylorSeer rule, plus a new expert's first step (mode none: every step)."""

@@ -97,10 +97,8 @@ def forward_rows(model: WanTransformer3DModel, requests: list[PackedRequest], ct
         texts, images, table_of_row, cos_rows, sin_rows = text, image, row_request, rope_cos, rope_sin
         row_counts, row_segments, row_ctx = counts, segments, ctx
         if subset is not None:  # only these rows run the blocks: the same tensors, fewer rows
-            texts = {j: text[i] for j, i in enumerate(subset.rows) if i in text}
-            images = {j: image[i] for j, i in enumerate(subset.rows) if i in image}
-            table_of_row, cos_rows, sin_rows = (t.index_select(0, subset.index)
-                                                for t in (row_request, rope_cos, rope_sin))
+            texts, images = subset.of_rows(text), subset.of_rows(image)
+            table_of_row, cos_rows, sin_rows = (subset.of_tokens(t) for t in (row_request, rope_cos, rope_sin))
             row_counts, row_segments = [counts[i] for i in subset.rows], subset.segments
             row_ctx = ctx.subset(subset.rows)
         for block in model.blocks[1:]:

@@ -20,7 +20,7 @@ from engine.messages import StepResult
 from engine.policies import make_policy
 from engine.scheduler import StepSchedulerCore
 from models import load_adapter
-from models.step_cache import StepCache, interpolate_ratios
+from models.step_cache import StepCache, computed_steps_left, interpolate_ratios
 from tests.conftest import tiny_spec
 from tests.factories import Engine, assert_joined_late_equals_alone, gen_spec, new_request
 from tests.spmd_cases import assert_two_ranks_equal_one_rank
@@ -36,7 +36,7 @@ def test_the_schedule_is_diffusers_taylorseer_rule(interval, warmup):
     expected = [hook._measure_should_compute()[0] for _ in range(30)]
     cache = StepCache(mode="taylorseer", interval=interval, warmup_steps=warmup)
     assert list(cache.schedule(30)) == expected
-    assert cache.computed_steps_from(30)[0] == sum(expected)
+    assert computed_steps_left(cache.schedule(30))[0] == sum(expected)
     assert all(StepCache().schedule(30))
 
 
@@ -121,18 +121,23 @@ def test_taylorseer_equals_diffusers_lite_hooks_on_the_pipeline(wan):
     forwards = sum(r.forwards for r in engine.results)
     assert forwards == sum(TAYLOR.schedule(9)) == engine.done["x"].computed_steps < 9
 
+    assert_equals_the_cached_pipeline(spec, engine.latents["x"], TaylorSeerCacheConfig(
+        cache_interval=3, disable_cache_before_step=2, taylor_factors_dtype=torch.float32, use_lite_mode=True))
+
+
+def assert_equals_the_cached_pipeline(spec, latents: torch.Tensor, config, guidance: float = 6.0) -> None:
+    """`latents` (the engine's, of "a cat on the moon", seed 3, 9 steps, 32x48x9) equal those of the family's
+    pipeline with diffusers' cache hooks `config` within 1e-5, and the cache changed them (uncached differs)."""
     pipeline = load_adapter(spec, parts=("text", "transformer", "vae")).pipeline
-    pipeline.transformer.enable_cache(TaylorSeerCacheConfig(cache_interval=3, disable_cache_before_step=2,
-                                                            taylor_factors_dtype=torch.float32, use_lite_mode=True))
-    reference = pipeline(prompt="a cat on the moon", negative_prompt="", height=32, width=48, num_frames=9,
-                         num_inference_steps=9, guidance_scale=6.0, generator=torch.Generator().manual_seed(3),
-                         output_type="latent", max_sequence_length=16).frames
+    kwargs = dict(prompt="a cat on the moon", negative_prompt="" if guidance > 1 else None, height=32, width=48,
+                  num_frames=9, num_inference_steps=9, guidance_scale=guidance, output_type="latent",
+                  max_sequence_length=16)
+    pipeline.transformer.enable_cache(config)
+    reference = pipeline(generator=torch.Generator().manual_seed(3), **kwargs).frames
     pipeline.transformer.disable_cache()
-    uncached = pipeline(prompt="a cat on the moon", negative_prompt="", height=32, width=48, num_frames=9,
-                        num_inference_steps=9, guidance_scale=6.0, generator=torch.Generator().manual_seed(3),
-                        output_type="latent", max_sequence_length=16).frames
-    torch.testing.assert_close(engine.latents["x"], reference, rtol=0, atol=1e-5)
-    assert (engine.latents["x"] - uncached).abs().max() > 1e-3  # the cache did change the result
+    uncached = pipeline(generator=torch.Generator().manual_seed(3), **kwargs).frames
+    torch.testing.assert_close(latents, reference, rtol=0, atol=1e-5)
+    assert (latents - uncached).abs().max() > 1e-3  # the cache did change the result
 
 
 def test_a_cached_request_packed_with_others_equals_alone(wan):
@@ -169,16 +174,8 @@ def test_magcache_equals_diffusers_mag_cache_hooks_on_the_pipeline(family):
     engine.run()
     assert sum(r.forwards for r in engine.results) == sum(MAG.schedule(9)) == engine.done["x"].computed_steps == 4
 
-    pipeline = load_adapter(spec, parts=("text", "transformer", "vae")).pipeline
-    pipeline.transformer.enable_cache(MagCacheConfig(threshold=0.06, max_skip_steps=2, retention_ratio=0.2,
-                                                     num_inference_steps=9, mag_ratios=list(RATIOS)))
-    kwargs = dict(prompt="a cat on the moon", negative_prompt="", height=32, width=48, num_frames=9,
-                  num_inference_steps=9, guidance_scale=6.0, output_type="latent", max_sequence_length=16)
-    reference = pipeline(generator=torch.Generator().manual_seed(3), **kwargs).frames
-    pipeline.transformer.disable_cache()
-    uncached = pipeline(generator=torch.Generator().manual_seed(3), **kwargs).frames
-    torch.testing.assert_close(engine.latents["x"], reference, rtol=0, atol=1e-5)
-    assert (engine.latents["x"] - uncached).abs().max() > 1e-3  # the cache did change the result
+    assert_equals_the_cached_pipeline(spec, engine.latents["x"], MagCacheConfig(
+        threshold=0.06, max_skip_steps=2, retention_ratio=0.2, num_inference_steps=9, mag_ratios=list(RATIOS)))
 
 
 @pytest.mark.parametrize("family", ["wan", "cogvideox"])
@@ -243,15 +240,7 @@ def test_first_block_equals_diffusers_first_block_cache_on_the_pipeline(family, 
     skipped = sum("x" in r.skipped_in_step for r in engine.results)
     assert engine.done["x"].computed_steps == 9 - skipped == computed
 
-    pipeline = load_adapter(spec, parts=("text", "transformer", "vae")).pipeline
-    pipeline.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
-    kwargs = dict(prompt="a cat on the moon", negative_prompt=negative, height=32, width=48, num_frames=9,
-                  num_inference_steps=9, guidance_scale=guidance, output_type="latent", max_sequence_length=16)
-    reference = pipeline(generator=torch.Generator().manual_seed(3), **kwargs).frames
-    pipeline.transformer.disable_cache()
-    uncached = pipeline(generator=torch.Generator().manual_seed(3), **kwargs).frames
-    torch.testing.assert_close(engine.latents["x"], reference, rtol=0, atol=1e-5)
-    assert (engine.latents["x"] - uncached).abs().max() > 1e-3  # the cache did change the result
+    assert_equals_the_cached_pipeline(spec, engine.latents["x"], FirstBlockCacheConfig(threshold=threshold), guidance)
 
 
 @pytest.mark.parametrize("family", ["wan", "cogvideox"])
